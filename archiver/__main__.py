@@ -1,0 +1,5 @@
+import sys
+
+from archiver.cli import main
+
+sys.exit(main())

@@ -1,0 +1,45 @@
+"""Every error the service raises on purpose, split by whose fault it is.
+
+`InputError`s are the sender's: the message is counted, logged and skipped. `StoreError`s
+are the storage's: the user's bucket refused or could not be reached. Anything else is a
+bug of ours.
+"""
+
+from __future__ import annotations
+
+
+class ArchiverError(Exception):
+    """Base of the errors this package raises on purpose."""
+
+
+class ConfigError(ArchiverError):
+    """Raised at start-up when the settings cannot run the service."""
+
+
+class InputError(ArchiverError):
+    """Raised for a message the protocol does not allow; `reason` names the counter."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class InvalidIdError(InputError):
+    """Raised when an id would not be safe inside an object key."""
+
+    def __init__(self, field: str, value: object) -> None:
+        super().__init__("invalid_id", f"{field}={value!r:.80}")
+
+
+class MediaError(InputError):
+    """Raised when a media buffer cannot be archived (bad base64, not H.264 or PNG)."""
+
+
+class StoreError(ArchiverError):
+    """Raised when the store did not accept an object after every retry."""
+
+    def __init__(self, key: str, cause: str) -> None:
+        super().__init__(f"storing {key} failed: {cause}")
+        self.key = key
+        self.cause = cause

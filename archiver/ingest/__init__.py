@@ -1,0 +1,1 @@
+"""The websocket side: authentication, the endpoint, and turning JSON into typed messages."""

@@ -1,0 +1,225 @@
+"""The HTTP face of the service: `/ws` for bots, `/healthz` and `/readyz` for the platform."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import structlog
+from aiohttp import WSMsgType, web
+from aiohttp.abc import AbstractAccessLogger
+
+from archiver.errors import ConfigError, InputError
+from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
+from archiver.layout import StreamId
+from archiver.settings import Settings
+from archiver.store import ObjectStore, open_store
+from archiver.streams import StreamRegistry
+
+log = structlog.get_logger(__name__)
+
+_LEAVE_EVENT = "participant_events.leave"
+
+
+@dataclass(slots=True)
+class ServiceState:
+    """What the request handlers share: built once per app."""
+
+    settings: Settings
+    store: ObjectStore
+    registry: StreamRegistry
+    tokens: tuple[bytes, ...]
+    ready: bool = True
+    connections: int = 0
+    next_connection: int = 0
+    totals: Counter[str] = field(default_factory=Counter)
+
+
+STATE = web.AppKey("state", ServiceState)
+
+
+def token_accepted(offered: str | None, tokens: tuple[bytes, ...]) -> bool:
+    """Constant-time check against every configured token (no early exit on a match)."""
+    if not offered:
+        return False
+    candidate = offered.encode()
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(candidate, token)
+    return matched
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """Access log without query strings: the bot's token travels in one."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        log.info(
+            "http_request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            duration_ms=round(time * 1000, 1),
+            remote=request.remote,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not state.ready:
+        return web.json_response({"status": "not ready"}, status=503)
+    return web.json_response({"status": "ready", "connections": state.connections})
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    if not token_accepted(request.query.get("token"), state.tokens):
+        state.totals["refused_unauthorized"] += 1
+        log.warning("connection_refused", reason="bad or missing token", remote=request.remote)
+        raise web.HTTPUnauthorized(text="missing or wrong token\n")
+    if not state.ready:
+        raise web.HTTPServiceUnavailable(text="not accepting connections\n")
+    ws = web.WebSocketResponse(
+        heartbeat=state.settings.heartbeat_s, max_msg_size=state.settings.max_message_bytes
+    )
+    await ws.prepare(request)
+    state.next_connection += 1
+    connection = Connection(state, ws, state.next_connection, request.remote)
+    state.connections += 1
+    try:
+        await connection.receive()
+    finally:
+        state.connections -= 1
+        await connection.close()
+    return ws
+
+
+class Connection:
+    """One bot's websocket: parses each message, routes it, counts what it refuses."""
+
+    def __init__(
+        self, state: ServiceState, ws: web.WebSocketResponse, number: int, remote: str | None
+    ) -> None:
+        self.state = state
+        self.ws = ws
+        self.counts: Counter[str] = Counter()
+        self.streams: set[StreamId] = set()
+        self.opened = time.monotonic()
+        self.log = log.bind(connection=number)
+        self.log.info("connection_opened", remote=remote)
+
+    async def receive(self) -> None:
+        async for message in self.ws:
+            if message.type is WSMsgType.TEXT:
+                await self.handle(message.data)
+            elif message.type is WSMsgType.BINARY:
+                self.refuse(InputError("binary_message", "the protocol sends JSON text only"))
+            elif message.type is WSMsgType.ERROR:
+                self.counts["protocol_error"] += 1
+                self.log.warning("connection_error", error=str(self.ws.exception()))
+
+    async def handle(self, text: str) -> None:
+        try:
+            message = parse_message(text)
+        except InputError as error:
+            self.refuse(error)
+            return
+        if isinstance(message, MediaMessage):
+            await self.route_media(message)
+        else:
+            await self.route_event(message)
+
+    async def route_media(self, message: MediaMessage) -> None:
+        stream = message.stream
+        if stream not in self.streams:
+            if len(self.streams) >= self.state.settings.max_streams_per_connection:
+                self.refuse(InputError("too_many_streams", str(stream)))
+                return
+            self.streams.add(stream)
+            self.log = self.log.bind(bot=stream.recording.bot_id)
+        self.counts[f"media_{stream.media_format}"] += 1
+        await self.state.registry.dispatch(message)
+
+    async def route_event(self, message: EventMessage) -> None:
+        self.counts["events"] += 1
+        if (
+            message.event == _LEAVE_EVENT
+            and message.recording is not None
+            and message.participant_id is not None
+        ):
+            await self.state.registry.end_participant(message.recording, message.participant_id)
+
+    def refuse(self, error: InputError) -> None:
+        """Count and log a refused message; the connection goes on."""
+        self.counts[f"refused_{error.reason}"] += 1
+        self.state.totals[f"refused_{error.reason}"] += 1
+        seen = self.counts[f"refused_{error.reason}"]
+        if seen == 1 or seen % 100 == 0:
+            self.log.warning("message_refused", reason=error.reason, detail=error.detail, seen=seen)
+
+    async def close(self) -> None:
+        await self.state.registry.end(self.streams, "connection_closed")
+        self.log.info(
+            "connection_closed",
+            close_code=self.ws.close_code,
+            seconds=round(time.monotonic() - self.opened, 1),
+            streams=len(self.streams),
+            **self.counts,
+        )
+
+
+def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Application:
+    """The service as an aiohttp app; it opens the store and worker threads on start-up."""
+    if not settings.auth_tokens:
+        raise ConfigError(
+            "no auth token configured: set ARCHIVER_AUTH_TOKENS to one or more "
+            "comma-separated secrets (e.g. ARCHIVER_AUTH_TOKENS=$(openssl rand -hex 24))"
+        )
+    app = web.Application(client_max_size=1024**2)
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        active_store = store if store is not None else open_store(settings)
+        executor = ThreadPoolExecutor(
+            max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="segment"
+        )
+        registry = StreamRegistry(settings, active_store, executor)
+        tokens = tuple(t.get_secret_value().encode() for t in settings.auth_tokens)
+        app[STATE] = ServiceState(settings, active_store, registry, tokens)
+        log.info("service_started", store=_describe_store(settings.store))
+        yield
+        app[STATE].ready = False
+        await registry.close()
+        executor.shutdown(wait=True)
+        if store is None:
+            await active_store.close()
+        log.info("service_stopped", **app[STATE].totals)
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(_close_websockets)
+    return app
+
+
+async def _close_websockets(app: web.Application) -> None:
+    """Stop taking new work before the registry drains."""
+    app[STATE].ready = False
+    await asyncio.sleep(0)
+
+
+def _describe_store(url: str) -> str:
+    return url.split("?", 1)[0]

@@ -1,0 +1,78 @@
+"""Validated ids and the object keys built from them: the archive's layout in one place.
+
+Keys are built from ids only, never from names or other free text, and every id is checked
+against a strict character set first, so no message can steer a write outside its prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from archiver.errors import InvalidIdError
+
+VideoType = Literal["webcam", "screenshare"]
+MediaFormat = Literal["h264", "png"]
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+VIDEO_TYPES: frozenset[str] = frozenset({"webcam", "screenshare"})
+
+
+def safe_id(field: str, value: object) -> str:
+    """Return `value` as a key-safe id, or raise `InvalidIdError` naming `field`."""
+    if isinstance(value, bool):
+        raise InvalidIdError(field, value)
+    if isinstance(value, int):
+        value = str(value)
+    if not isinstance(value, str) or not _SAFE_ID.fullmatch(value):
+        raise InvalidIdError(field, value)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingId:
+    """One recording of one bot: the unit a `session.json` describes."""
+
+    bot_id: str
+    recording_id: str
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.bot_id}/{self.recording_id}"
+
+    @property
+    def session_key(self) -> str:
+        return f"{self.prefix}/session.json"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamId:
+    """One participant's webcam or screenshare in one format: the unit of a manifest."""
+
+    recording: RecordingId
+    participant_id: str
+    video_type: VideoType
+    media_format: MediaFormat
+
+    @property
+    def prefix(self) -> str:
+        return (
+            f"{self.recording.prefix}/participants/{self.participant_id}"
+            f"/{self.video_type}/{self.media_format}"
+        )
+
+    @property
+    def manifest_key(self) -> str:
+        return f"{self.prefix}/manifest.json"
+
+    def init_key(self, content_sha256: str) -> str:
+        """Init segments are named by content: one object per SPS/PPS configuration."""
+        return f"{self.prefix}/init-{content_sha256[:16]}.mp4"
+
+    def segment_key(self, start_ticks: int) -> str:
+        """Segments are named by start time (90 kHz ticks), unique across reconnects."""
+        return f"{self.prefix}/segments/{start_ticks:013d}.m4s"
+
+    def __str__(self) -> str:
+        return self.prefix

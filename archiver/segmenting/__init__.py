@@ -1,0 +1,1 @@
+"""Turning a stream's media into archive objects: H.264 into fMP4 segments."""

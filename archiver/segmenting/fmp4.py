@@ -1,0 +1,255 @@
+"""H.264 access units into CMAF-style fragmented MP4, remuxed with FFmpeg, never re-encoded.
+
+Each segment is muxed by its own short-lived MP4 muxer that writes `ftyp+moov` (the init
+segment, identical for every segment of one configuration) then `moof+mdat` fragments whose
+`tfdt` carries the stream's own timeline, so segments concatenate behind their init segment.
+A packet is muxed one step late, once the next timestamp gives it its exact duration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from fractions import Fraction
+
+import av
+
+from archiver.errors import MediaError
+from archiver.segmenting.h264 import AccessUnit, StreamConfig, analyse, probe_config
+
+TIMESCALE = 90_000
+_TIME_BASE = Fraction(1, TIMESCALE)
+_DEFAULT_DURATION = TIMESCALE // 30
+_MUXER_OPTIONS = {
+    # One fragment per key frame, timeline from our own timestamps, no index at the end.
+    "movflags": "frag_keyframe+empty_moov+default_base_moof+frag_discont+skip_trailer",
+    "use_editlist": "0",
+    "avoid_negative_ts": "disabled",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MediaSegment:
+    """A finished segment and its init segment, ready to store."""
+
+    seq: int
+    start_ticks: int
+    end_ticks: int
+    start_wallclock: datetime
+    frames: int
+    starts_with_keyframe: bool
+    config: StreamConfig
+    init: bytes
+    init_sha256: str
+    body: bytes
+
+
+@dataclass(slots=True)
+class SegmenterCounters:
+    """What the segmenter did with what it was given; all of it goes into the manifest."""
+
+    access_units: int = 0
+    archived: int = 0
+    dropped_before_keyframe: int = 0
+    dropped_invalid: int = 0
+    timestamps_adjusted: int = 0
+    configurations: int = 0
+    forced_cuts: int = 0
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+
+    def snapshot(self) -> dict[str, int]:
+        """Flat copy for the manifest: one `invalid_<reason>` entry per drop reason."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "drop_reasons"}
+        flat.update({f"invalid_{reason}": n for reason, n in self.drop_reasons.items()})
+        return flat
+
+
+@dataclass(slots=True)
+class _Pending:
+    unit: AccessUnit
+    ticks: int
+
+
+class _SegmentMuxer:
+    """One segment's MP4 muxer, writing into memory."""
+
+    def __init__(self, config: StreamConfig, seq: int) -> None:
+        self.buffer = io.BytesIO()
+        options = {**_MUXER_OPTIONS, "fragment_index": str(seq + 1)}
+        self.container = av.open(self.buffer, "w", format="mp4", options=options)
+        self.video = self.container.add_stream("h264")
+        self.video.codec_context.width = config.width
+        self.video.codec_context.height = config.height
+        self.video.codec_context.extradata = config.parameter_sets
+        self.video.time_base = _TIME_BASE
+
+    def mux(self, unit: AccessUnit, ticks: int, duration: int) -> None:
+        packet = av.Packet(unit.data)
+        packet.pts = packet.dts = ticks
+        packet.duration = duration
+        packet.time_base = _TIME_BASE
+        packet.is_keyframe = unit.is_keyframe
+        packet.stream = self.video
+        try:
+            self.container.mux(packet)
+        except av.FFmpegError as exc:
+            raise MediaError("mux_failed", str(exc)) from exc
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """Close the muxer; return (init segment, media segment)."""
+        self.container.close()
+        data = self.buffer.getvalue()
+        split = _first_box_offset(data, b"moof")
+        return data[:split], data[split:]
+
+
+def _first_box_offset(data: bytes, box_type: bytes) -> int:
+    offset = 0
+    while offset + 8 <= len(data):
+        size, kind = struct.unpack_from(">I4s", data, offset)
+        if kind == box_type:
+            return offset
+        if size < 8:
+            break
+        offset += size
+    raise MediaError("mux_failed", f"muxer wrote no {box_type.decode()} box")
+
+
+class H264Segmenter:
+    """Cuts one stream into segments; owned by a single worker, never shared.
+
+    Rules: cut at the first key frame at or after the target duration; with no key frame by
+    twice the target, cut anyway (the segment is flagged as not starting with a key frame);
+    a key frame with new SPS/PPS always cuts and starts a new init segment.
+    """
+
+    def __init__(self, target_s: float, first_seq: int = 0, last_ticks: int = -1) -> None:
+        self.target_ticks = round(target_s * TIMESCALE)
+        self.counters = SegmenterCounters()
+        self._next_seq = first_seq
+        self._last_ticks = last_ticks
+        self._last_duration = _DEFAULT_DURATION
+        self._config: StreamConfig | None = None
+        self._muxer: _SegmentMuxer | None = None
+        self._pending: _Pending | None = None
+        self._segment_start = 0
+        self._segment_wallclock: datetime | None = None
+        self._segment_frames = 0
+        self._segment_keyframe_start = False
+
+    @property
+    def last_ticks(self) -> int:
+        return self._last_ticks
+
+    def push(self, data: bytes, relative_s: float, absolute: datetime) -> list[MediaSegment]:
+        """Add one access unit; return the segments it closed (zero or one, rarely two)."""
+        try:
+            unit = analyse(data)
+        except MediaError as exc:
+            self.reject(exc.reason)
+            raise
+        self.counters.access_units += 1
+        ticks = round(relative_s * TIMESCALE)
+        if ticks <= self._last_ticks:
+            ticks = self._last_ticks + 1
+            self.counters.timestamps_adjusted += 1
+
+        new_config = self._new_config(unit)
+        if self._config is None and new_config is None:
+            self.counters.dropped_before_keyframe += 1
+            return []
+        self._last_ticks = ticks
+
+        closed: list[MediaSegment] = []
+        elapsed = ticks - self._segment_start
+        if self._muxer is not None:
+            reconfigured = new_config is not None and new_config != self._config
+            if reconfigured or (unit.is_keyframe and elapsed >= self.target_ticks):
+                closed.append(self._close(ticks))
+            elif elapsed >= 2 * self.target_ticks:
+                self.counters.forced_cuts += 1
+                closed.append(self._close(ticks))
+        if new_config is not None and new_config != self._config:
+            self._config = new_config
+            self.counters.configurations += 1
+        if self._muxer is None:
+            self._open(ticks, absolute, unit.is_keyframe)
+        elif self._pending is not None:
+            self._mux_pending(ticks - self._pending.ticks)
+        self._pending = _Pending(unit, ticks)
+        self._segment_frames += 1
+        return closed
+
+    def flush(self) -> list[MediaSegment]:
+        """Close the open segment at stream end; the last frame keeps the previous duration."""
+        if self._muxer is None or self._pending is None:
+            return []
+        return [self._close(self._pending.ticks + self._last_duration)]
+
+    def _new_config(self, unit: AccessUnit) -> StreamConfig | None:
+        """A key frame's configuration when it differs from the current one, else None."""
+        if not unit.is_keyframe or not unit.parameter_sets:
+            return None
+        if self._config is not None and unit.parameter_sets == self._config.parameter_sets:
+            return None
+        try:
+            return probe_config(unit)
+        except MediaError as exc:
+            self._count_drop(exc.reason)
+            raise
+
+    def reject(self, reason: str) -> None:
+        """Count an access unit that never reached the muxer, by why."""
+        self.counters.access_units += 1
+        self._count_drop(reason)
+
+    def _count_drop(self, reason: str) -> None:
+        self.counters.dropped_invalid += 1
+        self.counters.drop_reasons[reason] = self.counters.drop_reasons.get(reason, 0) + 1
+
+    def _open(self, ticks: int, absolute: datetime, keyframe: bool) -> None:
+        assert self._config is not None
+        self._muxer = _SegmentMuxer(self._config, self._next_seq)
+        self._segment_start = ticks
+        self._segment_wallclock = absolute
+        self._segment_frames = 0
+        self._segment_keyframe_start = keyframe
+
+    def _mux_pending(self, duration: int) -> None:
+        assert self._muxer is not None
+        assert self._pending is not None
+        try:
+            self._muxer.mux(self._pending.unit, self._pending.ticks, duration)
+        except MediaError as exc:
+            self._count_drop(exc.reason)
+            self._segment_frames -= 1
+        else:
+            self.counters.archived += 1
+        self._last_duration = duration
+        self._pending = None
+
+    def _close(self, end_ticks: int) -> MediaSegment:
+        assert self._muxer is not None
+        assert self._config is not None
+        assert self._pending is not None
+        assert self._segment_wallclock is not None
+        self._mux_pending(end_ticks - self._pending.ticks)
+        init, body = self._muxer.finish()
+        segment = MediaSegment(
+            seq=self._next_seq,
+            start_ticks=self._segment_start,
+            end_ticks=end_ticks,
+            start_wallclock=self._segment_wallclock,
+            frames=self._segment_frames,
+            starts_with_keyframe=self._segment_keyframe_start,
+            config=self._config,
+            init=init,
+            init_sha256=hashlib.sha256(init).hexdigest(),
+            body=body,
+        )
+        self._next_seq += 1
+        self._muxer = None
+        return segment

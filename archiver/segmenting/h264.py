@@ -1,0 +1,101 @@
+"""What the segmenter needs to know about an H.264 access unit, read from its NAL headers.
+
+Only NAL unit types are inspected (start-code scanning, one byte per NAL); the picture
+size comes from decoding the key frame once per new configuration, with FFmpeg.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+
+from archiver.errors import MediaError
+
+NAL_IDR = 5
+NAL_SPS = 7
+NAL_PPS = 8
+_VCL = frozenset(range(1, 6))
+_START = b"\x00\x00\x01"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessUnit:
+    """One access unit as the segmenter sees it."""
+
+    data: bytes
+    is_keyframe: bool
+    parameter_sets: bytes
+    """SPS and PPS NAL units in Annex-B form (empty when the unit carries none)."""
+    sps: bytes
+
+
+def analyse(data: bytes) -> AccessUnit:
+    """Classify an Annex-B access unit: key frame when its first slice is IDR."""
+    if not data.startswith(_START) and not data.startswith(b"\x00" + _START):
+        raise MediaError("not_annexb", "access unit does not start with a start code")
+    first_slice = 0
+    params: list[bytes] = []
+    sps = b""
+    pos = data.find(_START)
+    while pos >= 0:
+        begin = pos + 3
+        nxt = data.find(_START, begin)
+        if begin >= len(data):
+            break
+        nal_type = data[begin] & 0x1F
+        if nal_type in (NAL_SPS, NAL_PPS):
+            end = len(data) if nxt < 0 else nxt
+            nal = data[begin:end].rstrip(b"\x00")
+            params.append(b"\x00\x00\x00\x01" + nal)
+            if nal_type == NAL_SPS and not sps:
+                sps = nal
+        elif nal_type in _VCL and not first_slice:
+            first_slice = nal_type
+        pos = nxt
+    if not first_slice:
+        raise MediaError("no_slice", "access unit carries no picture slice")
+    return AccessUnit(
+        data=data,
+        is_keyframe=first_slice == NAL_IDR,
+        parameter_sets=b"".join(params),
+        sps=sps,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConfig:
+    """One SPS/PPS configuration: what an init segment describes."""
+
+    parameter_sets: bytes
+    width: int
+    height: int
+    codec: str
+    """RFC 6381 codec string, e.g. avc1.42E01F."""
+
+
+def probe_config(keyframe: AccessUnit) -> StreamConfig:
+    """Read the configuration a key frame starts: codec string from the SPS, size by decoding."""
+    sps = keyframe.sps
+    if len(sps) < 4:
+        raise MediaError("no_parameter_sets", "key frame without a usable SPS")
+    codec = f"avc1.{sps[1]:02X}{sps[2]:02X}{sps[3]:02X}"
+    decoder = av.CodecContext.create("h264", "r")
+    decoder.thread_count = 1
+    try:
+        packet = av.Packet(keyframe.data)
+        packet.pts = packet.dts = 0
+        packet.time_base = Fraction(1, 90000)
+        frames = list(decoder.decode(packet)) or list(decoder.decode(None))
+    except av.FFmpegError as exc:
+        raise MediaError("undecodable_keyframe", str(exc)) from exc
+    if not frames:
+        raise MediaError("undecodable_keyframe", "the decoder returned no picture")
+    frame = frames[0]
+    return StreamConfig(
+        parameter_sets=keyframe.parameter_sets,
+        width=frame.width,
+        height=frame.height,
+        codec=codec,
+    )

@@ -1,0 +1,93 @@
+"""The service's one settings object: built once at start-up and passed down."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service, read from `ARCHIVER_*` variables or a `.env` file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ARCHIVER_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # Required for `serve`: who may connect.
+    auth_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        default=(),
+        description="Accepted `token` query values, comma-separated; several allow rotation.",
+    )
+
+    # Listening.
+    host: str = Field(default="0.0.0.0", description="Address to listen on.")  # noqa: S104
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port to listen on.")
+
+    # Where the archive goes.
+    store: str = Field(
+        default="file://./archive",
+        description="`s3://bucket/prefix` or `file:///path`; a local folder needs no cloud.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO); AWS when unset."
+    )
+    upload_attempts: int = Field(
+        default=6, ge=1, description="Tries per object before an upload counts as failed."
+    )
+    upload_backoff_s: float = Field(
+        default=0.2, gt=0, description="First retry delay; doubles per try, with jitter."
+    )
+    upload_concurrency: int = Field(
+        default=8, ge=1, description="Objects uploaded at once by this process."
+    )
+
+    # Segmenting.
+    segment_target_s: float = Field(
+        default=10.0, gt=0, description="Cut at the first key frame after this; force at 2x."
+    )
+    manifest_overhead_ratio: float = Field(
+        default=0.1,
+        gt=0,
+        le=1,
+        description="Live manifest writes may add at most this share of a stream's "
+        "requests and bytes.",
+    )
+
+    # Streams and limits.
+    idle_timeout_s: float = Field(
+        default=30.0, gt=0, description="A stream with no frames for this long ends."
+    )
+    max_message_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="Largest websocket message accepted."
+    )
+    max_streams_per_connection: int = Field(
+        default=64, ge=1, description="Distinct streams one connection may open."
+    )
+    stream_queue_messages: int = Field(
+        default=256, ge=1, description="Messages buffered per stream before reading pauses."
+    )
+    heartbeat_s: float = Field(
+        default=30.0, gt=0, description="Websocket ping interval, keeps proxies from idling out."
+    )
+
+    # Logging.
+    log_level: str = Field(default="info", description="debug, info, warning or error.")
+    log_format: str = Field(
+        default="auto", description="json, console, or auto (console on a terminal)."
+    )
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(t.strip() for t in value.split(",") if t.strip())
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _known_store_scheme(cls, value: str) -> str:
+        if not value.startswith(("s3://", "file://")):
+            raise ValueError("store must be s3://bucket/prefix or file:///path")
+        return value

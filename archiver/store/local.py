@@ -1,0 +1,58 @@
+"""A local folder laid out exactly like the S3 bucket, so the service runs with no cloud."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from pathlib import Path
+
+from archiver.errors import StoreError
+from archiver.store.base import StoredObject, sha256_digest
+
+
+class LocalFolderStore:
+    """Each key is a file under `root`; writes are atomic (temp file, fsync, rename)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise StoreError(key, "key leaves the store's folder")
+        return path
+
+    async def put(self, key: str, body: bytes, content_type: str) -> StoredObject:
+        path = self._path(key)
+        await asyncio.to_thread(self._write, path, body, key)
+        return StoredObject(key=key, size=len(body), sha256=sha256_digest(body)[0])
+
+    @staticmethod
+    def _write(path: Path, body: bytes, key: str) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(body)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise StoreError(key, str(exc)) from exc
+
+    async def get(self, key: str) -> bytes | None:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(key, str(exc)) from exc
+
+    async def close(self) -> None:
+        return None

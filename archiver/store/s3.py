@@ -1,0 +1,89 @@
+"""The S3 store: the only module that knows boto3. Its calls run on a thread pool."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from archiver.errors import StoreError
+from archiver.store.base import StoredObject, sha256_digest
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+
+
+class S3Store:
+    """Objects under `s3://bucket/prefix/`; every PUT carries its SHA-256 for S3 to verify.
+
+    Retries use botocore's standard mode: exponential backoff with jitter, on throttling,
+    5xx answers and connection errors alike.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        attempts: int = 6,
+        concurrency: int = 8,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        config = botocore.config.Config(
+            retries={"mode": "standard", "total_max_attempts": attempts},
+            max_pool_connections=concurrency,
+            connect_timeout=5,
+            read_timeout=30,
+        )
+        self._client: S3Client = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, config=config
+        )
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3")
+
+    async def _call(self, key: str, fn: Any, /, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, partial(fn, **kwargs))
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in _NOT_FOUND:
+                raise FileNotFoundError(key) from exc
+            raise StoreError(self.prefix + key, f"S3 refused: {code or exc}") from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StoreError(self.prefix + key, f"S3 unreachable: {exc}") from exc
+
+    async def put(self, key: str, body: bytes, content_type: str) -> StoredObject:
+        sha_hex, sha_b64 = sha256_digest(body)
+        await self._call(
+            key,
+            self._client.put_object,
+            Bucket=self.bucket,
+            Key=self.prefix + key,
+            Body=body,
+            ContentType=content_type,
+            ChecksumSHA256=sha_b64,
+        )
+        return StoredObject(key=self.prefix + key, size=len(body), sha256=sha_hex)
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            response = await self._call(
+                key, self._client.get_object, Bucket=self.bucket, Key=self.prefix + key
+            )
+        except FileNotFoundError:
+            return None
+        loop = asyncio.get_running_loop()
+        body: bytes = await loop.run_in_executor(self._pool, response["Body"].read)
+        return body
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()

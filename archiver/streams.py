@@ -1,0 +1,396 @@
+"""Demultiplexed streams: one worker per (bot, recording, participant, type, format).
+
+The receive loop only enqueues. Each stream's worker takes its messages in order, hands
+them in batches to a thread (base64 and muxing stay off the event loop), uploads finished
+segments in parallel, and publishes them to its manifest strictly in order, only after the
+store confirmed them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+import structlog
+
+from archiver.errors import InputError, StoreError
+from archiver.ingest.messages import MediaMessage
+from archiver.layout import RecordingId, StreamId
+from archiver.manifests import (
+    JSON_TYPE,
+    SegmentEntry,
+    SessionIndex,
+    StreamManifest,
+    StreamStatus,
+    WriteBudget,
+)
+from archiver.manifests import dumps as dump_json
+from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
+from archiver.settings import Settings
+from archiver.store import ObjectStore
+
+log = structlog.get_logger(__name__)
+
+EndReason = Literal["connection_closed", "participant_left", "idle", "shutdown"]
+_BATCH_MAX = 64
+_PUBLISH_AHEAD = 4
+MP4_TYPE = "video/mp4"
+SEGMENT_TYPE = "video/iso.segment"
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    reason: EndReason
+
+
+@dataclass(frozen=True, slots=True)
+class _BatchResult:
+    segments: list[MediaSegment]
+    rejected: list[InputError]
+    counters: dict[str, int]
+
+
+class Stream:
+    """One stream's worker. Its segmenter lives on one thread at a time, its manifest on
+    the event loop; nothing else touches either."""
+
+    def __init__(
+        self,
+        stream_id: StreamId,
+        settings: Settings,
+        store: ObjectStore,
+        executor: Executor,
+        sessions: SessionWriter,
+    ) -> None:
+        self.id = stream_id
+        self.settings = settings
+        self.store = store
+        self.executor = executor
+        self.sessions = sessions
+        self.log = log.bind(
+            bot=stream_id.recording.bot_id,
+            recording=stream_id.recording.recording_id,
+            participant=stream_id.participant_id,
+            stream=f"{stream_id.video_type}/{stream_id.media_format}",
+        )
+        self.queue: asyncio.Queue[MediaMessage | _End] = asyncio.Queue(
+            settings.stream_queue_messages
+        )
+        self.segmenter: H264Segmenter | None = None
+        self.manifest: StreamManifest | None = None
+        self.budget = WriteBudget(settings.manifest_overhead_ratio)
+        self.counters = {"segments": 0, "upload_failures": 0, "manifest_failures": 0}
+        self.segmenter_counters: dict[str, int] = {}
+        self.stored_inits: dict[str, str] = {}
+        self.logged_rejects: dict[str, int] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"stream {self.id}")
+
+    async def feed(self, message: MediaMessage) -> None:
+        """Enqueue; waits (so the socket stops being read) while the queue is full."""
+        await self.queue.put(message)
+
+    async def end(self, reason: EndReason) -> None:
+        if self.running:
+            await self.queue.put(_End(reason))
+
+    async def _run(self) -> None:
+        first = await self.queue.get()
+        if isinstance(first, _End):
+            return
+        publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None] = asyncio.Queue(
+            _PUBLISH_AHEAD
+        )
+        publisher = asyncio.create_task(self._publish_in_order(publish))
+        reason: EndReason = "shutdown"
+        try:
+            await self._open(first)
+            pending: list[MediaMessage] = [first]
+            while True:
+                ended = self._drain(pending)
+                if pending:
+                    await self._segment(pending, publish)
+                    pending = []
+                if ended is not None:
+                    reason = ended.reason
+                    break
+                try:
+                    async with asyncio.timeout(self.settings.idle_timeout_s):
+                        item = await self.queue.get()
+                except TimeoutError:
+                    reason = "idle"
+                    break
+                if isinstance(item, _End):
+                    reason = item.reason
+                    break
+                pending.append(item)
+            await self._flush(publish)
+        finally:
+            await publish.put(None)
+            await publisher
+            if self.manifest is not None:
+                await self._finish(reason)
+        if not self.queue.empty():
+            # Frames that arrived while this run was ending continue the stream.
+            self.start()
+
+    def _drain(self, pending: list[MediaMessage]) -> _End | None:
+        """Take what is already queued, up to a batch; stop at an end marker."""
+        while len(pending) < _BATCH_MAX:
+            try:
+                item = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
+            if isinstance(item, _End):
+                return item
+            pending.append(item)
+        return None
+
+    async def _open(self, first: MediaMessage) -> None:
+        """Start or resume the stream: a manifest already in the store is continued."""
+        if self.manifest is None:
+            previous = await self._load_previous()
+            self.manifest = StreamManifest(self.id, first.context, first.participant, previous)
+            if previous is not None:
+                self.log.info("stream_resumed", segments=len(self.manifest.segments))
+        self.manifest.status = "live"
+        if self.segmenter is None:
+            self.segmenter = H264Segmenter(
+                self.settings.segment_target_s,
+                first_seq=self.manifest.next_seq,
+                last_ticks=self.manifest.last_ticks,
+            )
+        self.sessions.record(self.id, self.manifest, "live")
+        self.log.info("stream_started", relative=first.relative_s)
+
+    async def _load_previous(self) -> dict[str, Any] | None:
+        try:
+            raw = await self.store.get(self.id.manifest_key)
+        except StoreError as exc:
+            self.log.warning("previous_manifest_unreadable", error=str(exc))
+            return None
+        if raw is None:
+            return None
+        try:
+            previous: dict[str, Any] = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.log.warning("previous_manifest_corrupt")
+            return None
+        return previous
+
+    async def _segment(
+        self,
+        batch: list[MediaMessage],
+        publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None],
+    ) -> None:
+        assert self.manifest is not None
+        for message in batch:
+            self.manifest.update_participant(message.relative_s, message.participant)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.executor, self._segment_batch, batch)
+        self.segmenter_counters = result.counters
+        for error in result.rejected:
+            self._log_reject(error)
+        for segment in result.segments:
+            await publish.put(asyncio.create_task(self._upload(segment)))
+
+    def _segment_batch(self, batch: list[MediaMessage]) -> _BatchResult:
+        """Runs on a worker thread: base64 and muxing for a batch of one stream."""
+        segmenter = self.segmenter
+        assert segmenter is not None
+        segments: list[MediaSegment] = []
+        rejected: list[InputError] = []
+        for message in batch:
+            try:
+                data = base64.b64decode(message.buffer_b64, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                segmenter.reject("bad_base64")
+                rejected.append(InputError("bad_base64", str(exc)))
+                continue
+            try:
+                segments.extend(segmenter.push(data, message.relative_s, message.absolute))
+            except InputError as exc:
+                rejected.append(exc)
+        return _BatchResult(segments, rejected, segmenter.counters.snapshot())
+
+    async def _flush(
+        self, publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None]
+    ) -> None:
+        segmenter = self.segmenter
+        if segmenter is None:
+            return
+        loop = asyncio.get_running_loop()
+        segments = await loop.run_in_executor(self.executor, segmenter.flush)
+        self.segmenter_counters = segmenter.counters.snapshot()
+        for segment in segments:
+            await publish.put(asyncio.create_task(self._upload(segment)))
+
+    def _log_reject(self, error: InputError) -> None:
+        """Log the first of each reason, then every hundredth: counted always, never a flood."""
+        seen = self.logged_rejects.get(error.reason, 0) + 1
+        self.logged_rejects[error.reason] = seen
+        if seen == 1 or seen % 100 == 0:
+            self.log.warning("frame_dropped", reason=error.reason, detail=error.detail, seen=seen)
+
+    async def _upload(self, segment: MediaSegment) -> SegmentEntry | None:
+        init_key = self.id.init_key(segment.init_sha256)
+        try:
+            stored_init_key = self.stored_inits.get(init_key)
+            if stored_init_key is None:
+                stored_init = await self.store.put(init_key, segment.init, MP4_TYPE)
+                self.budget.count_media(stored_init.size)
+                stored_init_key = self.stored_inits[init_key] = stored_init.key
+            stored = await self.store.put(
+                self.id.segment_key(segment.start_ticks), segment.body, SEGMENT_TYPE
+            )
+        except StoreError as exc:
+            self.counters["upload_failures"] += 1
+            self.log.error("segment_upload_failed", seq=segment.seq, error=str(exc))
+            return None
+        self.budget.count_media(stored.size)
+        return SegmentEntry.stored(
+            segment,
+            key=stored.key,
+            init_key=stored_init_key,
+            size=stored.size,
+            sha256=stored.sha256,
+        )
+
+    async def _publish_in_order(
+        self, publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None]
+    ) -> None:
+        while (upload := await publish.get()) is not None:
+            entry = await upload
+            if entry is None or self.manifest is None:
+                continue
+            self.manifest.segments.append(entry)
+            self.counters["segments"] += 1
+            body = self._manifest_body()
+            if self.budget.allows(len(body)):
+                await self._write_manifest(body)
+
+    def _manifest_body(self) -> bytes:
+        assert self.manifest is not None
+        return dump_json(self.manifest.document({**self.segmenter_counters, **self.counters}))
+
+    async def _write_manifest(self, body: bytes) -> bool:
+        try:
+            await self.store.put(self.id.manifest_key, body, JSON_TYPE)
+        except StoreError as exc:
+            self.counters["manifest_failures"] += 1
+            self.log.error("manifest_write_failed", error=str(exc))
+            return False
+        self.budget.count_manifest(len(body))
+        return True
+
+    async def _finish(self, reason: EndReason) -> None:
+        assert self.manifest is not None
+        self.manifest.status = "complete"
+        await self._write_manifest(self._manifest_body())
+        self.sessions.record(self.id, self.manifest, "complete")
+        self.log.info(
+            "stream_ended",
+            reason=reason,
+            **self.segmenter_counters,
+            **self.counters,
+            manifest_writes=self.budget.manifest_requests,
+        )
+
+
+class SessionWriter:
+    """Keeps each recording's `session.json` current, coalescing bursts of changes."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.indexes: dict[RecordingId, SessionIndex] = {}
+        self.locks: dict[RecordingId, asyncio.Lock] = {}
+        self.versions: dict[RecordingId, tuple[int, int]] = {}
+        self.writes: set[asyncio.Task[None]] = set()
+
+    def record(self, stream: StreamId, manifest: StreamManifest, status: StreamStatus) -> None:
+        recording = stream.recording
+        if recording not in self.indexes:
+            self.indexes[recording] = SessionIndex(recording)
+            self.locks[recording] = asyncio.Lock()
+        self.indexes[recording].record_stream(
+            stream, manifest.context, manifest.participant, status
+        )
+        wanted, written = self.versions.get(recording, (0, 0))
+        self.versions[recording] = (wanted + 1, written)
+        task = asyncio.create_task(self._write(recording))
+        self.writes.add(task)
+        task.add_done_callback(self.writes.discard)
+
+    async def _write(self, recording: RecordingId) -> None:
+        async with self.locks[recording]:
+            wanted, written = self.versions[recording]
+            if written == wanted:
+                return
+            body = dump_json(self.indexes[recording].document())
+            try:
+                await self.store.put(recording.session_key, body, JSON_TYPE)
+            except StoreError as exc:
+                log.error("session_write_failed", recording=recording.prefix, error=str(exc))
+                return
+            self.versions[recording] = (self.versions[recording][0], wanted)
+
+    async def flush(self) -> None:
+        """Wait for every write already asked for."""
+        while self.writes:
+            await asyncio.gather(*self.writes, return_exceptions=True)
+
+
+class StreamRegistry:
+    """Every stream of this process, by id; routes messages and ends streams."""
+
+    def __init__(self, settings: Settings, store: ObjectStore, executor: Executor) -> None:
+        self.settings = settings
+        self.store = store
+        self.executor = executor
+        self.sessions = SessionWriter(store)
+        self.streams: dict[StreamId, Stream] = {}
+
+    async def dispatch(self, message: MediaMessage) -> None:
+        stream = self.streams.get(message.stream)
+        if stream is None:
+            stream = self.streams[message.stream] = Stream(
+                message.stream, self.settings, self.store, self.executor, self.sessions
+            )
+        if not stream.running:
+            stream.start()
+        await stream.feed(message)
+
+    async def end(self, stream_ids: set[StreamId], reason: EndReason) -> None:
+        for stream_id in stream_ids:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                await stream.end(reason)
+
+    async def end_participant(self, recording: RecordingId, participant_id: str) -> None:
+        ids = {
+            s
+            for s in self.streams
+            if s.recording == recording and s.participant_id == participant_id
+        }
+        await self.end(ids, "participant_left")
+
+    async def wait_idle(self) -> None:
+        """Wait until every stream's worker has finished and every index is written."""
+        while tasks := [s.task for s in self.streams.values() if s.running and s.task]:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self.sessions.flush()
+
+    async def close(self) -> None:
+        await self.end(set(self.streams), "shutdown")
+        await self.wait_idle()

@@ -83,22 +83,29 @@ class WriteBudget:
         self.media_bytes = 0
         self.manifest_requests = 0
         self.manifest_bytes = 0
+        self.last_size = 0
+        self.last_entries = 0
 
     def count_media(self, size: int) -> None:
         self.media_requests += 1
         self.media_bytes += size
 
-    def allows(self, next_size: int) -> bool:
+    def allows(self, entries: int) -> bool:
+        """Whether a manifest listing `entries` segments may be written now. Its size is
+        estimated from the last write, so the document is only built when it will be sent."""
         if self.manifest_requests == 0:
             return self.media_requests > 0
+        estimated_size = self.last_size * entries // max(1, self.last_entries)
         return (
             self.manifest_requests + 1 <= self.ratio * self.media_requests
-            and self.manifest_bytes + next_size <= self.ratio * self.media_bytes
+            and self.manifest_bytes + estimated_size <= self.ratio * self.media_bytes
         )
 
-    def count_manifest(self, size: int) -> None:
+    def count_manifest(self, size: int, entries: int) -> None:
         self.manifest_requests += 1
         self.manifest_bytes += size
+        self.last_size = size
+        self.last_entries = entries
 
 
 class StreamManifest:
@@ -116,6 +123,7 @@ class StreamManifest:
         self.participant = participant
         self.participant_changes: list[dict[str, Any]] = []
         self.segments: list[SegmentEntry] = []
+        self.segment_documents: list[dict[str, Any]] = []
         self.carried_counters: dict[str, int] = {}
         self.created_at = _now()
         self.status: StreamStatus = "live"
@@ -126,9 +134,15 @@ class StreamManifest:
         """Continue a manifest a previous connection or process wrote."""
         self.created_at = previous.get("created_at", self.created_at)
         self.participant_changes = list(previous.get("participant_changes", []))
-        self.segments = [SegmentEntry(**entry) for entry in previous.get("segments", [])]
+        for document in previous.get("segments", []):
+            self.add(SegmentEntry(**document))
         counters = previous.get("counters", {})
         self.carried_counters = {k: v for k, v in counters.items() if isinstance(v, int)}
+
+    def add(self, entry: SegmentEntry) -> None:
+        """List a stored segment; its document is built once, not at every write."""
+        self.segments.append(entry)
+        self.segment_documents.append(asdict(entry))
 
     @property
     def next_seq(self) -> int:
@@ -163,7 +177,7 @@ class StreamManifest:
             "codec": self.segments[-1].codec if self.segments else None,
             "timescale": TIMESCALE,
             "counters": merged,
-            "segments": [asdict(entry) for entry in self.segments],
+            "segments": self.segment_documents,
         }
 
 

@@ -274,24 +274,24 @@ class Stream:
             entry = await upload
             if entry is None or self.manifest is None:
                 continue
-            self.manifest.segments.append(entry)
+            self.manifest.add(entry)
             self.counters["segments"] += 1
-            body = self._manifest_body()
-            if self.budget.allows(len(body)):
-                await self._write_manifest(body)
+            if self.budget.allows(len(self.manifest.segments)):
+                await self._write_manifest(self._manifest_body())
 
     def _manifest_body(self) -> bytes:
         assert self.manifest is not None
         return dump_json(self.manifest.document({**self.segmenter_counters, **self.counters}))
 
     async def _write_manifest(self, body: bytes) -> bool:
+        assert self.manifest is not None
         try:
             await self.store.put(self.id.manifest_key, body, JSON_TYPE)
         except StoreError as exc:
             self.counters["manifest_failures"] += 1
             self.log.error("manifest_write_failed", error=str(exc))
             return False
-        self.budget.count_manifest(len(body))
+        self.budget.count_manifest(len(body), len(self.manifest.segments))
         return True
 
     async def _finish(self, reason: EndReason) -> None:

@@ -88,9 +88,19 @@ class RunningService:
         """Wait until every connection has closed and every stream is written out."""
         state = self.app[STATE]
         deadline = time.monotonic() + timeout_s
-        while state.connections and time.monotonic() < deadline:
+        while state.connections and time.monotonic() < deadline:  # noqa: ASYNC110 (a counter)
             await asyncio.sleep(0.02)
         await asyncio.wait_for(state.registry.wait_idle(), deadline - time.monotonic())
+
+    def object_keys(self) -> list[str]:
+        """Every object key in the bucket, read straight from the S3 server."""
+        assert self.settings.s3_endpoint_url is not None
+        pages = client(self.settings.s3_endpoint_url).get_paginator("list_objects_v2")
+        return [
+            obj["Key"]
+            for page in pages.paginate(Bucket=self.bucket)
+            for obj in page.get("Contents", [])
+        ]
 
     async def json(self, key: str) -> dict[str, Any]:
         raw = await self.store.get(key)

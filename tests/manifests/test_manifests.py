@@ -1,0 +1,76 @@
+"""Manifest documents: the published schema, and the live-write budget over a long meeting."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import UTC, datetime
+from importlib import resources
+
+import jsonschema
+import pytest
+
+from archiver.ingest.messages import RecordingContext
+from archiver.layout import RecordingId, StreamId
+from archiver.manifests import SegmentEntry, StreamManifest, WriteBudget, dumps
+from archiver.simulator import Simulation, run_simulation
+from tests.conftest import ServiceFactory
+
+
+def schema() -> dict:
+    text = resources.files("archiver").joinpath("schema/h264-manifest.schema.json").read_text()
+    return json.loads(text)
+
+
+async def test_archived_manifest_and_session_validate(service: ServiceFactory) -> None:
+    running = await service()
+    sim = await run_simulation(
+        Simulation(url=running.url, participants=1, seconds=3, fps=10, resize_at_s=1.5)
+    )
+    await running.settle()
+    manifest = await running.json(
+        f"{sim.bot_id}/{sim.recording_id}/participants/100/webcam/h264/manifest.json"
+    )
+    jsonschema.validate(manifest, schema(), format_checker=jsonschema.FormatChecker())
+    session = await running.json(f"{sim.bot_id}/{sim.recording_id}/session.json")
+    assert session["streams"][0]["manifest_key"].endswith("webcam/h264/manifest.json")
+    assert session["participants"][0]["name"] == "Participant 100"
+
+
+@pytest.mark.parametrize("kbps", [150, 600, 2500])
+def test_live_manifest_writes_stay_within_ten_percent_over_two_hours(kbps: int) -> None:
+    """A 2 h stream of 10 s segments: every write the budget allows is counted."""
+    stream = StreamId(RecordingId("bot", "rec"), "100", "webcam", "h264")
+    context = RecordingContext({"id": "bot", "metadata": {"k": "v"}}, {"id": "rec"}, None, None)
+    manifest = StreamManifest(stream, context, {"id": 100, "name": "Ada"})
+    budget = WriteBudget(0.1)
+    entry = SegmentEntry(
+        key="archive/bot/rec/participants/100/webcam/h264/segments/0000000000000.m4s",
+        init_key="archive/bot/rec/participants/100/webcam/h264/init-0123456789abcdef.mp4",
+        seq=0,
+        start=0.0,
+        end=10.0,
+        start_wallclock=datetime.now(UTC).isoformat(),
+        frames=300,
+        starts_with_keyframe=True,
+        width=1280,
+        height=720,
+        codec="avc1.42C01F",
+        bytes=kbps * 1000 // 8 * 10,
+        sha256="0" * 64,
+    )
+    budget.count_media(800)
+    writes = 0
+    for seq in range(720):
+        manifest.add(replace(entry, seq=seq, start=seq * 10.0, end=seq * 10.0 + 10))
+        budget.count_media(entry.bytes)
+        if budget.allows(len(manifest.segments)):
+            body = dumps(manifest.document({}))
+            budget.count_manifest(len(body), len(manifest.segments))
+            writes += 1
+    manifest.status = "complete"
+    body = dumps(manifest.document({}))
+    budget.count_manifest(len(body), len(manifest.segments))
+    assert writes >= 10
+    assert budget.manifest_requests <= 0.1 * budget.media_requests + 2
+    assert budget.manifest_bytes <= 0.1 * budget.media_bytes + len(body)

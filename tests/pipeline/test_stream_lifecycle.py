@@ -1,0 +1,97 @@
+"""When streams end: idle timeout, participant leave, connection close; and how they resume."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import aiohttp
+import orjson
+
+from archiver.simulator import Simulation, encode_stream, media_message, participant_event
+from archiver.verify import check_stream
+from tests.conftest import RunningService, ServiceFactory
+
+
+class Bot:
+    """Sends pre-encoded access units of one participant's webcam on a live websocket."""
+
+    def __init__(self, running: RunningService, seconds: float = 4, fps: float = 10) -> None:
+        self.sim = Simulation(url=running.url, participants=1, seconds=seconds, fps=fps)
+        (stream,) = self.sim.plan()
+        self.units = list(encode_stream(stream, seconds, fps, keyframe_interval_s=1))
+        self.start = datetime.now(UTC)
+        self.ids = {"bot_id": self.sim.bot_id, "recording_id": self.sim.recording_id}
+        self.manifest_key = (
+            f"{self.sim.bot_id}/{self.sim.recording_id}/participants/100/webcam/h264/manifest.json"
+        )
+
+    async def send(self, ws: aiohttp.ClientWebSocketResponse, first: int, last: int) -> None:
+        for relative, data, _ in self.units[first:last]:
+            message = media_message(data, relative, self.start, "webcam", 100, **self.ids)
+            await ws.send_str(orjson.dumps(message).decode())
+
+
+async def wait_for_status(running: RunningService, key: str, status: str) -> dict:
+    for _ in range(200):
+        raw = await running.store.get(key)
+        if raw is not None and orjson.loads(raw)["status"] == status:
+            return orjson.loads(raw)
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{key} never reached status {status}")
+
+
+async def test_idle_stream_ends_with_a_complete_manifest_and_a_later_frame_continues_it(
+    service: ServiceFactory,
+) -> None:
+    running = await service(idle_timeout_s=0.5)
+    bot = Bot(running)
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        await bot.send(ws, 0, 20)
+        ended = await wait_for_status(running, bot.manifest_key, "complete")
+        assert sum(s["frames"] for s in ended["segments"]) == 20
+        await bot.send(ws, 20, 40)
+    await running.settle()
+    check = await check_stream(running.store, bot.manifest_key, key_prefix="archive/")
+    assert check.ok, check.problems
+    assert check.manifest["status"] == "complete"
+    assert len(check.frames) == 40
+    seqs = [s["seq"] for s in check.manifest["segments"]]
+    assert seqs == list(range(len(seqs)))
+
+
+async def test_leave_event_ends_the_participants_streams(service: ServiceFactory) -> None:
+    running = await service()
+    bot = Bot(running)
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        await bot.send(ws, 0, 15)
+        leave = participant_event("leave", 100, 1.5, bot.start, **bot.ids)
+        await ws.send_str(orjson.dumps(leave).decode())
+        manifest = await wait_for_status(running, bot.manifest_key, "complete")
+        assert not ws.closed
+    assert sum(s["frames"] for s in manifest["segments"]) == 15
+
+
+async def test_reconnect_to_a_new_process_continues_the_manifest(
+    service: ServiceFactory, s3
+) -> None:
+    first = await service()
+    bot = Bot(first)
+    async with aiohttp.ClientSession() as session, session.ws_connect(first.url) as ws:
+        await bot.send(ws, 0, 20)
+    await first.settle()
+    await first.runner.cleanup()
+    before = {k: s3.head_object(Bucket=first.bucket, Key=k)["ETag"] for k in first.object_keys()}
+
+    second = await service()
+    async with aiohttp.ClientSession() as session, session.ws_connect(second.url) as ws:
+        await bot.send(ws, 20, 40)
+    await second.settle()
+    check = await check_stream(second.store, bot.manifest_key, key_prefix="archive/")
+    assert check.ok, check.problems
+    assert len(check.frames) == 40
+    seqs = [s["seq"] for s in check.manifest["segments"]]
+    assert seqs == list(range(len(seqs)))
+    after = {k: s3.head_object(Bucket=first.bucket, Key=k)["ETag"] for k in second.object_keys()}
+    changed = {k for k in before if after[k] != before[k]}
+    assert all(k.endswith(("manifest.json", "session.json")) for k in changed)

@@ -1,0 +1,76 @@
+"""The segmenter's rules, driven with real x264 access units and checked by decoding."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+
+import pytest
+
+from archiver.errors import MediaError
+from archiver.segmenting.fmp4 import TIMESCALE, H264Segmenter, MediaSegment
+from archiver.segmenting.h264 import analyse
+from archiver.simulator import SimulatedStream, encode_stream
+from archiver.verify import decode
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def units(seconds: float = 3, fps: float = 10, keyframe_interval_s: float | None = None):
+    plan = SimulatedStream(100, "webcam", [(0.0, (160, 120))])
+    return [(t, data) for t, data, _ in encode_stream(plan, seconds, fps, keyframe_interval_s)]
+
+
+def play(segments: list[MediaSegment]) -> list[float]:
+    assert len({s.init for s in segments}) == 1
+    return [f.time_s for f in decode(segments[0].init + b"".join(s.body for s in segments))]
+
+
+def test_keyframe_detection_and_codec_string() -> None:
+    (_t0, first), (_t1, second) = units(seconds=0.2)
+    assert analyse(first).is_keyframe
+    assert not analyse(second).is_keyframe
+    with pytest.raises(MediaError):
+        analyse(b"\x89PNG\r\n\x1a\n")
+
+
+def test_repeated_and_backward_timestamps_keep_decode_order_strictly_increasing() -> None:
+    segmenter = H264Segmenter(target_s=10)
+    sent = units(seconds=1)
+    times = [t for t, _ in sent]
+    times[4] = times[3]
+    times[7] = times[5]
+    segments: list[MediaSegment] = []
+    for t, (_, data) in zip(times, sent, strict=True):
+        segments += segmenter.push(data, t, NOW)
+    segments += segmenter.flush()
+    played = play(segments)
+    assert len(played) == 10
+    assert all(a < b for a, b in itertools.pairwise(played))
+    assert segmenter.counters.timestamps_adjusted == 2
+    assert played[4] == pytest.approx(times[3] + 1 / TIMESCALE)
+    assert played[0] == times[0]
+
+
+def test_frames_before_the_first_keyframe_are_counted_not_archived() -> None:
+    segmenter = H264Segmenter(target_s=10)
+    sent = units(seconds=2, keyframe_interval_s=1)
+    segments: list[MediaSegment] = []
+    for t, data in sent[1:]:
+        segments += segmenter.push(data, t, NOW)
+    segments += segmenter.flush()
+    assert segmenter.counters.dropped_before_keyframe == 9
+    assert segmenter.counters.archived == 10
+    assert play(segments)[0] == pytest.approx(1.0)
+
+
+def test_cut_waits_for_a_keyframe_after_the_target() -> None:
+    segmenter = H264Segmenter(target_s=1)
+    segments: list[MediaSegment] = []
+    for t, data in units(seconds=5, keyframe_interval_s=1.5):
+        segments += segmenter.push(data, t, NOW)
+    segments += segmenter.flush()
+    assert [round(s.start_ticks / TIMESCALE, 2) for s in segments] == [0.0, 1.5, 3.0, 4.5]
+    assert all(s.starts_with_keyframe for s in segments)
+    assert segments[-1].end_ticks == 5 * TIMESCALE
+    assert len(play(segments)) == 50

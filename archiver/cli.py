@@ -78,6 +78,7 @@ def serve() -> int:
         access_log_class=RedactingAccessLogger,
         print=None,
         handle_signals=True,
+        shutdown_timeout=settings.drain_deadline_s,
     )
     return 0
 

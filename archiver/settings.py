@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Websocket ping interval, keeps proxies from idling out."
     )
 
+    drain_deadline_s: float = Field(
+        default=90.0,
+        gt=0,
+        description="On SIGTERM, time to flush streams and uploads before exiting; keep it "
+        "under the platform's stop timeout (ECS: 120 s).",
+    )
+
     # Logging.
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_format: str = Field(

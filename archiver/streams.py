@@ -394,3 +394,7 @@ class StreamRegistry:
     async def close(self) -> None:
         await self.end(set(self.streams), "shutdown")
         await self.wait_idle()
+
+    def unfinished(self) -> list[str]:
+        """Manifest keys of streams still being written out."""
+        return sorted(s.id.manifest_key for s in self.streams.values() if s.running)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
 from archiver.errors import ConfigError, InputError
@@ -39,6 +39,7 @@ class ServiceState:
     connections: int = 0
     next_connection: int = 0
     totals: Counter[str] = field(default_factory=Counter)
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
 
 
 STATE = web.AppKey("state", ServiceState)
@@ -99,9 +100,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     state.next_connection += 1
     connection = Connection(state, ws, state.next_connection, request.remote)
     state.connections += 1
+    state.sockets.add(ws)
     try:
         await connection.receive()
     finally:
+        state.sockets.discard(ws)
         state.connections -= 1
         await connection.close()
     return ws
@@ -146,7 +149,9 @@ class Connection:
         stream = message.stream
         if stream not in self.streams:
             if len(self.streams) >= self.state.settings.max_streams_per_connection:
+                # Far beyond any meeting platform's limit: protect the other connections.
                 self.refuse(InputError("too_many_streams", str(stream)))
+                await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many streams")
                 return
             self.streams.add(stream)
             self.log = self.log.bind(bot=stream.recording.bot_id)
@@ -204,21 +209,34 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
         log.info("service_started", store=_describe_store(settings.store))
         yield
         app[STATE].ready = False
-        await registry.close()
-        executor.shutdown(wait=True)
+        try:
+            async with asyncio.timeout(settings.drain_deadline_s):
+                await registry.close()
+        except TimeoutError:
+            log.error("drain_deadline_passed", unfinished=registry.unfinished())
+        executor.shutdown(wait=False, cancel_futures=True)
         if store is None:
             await active_store.close()
         log.info("service_stopped", **app[STATE].totals)
 
     app.cleanup_ctx.append(lifecycle)
-    app.on_shutdown.append(_close_websockets)
+    app.on_shutdown.append(_ask_bots_to_reconnect)
     return app
 
 
-async def _close_websockets(app: web.Application) -> None:
-    """Stop taking new work before the registry drains."""
-    app[STATE].ready = False
-    await asyncio.sleep(0)
+async def _ask_bots_to_reconnect(app: web.Application) -> None:
+    """Shutdown, first step: stop being ready and close every bot's websocket with 1012
+    (service restart), so each bot reconnects to another instance while this one drains."""
+    state = app[STATE]
+    state.ready = False
+    log.info("draining", connections=len(state.sockets))
+    await asyncio.gather(
+        *(
+            ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"service restart")
+            for ws in list(state.sockets)
+        ),
+        return_exceptions=True,
+    )
 
 
 def _describe_store(url: str) -> str:

@@ -1,0 +1,106 @@
+"""Shutdown: bots are told to reconnect (1012), every frame received is written out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+
+import aiohttp
+import orjson
+
+from archiver.simulator import Simulation, encode_stream, media_message
+from archiver.verify import check_stream
+from tests.conftest import TOKEN, ServiceFactory
+
+
+def prepared(url: str, seconds: float = 3, fps: float = 10) -> tuple[Simulation, list[str]]:
+    sim = Simulation(url=url, participants=1, seconds=seconds, fps=fps)
+    (stream,) = sim.plan()
+    start = datetime.now(UTC)
+    texts = [
+        orjson.dumps(
+            media_message(data, t, start, "webcam", 100, sim.bot_id, sim.recording_id)
+        ).decode()
+        for t, data, _ in encode_stream(stream, seconds, fps, keyframe_interval_s=1)
+    ]
+    return sim, texts
+
+
+def manifest_key(sim: Simulation) -> str:
+    return f"{sim.bot_id}/{sim.recording_id}/participants/100/webcam/h264/manifest.json"
+
+
+async def test_shutdown_closes_websockets_with_1012_and_writes_every_frame(
+    service: ServiceFactory,
+) -> None:
+    running = await service()
+    sim, texts = prepared(running.url)
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        for text in texts[:20]:
+            await ws.send_str(text)
+        await asyncio.sleep(0.2)
+        shutdown = asyncio.create_task(running.runner.cleanup())
+        closing = await ws.receive()
+        assert closing.type is aiohttp.WSMsgType.CLOSE
+        assert closing.data == aiohttp.WSCloseCode.SERVICE_RESTART
+        await shutdown
+    check = await check_stream(running.store, manifest_key(sim), key_prefix="archive/")
+    assert check.ok, check.problems
+    assert check.manifest["status"] == "complete"
+    assert len(check.frames) == 20
+
+
+async def test_sigterm_mid_stream_loses_nothing_and_exits_before_the_deadline(
+    s3_endpoint: str, bucket: str, unused_tcp_port: int, s3
+) -> None:
+    env = {
+        **os.environ,
+        "ARCHIVER_AUTH_TOKENS": TOKEN,
+        "ARCHIVER_STORE": f"s3://{bucket}/archive",
+        "ARCHIVER_S3_ENDPOINT_URL": s3_endpoint,
+        "ARCHIVER_HOST": "127.0.0.1",
+        "ARCHIVER_PORT": str(unused_tcp_port),
+        "ARCHIVER_DRAIN_DEADLINE_S": "20",
+        "ARCHIVER_LOG_FORMAT": "json",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "archiver", "serve", env=env, stdout=asyncio.subprocess.PIPE
+    )
+    base = f"127.0.0.1:{unused_tcp_port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"http://{base}/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            url = f"ws://{base}/ws?token={TOKEN}"
+            sim, texts = prepared(url)
+            async with session.ws_connect(url) as ws:
+                for text in texts[:25]:
+                    await ws.send_str(text)
+                await asyncio.sleep(0.3)
+                signalled = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                closing = await ws.receive()
+                assert closing.data == aiohttp.WSCloseCode.SERVICE_RESTART
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        assert time.monotonic() - signalled < 20
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.stdout is not None
+    logged = (await process.stdout.read()).decode()
+    assert TOKEN not in logged
+    assert '"event":"draining"' in logged
+    key = f"archive/{manifest_key(sim)}"
+    manifest = orjson.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert manifest["status"] == "complete"
+    assert sum(s["frames"] for s in manifest["segments"]) == 25

@@ -74,5 +74,10 @@ class StreamId:
         """Segments are named by start time (90 kHz ticks), unique across reconnects."""
         return f"{self.prefix}/segments/{start_ticks:013d}.m4s"
 
+    @property
+    def journal_name(self) -> str:
+        """A flat, collision-free folder name for this stream's journal."""
+        return self.prefix.replace("/", "~")
+
     def __str__(self) -> str:
         return self.prefix

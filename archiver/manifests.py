@@ -7,7 +7,7 @@ and bytes, so a manifest that grows over a long meeting is rewritten less and le
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -20,7 +20,7 @@ from archiver.segmenting.fmp4 import TIMESCALE, MediaSegment
 SCHEMA_VERSION = 1
 JSON_TYPE = "application/json"
 
-StreamStatus = Literal["live", "complete"]
+StreamStatus = Literal["live", "complete", "interrupted"]
 
 
 def _now() -> str:
@@ -52,10 +52,18 @@ class SegmentEntry:
     codec: str
     bytes: int
     sha256: str
+    recovered: bool = False
+    """True when rebuilt from the journal of a process that crashed."""
 
     @classmethod
     def stored(
-        cls, segment: MediaSegment, key: str, init_key: str, size: int, sha256: str
+        cls,
+        segment: MediaSegment,
+        key: str,
+        init_key: str,
+        size: int,
+        sha256: str,
+        recovered: bool = False,
     ) -> SegmentEntry:
         return cls(
             key=key,
@@ -71,6 +79,7 @@ class SegmentEntry:
             codec=segment.config.codec,
             bytes=size,
             sha256=sha256,
+            recovered=recovered,
         )
 
 
@@ -125,6 +134,7 @@ class StreamManifest:
         self.segments: list[SegmentEntry] = []
         self.segment_documents: list[dict[str, Any]] = []
         self.carried_counters: dict[str, int] = {}
+        self.recovered_ranges: list[dict[str, float]] = []
         self.created_at = _now()
         self.status: StreamStatus = "live"
         if previous is not None:
@@ -134,6 +144,7 @@ class StreamManifest:
         """Continue a manifest a previous connection or process wrote."""
         self.created_at = previous.get("created_at", self.created_at)
         self.participant_changes = list(previous.get("participant_changes", []))
+        self.recovered_ranges = list(previous.get("recovered_ranges", []))
         for document in previous.get("segments", []):
             self.add(SegmentEntry(**document))
         counters = previous.get("counters", {})
@@ -143,6 +154,23 @@ class StreamManifest:
         """List a stored segment; its document is built once, not at every write."""
         self.segments.append(entry)
         self.segment_documents.append(asdict(entry))
+
+    def merge(self, entries: list[SegmentEntry]) -> int:
+        """Add segments a crashed process left behind, in time order, renumbering `seq`;
+        return how many were not listed yet."""
+        known = {entry.key for entry in self.segments}
+        new = [entry for entry in entries if entry.key not in known]
+        if not new:
+            return 0
+        merged = sorted([*self.segments, *new], key=lambda entry: entry.start)
+        self.segments, self.segment_documents = [], []
+        for seq, entry in enumerate(merged):
+            self.add(replace(entry, seq=seq))
+        self.recovered_ranges.extend(
+            {"start": entry.start, "end": entry.end} for entry in new if entry.recovered
+        )
+        self.recovered_ranges.sort(key=lambda r: r["start"])
+        return len(new)
 
     @property
     def next_seq(self) -> int:
@@ -177,6 +205,7 @@ class StreamManifest:
             "codec": self.segments[-1].codec if self.segments else None,
             "timescale": TIMESCALE,
             "counters": merged,
+            "recovered_ranges": self.recovered_ranges,
             "segments": self.segment_documents,
         }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -32,6 +32,22 @@ class Settings(BaseSettings):
     )
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO); AWS when unset."
+    )
+    spool_dir: str = Field(
+        default="./spool",
+        description="Local folder where objects wait (fsynced) until the store confirms them, "
+        "and where open segments are journaled; keep it on a disk that outlives the process.",
+    )
+    spool_cap_bytes: int = Field(
+        default=10 * 1024**3,
+        ge=1024 * 1024,
+        description="Spool size at which reading from bots pauses (backpressure, no drops).",
+    )
+    spool_high_water_ratio: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Share of the spool cap above which /readyz reports not ready.",
     )
     upload_attempts: int = Field(
         default=6, ge=1, description="Tries per object before an upload counts as failed."
@@ -77,6 +93,13 @@ class Settings(BaseSettings):
         gt=0,
         description="On SIGTERM, time to flush streams and uploads before exiting; keep it "
         "under the platform's stop timeout (ECS: 120 s).",
+    )
+
+    ecs_agent_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ARCHIVER_ECS_AGENT_URI", "ECS_AGENT_URI"),
+        description="Set by ECS: lets the service protect its task from scale-in while bots "
+        "are connected.",
     )
 
     # Logging.

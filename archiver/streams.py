@@ -13,6 +13,7 @@ import base64
 import binascii
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import orjson
@@ -30,9 +31,11 @@ from archiver.manifests import (
     WriteBudget,
 )
 from archiver.manifests import dumps as dump_json
-from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
+from archiver.recovery import JOURNAL_FOLDER, Recovery, spool_segment, stream_header
+from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment, segment_name
 from archiver.settings import Settings
-from archiver.store import ObjectStore
+from archiver.store.journal import StreamJournal
+from archiver.store.spool import Spool, SpooledObject
 
 log = structlog.get_logger(__name__)
 
@@ -63,15 +66,19 @@ class Stream:
         self,
         stream_id: StreamId,
         settings: Settings,
-        store: ObjectStore,
+        spool: Spool,
         executor: Executor,
         sessions: SessionWriter,
+        recovery: Recovery,
     ) -> None:
         self.id = stream_id
         self.settings = settings
-        self.store = store
+        self.spool = spool
         self.executor = executor
         self.sessions = sessions
+        self.recovery = recovery
+        self.journal: StreamJournal | None = None
+        self.header: dict[str, Any] = {}
         self.log = log.bind(
             bot=stream_id.recording.bot_id,
             recording=stream_id.recording.recording_id,
@@ -86,7 +93,7 @@ class Stream:
         self.budget = WriteBudget(settings.manifest_overhead_ratio)
         self.counters = {"segments": 0, "upload_failures": 0, "manifest_failures": 0}
         self.segmenter_counters: dict[str, int] = {}
-        self.stored_inits: dict[str, str] = {}
+        self.spooled_inits: set[str] = set()
         self.logged_rejects: dict[str, int] = {}
         self.task: asyncio.Task[None] | None = None
 
@@ -109,9 +116,7 @@ class Stream:
         first = await self.queue.get()
         if isinstance(first, _End):
             return
-        publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None] = asyncio.Queue(
-            _PUBLISH_AHEAD
-        )
+        publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None] = asyncio.Queue()
         publisher = asyncio.create_task(self._publish_in_order(publish))
         reason: EndReason = "shutdown"
         try:
@@ -159,24 +164,29 @@ class Stream:
 
     async def _open(self, first: MediaMessage) -> None:
         """Start or resume the stream: a manifest already in the store is continued."""
+        await self.recovery.wait_for(self.id.manifest_key)
         if self.manifest is None:
             previous = await self._load_previous()
             self.manifest = StreamManifest(self.id, first.context, first.participant, previous)
             if previous is not None:
                 self.log.info("stream_resumed", segments=len(self.manifest.segments))
         self.manifest.status = "live"
+        self.header = stream_header(self.id, first.context, first.participant)
+        folder = Path(self.settings.spool_dir) / JOURNAL_FOLDER / self.id.journal_name
+        self.journal = await asyncio.to_thread(StreamJournal, folder, self.header)
         if self.segmenter is None:
             self.segmenter = H264Segmenter(
                 self.settings.segment_target_s,
                 first_seq=self.manifest.next_seq,
                 last_ticks=self.manifest.last_ticks,
             )
+        self.segmenter.journal = self.journal
         self.sessions.record(self.id, self.manifest, "live")
         self.log.info("stream_started", relative=first.relative_s)
 
     async def _load_previous(self) -> dict[str, Any] | None:
         try:
-            raw = await self.store.get(self.id.manifest_key)
+            raw = await self.spool.get(self.id.manifest_key)
         except StoreError as exc:
             self.log.warning("previous_manifest_unreadable", error=str(exc))
             return None
@@ -203,7 +213,7 @@ class Stream:
         for error in result.rejected:
             self._log_reject(error)
         for segment in result.segments:
-            await publish.put(asyncio.create_task(self._upload(segment)))
+            await self._hand_over(segment, publish)
 
     def _segment_batch(self, batch: list[MediaMessage]) -> _BatchResult:
         """Runs on a worker thread: base64 and muxing for a batch of one stream."""
@@ -222,6 +232,8 @@ class Stream:
                 segments.extend(segmenter.push(data, message.relative_s, message.absolute))
             except InputError as exc:
                 rejected.append(exc)
+        if self.journal is not None:
+            self.journal.sync_if_due()
         return _BatchResult(segments, rejected, segmenter.counters.snapshot())
 
     async def _flush(
@@ -234,7 +246,7 @@ class Stream:
         segments = await loop.run_in_executor(self.executor, segmenter.flush)
         self.segmenter_counters = segmenter.counters.snapshot()
         for segment in segments:
-            await publish.put(asyncio.create_task(self._upload(segment)))
+            await self._hand_over(segment, publish)
 
     def _log_reject(self, error: InputError) -> None:
         """Log the first of each reason, then every hundredth: counted always, never a flood."""
@@ -243,29 +255,33 @@ class Stream:
         if seen == 1 or seen % 100 == 0:
             self.log.warning("frame_dropped", reason=error.reason, detail=error.detail, seen=seen)
 
-    async def _upload(self, segment: MediaSegment) -> SegmentEntry | None:
+    async def _hand_over(
+        self,
+        segment: MediaSegment,
+        publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None],
+    ) -> None:
+        """Spool a finished segment (waiting for room when the spool is full: that wait is
+        the backpressure), forget its journal, and queue its upload for in-order publishing."""
         init_key = self.id.init_key(segment.init_sha256)
+        with_init = init_key not in self.spooled_inits
         try:
-            stored_init_key = self.stored_inits.get(init_key)
-            if stored_init_key is None:
-                stored_init = await self.store.put(init_key, segment.init, MP4_TYPE)
-                self.budget.count_media(stored_init.size)
-                stored_init_key = self.stored_inits[init_key] = stored_init.key
-            stored = await self.store.put(
-                self.id.segment_key(segment.start_ticks), segment.body, SEGMENT_TYPE
+            entry, spooled = await spool_segment(
+                self.spool, self.id, segment, self.header, with_init=with_init
             )
         except StoreError as exc:
             self.counters["upload_failures"] += 1
-            self.log.error("segment_upload_failed", seq=segment.seq, error=str(exc))
-            return None
-        self.budget.count_media(stored.size)
-        return SegmentEntry.stored(
-            segment,
-            key=stored.key,
-            init_key=stored_init_key,
-            size=stored.size,
-            sha256=stored.sha256,
-        )
+            self.log.error("segment_spool_failed", seq=segment.seq, error=str(exc))
+            return
+        self.spooled_inits.add(init_key)
+        if self.journal is not None:
+            self.journal.discard(segment_name(segment.start_ticks))
+        await publish.put(asyncio.create_task(self._confirm(entry, spooled)))
+
+    async def _confirm(self, entry: SegmentEntry, spooled: list[SpooledObject]) -> SegmentEntry:
+        for spooled_object in spooled:
+            await self.spool.confirm(spooled_object)
+            self.budget.count_media(spooled_object.size)
+        return entry
 
     async def _publish_in_order(
         self, publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None]
@@ -286,7 +302,7 @@ class Stream:
     async def _write_manifest(self, body: bytes) -> bool:
         assert self.manifest is not None
         try:
-            await self.store.put(self.id.manifest_key, body, JSON_TYPE)
+            await self.spool.put(self.id.manifest_key, body, JSON_TYPE)
         except StoreError as exc:
             self.counters["manifest_failures"] += 1
             self.log.error("manifest_write_failed", error=str(exc))
@@ -298,6 +314,9 @@ class Stream:
         assert self.manifest is not None
         self.manifest.status = "complete"
         await self._write_manifest(self._manifest_body())
+        if self.journal is not None:
+            await asyncio.to_thread(self.journal.close, True)
+            self.journal = None
         self.sessions.record(self.id, self.manifest, "complete")
         self.log.info(
             "stream_ended",
@@ -311,7 +330,7 @@ class Stream:
 class SessionWriter:
     """Keeps each recording's `session.json` current, coalescing bursts of changes."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: Spool) -> None:
         self.store = store
         self.indexes: dict[RecordingId, SessionIndex] = {}
         self.locks: dict[RecordingId, asyncio.Lock] = {}
@@ -354,18 +373,26 @@ class SessionWriter:
 class StreamRegistry:
     """Every stream of this process, by id; routes messages and ends streams."""
 
-    def __init__(self, settings: Settings, store: ObjectStore, executor: Executor) -> None:
+    def __init__(
+        self, settings: Settings, spool: Spool, executor: Executor, recovery: Recovery
+    ) -> None:
         self.settings = settings
-        self.store = store
+        self.spool = spool
         self.executor = executor
-        self.sessions = SessionWriter(store)
+        self.recovery = recovery
+        self.sessions = SessionWriter(spool)
         self.streams: dict[StreamId, Stream] = {}
 
     async def dispatch(self, message: MediaMessage) -> None:
         stream = self.streams.get(message.stream)
         if stream is None:
             stream = self.streams[message.stream] = Stream(
-                message.stream, self.settings, self.store, self.executor, self.sessions
+                message.stream,
+                self.settings,
+                self.spool,
+                self.executor,
+                self.sessions,
+                self.recovery,
             )
         if not stream.running:
             stream.start()

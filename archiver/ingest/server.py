@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -18,8 +19,11 @@ from aiohttp.abc import AbstractAccessLogger
 from archiver.errors import ConfigError, InputError
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
 from archiver.layout import StreamId
+from archiver.protection import TaskProtection
+from archiver.recovery import recover
 from archiver.settings import Settings
 from archiver.store import ObjectStore, open_store
+from archiver.store.spool import Spool, SpoolState
 from archiver.streams import StreamRegistry
 
 log = structlog.get_logger(__name__)
@@ -32,8 +36,9 @@ class ServiceState:
     """What the request handlers share: built once per app."""
 
     settings: Settings
-    store: ObjectStore
+    spool: Spool
     registry: StreamRegistry
+    protection: TaskProtection
     tokens: tuple[bytes, ...]
     ready: bool = True
     connections: int = 0
@@ -80,9 +85,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if not state.ready:
-        return web.json_response({"status": "not ready"}, status=503)
-    return web.json_response({"status": "ready", "connections": state.connections})
+    body = {
+        "connections": state.connections,
+        "spool": state.spool.state.value,
+        "spool_pending_bytes": state.spool.pending_bytes,
+        "store_reachable": state.spool.store_reachable,
+    }
+    if not state.ready or state.spool.state is not SpoolState.normal:
+        return web.json_response({"status": "not ready", **body}, status=503)
+    return web.json_response({"status": "ready", **body})
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -101,12 +112,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     connection = Connection(state, ws, state.next_connection, request.remote)
     state.connections += 1
     state.sockets.add(ws)
+    await state.protection.connection_opened()
     try:
         await connection.receive()
     finally:
         state.sockets.discard(ws)
         state.connections -= 1
         await connection.close()
+        await state.protection.connection_closed()
     return ws
 
 
@@ -200,21 +213,39 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         active_store = store if store is not None else open_store(settings)
+        spool = Spool(
+            settings.spool_dir,
+            active_store,
+            cap_bytes=settings.spool_cap_bytes,
+            high_water_ratio=settings.spool_high_water_ratio,
+            backoff_s=settings.upload_backoff_s,
+            concurrency=settings.upload_concurrency,
+        )
+        recovery = await recover(spool, Path(settings.spool_dir), settings.segment_target_s)
         executor = ThreadPoolExecutor(
             max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="segment"
         )
-        registry = StreamRegistry(settings, active_store, executor)
+        registry = StreamRegistry(settings, spool, executor, recovery)
         tokens = tuple(t.get_secret_value().encode() for t in settings.auth_tokens)
-        app[STATE] = ServiceState(settings, active_store, registry, tokens)
+        protection = TaskProtection(settings.ecs_agent_uri)
+        app[STATE] = ServiceState(settings, spool, registry, protection, tokens)
         log.info("service_started", store=_describe_store(settings.store))
         yield
         app[STATE].ready = False
         try:
             async with asyncio.timeout(settings.drain_deadline_s):
                 await registry.close()
+                await spool.wait_uploaded()
+                if recovery.uploads is not None:
+                    await recovery.uploads
         except TimeoutError:
-            log.error("drain_deadline_passed", unfinished=registry.unfinished())
+            log.error(
+                "drain_deadline_passed",
+                unfinished_streams=registry.unfinished(),
+                left_in_spool=spool.waiting_keys(),
+            )
         executor.shutdown(wait=False, cancel_futures=True)
+        await protection.close()
         if store is None:
             await active_store.close()
         log.info("service_stopped", **app[STATE].totals)

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from fractions import Fraction
+from typing import Any, Protocol
 
 import av
 
@@ -29,6 +30,19 @@ _MUXER_OPTIONS = {
     "use_editlist": "0",
     "avoid_negative_ts": "disabled",
 }
+
+
+def segment_name(start_ticks: int) -> str:
+    """A segment's name: its start in 90 kHz ticks, zero-padded so names sort by time."""
+    return f"{start_ticks:013d}"
+
+
+class SegmentJournal(Protocol):
+    """Where the frames of the open segment are kept until the segment is safely stored."""
+
+    def begin(self, name: str, config: dict[str, Any] | None) -> None: ...
+
+    def record(self, relative_s: float, absolute: datetime, data: bytes) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +140,15 @@ class H264Segmenter:
     a key frame with new SPS/PPS always cuts and starts a new init segment.
     """
 
-    def __init__(self, target_s: float, first_seq: int = 0, last_ticks: int = -1) -> None:
+    def __init__(
+        self,
+        target_s: float,
+        first_seq: int = 0,
+        last_ticks: int = -1,
+        journal: SegmentJournal | None = None,
+    ) -> None:
         self.target_ticks = round(target_s * TIMESCALE)
+        self.journal = journal
         self.counters = SegmenterCounters()
         self._next_seq = first_seq
         self._last_ticks = last_ticks
@@ -180,6 +201,8 @@ class H264Segmenter:
         elif self._pending is not None:
             self._mux_pending(ticks - self._pending.ticks)
         self._pending = _Pending(unit, ticks)
+        if self.journal is not None:
+            self.journal.record(relative_s, absolute, data)
         self._segment_frames += 1
         return closed
 
@@ -210,9 +233,16 @@ class H264Segmenter:
         self.counters.dropped_invalid += 1
         self.counters.drop_reasons[reason] = self.counters.drop_reasons.get(reason, 0) + 1
 
+    def resume(self, config: StreamConfig) -> None:
+        """Continue with a known configuration, so frames before the next key frame are kept
+        (recovery replays a segment that may not start with one)."""
+        self._config = config
+
     def _open(self, ticks: int, absolute: datetime, keyframe: bool) -> None:
         assert self._config is not None
         self._muxer = _SegmentMuxer(self._config, self._next_seq)
+        if self.journal is not None:
+            self.journal.begin(segment_name(ticks), self._config.as_record())
         self._segment_start = ticks
         self._segment_wallclock = absolute
         self._segment_frames = 0

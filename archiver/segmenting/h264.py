@@ -6,8 +6,10 @@ size comes from decoding the key frame once per new configuration, with FFmpeg.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import av
 
@@ -73,6 +75,24 @@ class StreamConfig:
     height: int
     codec: str
     """RFC 6381 codec string, e.g. avc1.42E01F."""
+
+    def as_record(self) -> dict[str, Any]:
+        """JSON-safe form, for the journal."""
+        return {
+            "parameter_sets": base64.b64encode(self.parameter_sets).decode(),
+            "width": self.width,
+            "height": self.height,
+            "codec": self.codec,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> StreamConfig:
+        return cls(
+            parameter_sets=base64.b64decode(record["parameter_sets"]),
+            width=record["width"],
+            height=record["height"],
+            codec=record["codec"],
+        )
 
 
 def probe_config(keyframe: AccessUnit) -> StreamConfig:

@@ -25,6 +25,10 @@ class ObjectStore(Protocol):
         """Store `body` under `key` (same key, same bytes on retry); raise `StoreError`."""
         ...
 
+    def location(self, key: str) -> str:
+        """The key as consumers find it in the bucket (with the store's prefix)."""
+        ...
+
     async def get(self, key: str) -> bytes | None:
         """Return the object's bytes, or None when there is none; raise `StoreError`."""
         ...

@@ -23,6 +23,9 @@ class LocalFolderStore:
             raise StoreError(key, "key leaves the store's folder")
         return path
 
+    def location(self, key: str) -> str:
+        return key
+
     async def put(self, key: str, body: bytes, content_type: str) -> StoredObject:
         path = self._path(key)
         await asyncio.to_thread(self._write, path, body, key)

@@ -60,6 +60,9 @@ class S3Store:
         except botocore.exceptions.BotoCoreError as exc:
             raise StoreError(self.prefix + key, f"S3 unreachable: {exc}") from exc
 
+    def location(self, key: str) -> str:
+        return self.prefix + key
+
     async def put(self, key: str, body: bytes, content_type: str) -> StoredObject:
         sha_hex, sha_b64 = sha256_digest(body)
         await self._call(
@@ -71,7 +74,7 @@ class S3Store:
             ContentType=content_type,
             ChecksumSHA256=sha_b64,
         )
-        return StoredObject(key=self.prefix + key, size=len(body), sha256=sha_hex)
+        return StoredObject(key=self.location(key), size=len(body), sha256=sha_hex)
 
     async def get(self, key: str) -> bytes | None:
         try:

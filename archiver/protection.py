@@ -1,0 +1,150 @@
+"""ECS task scale-in protection while bots are connected.
+
+A bot's connection carries a whole meeting and the bot gives up after about 90 s of
+failed reconnects, so neither a scale-in nor a deployment should stop a task that holds
+one. The ECS agent's task-protection endpoint marks the task as busy; this module sets
+it when the first bot connects, clears it when the last one leaves, and re-arms it
+before it expires while bots stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+import structlog
+
+log = structlog.get_logger(__name__)
+
+_STATE_PATH = "/task-protection/v1/state"
+_MAX_EXPIRES_IN_MINUTES = 2880
+
+
+class TaskProtection:
+    """Counts open bot connections and keeps the task protected while any is open.
+
+    `agent_uri` is the `ECS_AGENT_URI` the ECS agent puts into the container; with None
+    (not on ECS) nothing is sent. Agent errors are logged, never raised: losing
+    protection must not cost a bot its connection.
+    """
+
+    def __init__(
+        self,
+        agent_uri: str | None,
+        session: aiohttp.ClientSession | None = None,
+        *,
+        expires_in_minutes: int = 60,
+        refresh_interval_s: float | None = None,
+        request_timeout_s: float = 5.0,
+    ) -> None:
+        if not 1 <= expires_in_minutes <= _MAX_EXPIRES_IN_MINUTES:
+            raise ValueError(f"expires_in_minutes must be 1..{_MAX_EXPIRES_IN_MINUTES}")
+        expiry_s = expires_in_minutes * 60.0
+        if refresh_interval_s is None:
+            # Half the expiry leaves room for a failed re-arm to be retried in time.
+            refresh_interval_s = expiry_s / 2
+        if not 0 < refresh_interval_s < expiry_s:
+            raise ValueError("refresh_interval_s must be above 0 and below the expiry")
+        self._state_url = agent_uri.rstrip("/") + _STATE_PATH if agent_uri else None
+        self._session = session
+        self._owns_session = session is None
+        self._expires_in_minutes = expires_in_minutes
+        self._refresh_interval_s = refresh_interval_s
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+        self._open_connections = 0
+        self._protected = False
+        # Serialises calls to the agent so that they arrive in the order of the changes.
+        self._lock = asyncio.Lock()
+        self._refresh_task: asyncio.Task[None] | None = None
+
+    @property
+    def open_connections(self) -> int:
+        """Bot connections currently counted."""
+        return self._open_connections
+
+    async def connection_opened(self) -> None:
+        """Count a new bot connection; the first one turns protection on."""
+        self._open_connections += 1
+        if self._state_url is None or self._open_connections != 1:
+            return
+        if self._refresh_task is None:
+            self._refresh_task = asyncio.create_task(self._keep_protected())
+        await self._apply()
+
+    async def connection_closed(self) -> None:
+        """Count a closed bot connection; the last one turns protection off."""
+        if self._open_connections == 0:
+            log.warning("task_protection_unbalanced_close")
+            return
+        self._open_connections -= 1
+        if self._state_url is None or self._open_connections != 0:
+            return
+        await self._stop_refresh()
+        await self._apply()
+
+    async def close(self) -> None:
+        """Stop re-arming and release the HTTP session if this object created it."""
+        await self._stop_refresh()
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _keep_protected(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_interval_s)
+            await self._apply(refresh=True)
+
+    async def _stop_refresh(self) -> None:
+        task, self._refresh_task = self._refresh_task, None
+        if task is None:
+            return
+        task.cancel()
+        # wait() rather than awaiting the task: a cancellation of the caller still goes through.
+        await asyncio.wait([task])
+
+    async def _apply(self, *, refresh: bool = False) -> None:
+        """Send the state the count asks for, unless the agent already has it."""
+        if self._state_url is None:
+            return
+        async with self._lock:
+            wanted = self._open_connections > 0
+            if wanted == self._protected and not (wanted and refresh):
+                return
+            if await self._put(self._state_url, wanted):
+                self._protected = wanted
+
+    async def _put(self, state_url: str, enabled: bool) -> bool:
+        body: dict[str, bool | int] = {"ProtectionEnabled": enabled}
+        if enabled:
+            body["ExpiresInMinutes"] = self._expires_in_minutes
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        try:
+            async with self._session.put(state_url, json=body, timeout=self._timeout) as response:
+                text = await response.text()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.error("task_protection_failed", enabled=enabled, error=repr(exc))
+            return False
+        if not _accepted(status, text):
+            log.error("task_protection_refused", enabled=enabled, status=status, body=text[:500])
+            return False
+        log.info(
+            "task_protection_set",
+            enabled=enabled,
+            expires_in_minutes=self._expires_in_minutes if enabled else None,
+            open_connections=self._open_connections,
+        )
+        return True
+
+
+def _accepted(status: int, text: str) -> bool:
+    """True for the agent's success answer; it sends 200 with a "failure" when ECS refused."""
+    if status != 200:
+        return False
+    try:
+        payload = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(payload, dict) and "failure" not in payload and "error" not in payload

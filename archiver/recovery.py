@@ -1,0 +1,184 @@
+"""Start-up recovery: whatever a previous process on this machine left unfinished.
+
+Journals become segments, segments that reached the spool but never a manifest are added
+to theirs, and every leftover object is uploaded in the order it was spooled, so a manifest
+never reaches the store before the segments it names. Streams whose manifests are being
+recovered wait for that before they continue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from archiver.ingest.messages import RecordingContext
+from archiver.layout import RecordingId, StreamId
+from archiver.manifests import JSON_TYPE, SegmentEntry, StreamManifest, dumps
+from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
+from archiver.segmenting.h264 import StreamConfig
+from archiver.store.base import sha256_digest
+from archiver.store.journal import read_segment, stream_folders
+from archiver.store.spool import Spool, SpooledObject
+
+log = structlog.get_logger(__name__)
+
+MP4_TYPE = "video/mp4"
+SEGMENT_TYPE = "video/iso.segment"
+JOURNAL_FOLDER = "journal"
+
+
+def stream_header(
+    stream: StreamId, context: RecordingContext, participant: dict[str, Any]
+) -> dict[str, Any]:
+    """What recovery needs to know about a stream without its manifest."""
+    return {
+        "bot_id": stream.recording.bot_id,
+        "recording_id": stream.recording.recording_id,
+        "participant_id": stream.participant_id,
+        "video_type": stream.video_type,
+        "media_format": stream.media_format,
+        "context": {
+            "bot": context.bot,
+            "recording": context.recording,
+            "realtime_endpoint": context.realtime_endpoint,
+            "video_separate": context.video_separate,
+        },
+        "participant": participant,
+    }
+
+
+def _from_header(header: dict[str, Any]) -> tuple[StreamId, RecordingContext, dict[str, Any]]:
+    stream = StreamId(
+        RecordingId(header["bot_id"], header["recording_id"]),
+        header["participant_id"],
+        header["video_type"],
+        header["media_format"],
+    )
+    return stream, RecordingContext(**header["context"]), header["participant"]
+
+
+async def spool_segment(
+    spool: Spool,
+    stream: StreamId,
+    segment: MediaSegment,
+    header: dict[str, Any],
+    recovered: bool = False,
+    with_init: bool = True,
+) -> tuple[SegmentEntry, list[SpooledObject]]:
+    """Put a segment and its init segment in the spool; the returned entry goes into the
+    manifest once both are confirmed. The spooled copy carries the entry, so a crash
+    before the manifest is written cannot orphan the segment."""
+    init_key = stream.init_key(segment.init_sha256)
+    key = stream.segment_key(segment.start_ticks)
+    entry = SegmentEntry.stored(
+        segment,
+        key=spool.location(key),
+        init_key=spool.location(init_key),
+        size=len(segment.body),
+        sha256=sha256_digest(segment.body)[0],
+        recovered=recovered,
+    )
+    extra = {"manifest_key": stream.manifest_key, "entry": asdict(entry), **header}
+    spooled = []
+    if with_init:
+        spooled.append(await spool.write(init_key, segment.init, MP4_TYPE))
+    spooled.append(await spool.write(key, segment.body, SEGMENT_TYPE, extra))
+    return entry, spooled
+
+
+@dataclass(slots=True)
+class Recovery:
+    """What start-up found, and the upload of it still under way."""
+
+    replayed_frames: int = 0
+    replayed_segments: int = 0
+    leftover_objects: int = 0
+    manifests: set[str] = field(default_factory=set)
+    uploads: asyncio.Task[None] | None = None
+
+    async def wait_for(self, manifest_key: str) -> None:
+        """Hold a resuming stream until the manifest recovery wrote for it is uploaded."""
+        if manifest_key in self.manifests and self.uploads is not None:
+            await asyncio.shield(self.uploads)
+
+
+async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
+    """Replay journals and leftovers into the spool now; upload them in the background."""
+    journal_root = spool_dir / JOURNAL_FOLDER
+    recovery = Recovery()
+    leftovers = await spool.leftovers()
+    recovery.leftover_objects = len(leftovers)
+    pending: dict[str, tuple[dict[str, Any], list[SegmentEntry]]] = {}
+    for spooled in leftovers:
+        extra = spooled.extra or {}
+        if "entry" in extra:
+            _, entries = pending.setdefault(extra["manifest_key"], (extra, []))
+            entries.append(SegmentEntry(**extra["entry"]))
+
+    replayed: list[SpooledObject] = []
+    for folder, header in await asyncio.to_thread(lambda: list(stream_folders(journal_root))):
+        stream, _, _ = _from_header(header)
+        segments, frames = await asyncio.to_thread(_replay, folder, target_s)
+        recovery.replayed_frames += frames
+        for segment in segments:
+            entry, objects = await spool_segment(spool, stream, segment, header, recovered=True)
+            replayed.extend(objects)
+            pending.setdefault(stream.manifest_key, (header, []))[1].append(entry)
+        recovery.replayed_segments += len(segments)
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+
+    merged: list[SpooledObject] = []
+    for manifest_key, (header, entries) in pending.items():
+        stream, context, participant = _from_header(header)
+        raw = await spool.get(manifest_key)
+        previous = orjson.loads(raw) if raw is not None else None
+        manifest = StreamManifest(stream, context, participant, previous)
+        if manifest.merge(entries) or previous is None:
+            manifest.status = "interrupted"
+            merged.append(await spool.write(manifest_key, dumps(manifest.document({})), JSON_TYPE))
+            recovery.manifests.add(manifest_key)
+
+    backlog = sorted([*leftovers, *replayed, *merged], key=lambda s: s.seq)
+    if backlog:
+        recovery.uploads = asyncio.create_task(_upload_in_order(spool, backlog))
+        log.warning(
+            "recovering",
+            leftover_objects=recovery.leftover_objects,
+            replayed_segments=recovery.replayed_segments,
+            replayed_frames=recovery.replayed_frames,
+            manifests=sorted(recovery.manifests),
+        )
+    return recovery
+
+
+def _replay(folder: Path, target_s: float) -> tuple[list[MediaSegment], int]:
+    """Turn each journal file of a stream back into the segment it was becoming."""
+    segments: list[MediaSegment] = []
+    frames = 0
+    for path in sorted(folder.glob("*.jnl")):
+        journaled = read_segment(path)
+        if not journaled.frames:
+            continue
+        segmenter = H264Segmenter(target_s=max(target_s, 1e6))
+        if journaled.config is not None:
+            segmenter.resume(StreamConfig.from_record(journaled.config))
+        for frame in journaled.frames:
+            try:
+                segments.extend(segmenter.push(frame.data, frame.relative_s, frame.absolute))
+            except ValueError:
+                continue
+        segments.extend(segmenter.flush())
+        frames += segmenter.counters.archived
+    return segments, frames
+
+
+async def _upload_in_order(spool: Spool, backlog: list[SpooledObject]) -> None:
+    for spooled in backlog:
+        await spool.confirm(spooled)
+    log.info("recovery_uploaded", objects=len(backlog))

@@ -1,0 +1,302 @@
+"""The local spool: every object is on disk (fsynced) before it counts as written, and
+leaves the disk only once the store has confirmed it.
+
+Writing and confirming are two steps, so a stream can hand an object over, drop it from
+memory and go on while the upload retries through an outage. Uploads retry with
+exponential backoff and full jitter for as long as it takes; what bounds an outage is the
+spool's size cap, at which `write` waits, and the wait travels back to the websocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import os
+import random
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from archiver.errors import StoreError
+from archiver.store.base import ObjectStore, StoredObject, sha256_digest
+
+log = structlog.get_logger(__name__)
+
+_DATA = ".data"
+_META = ".meta"
+
+
+class SpoolState(StrEnum):
+    """How full the spool is; `high` makes the service unready, `full` slows the senders."""
+
+    normal = "normal"
+    high = "high"
+    full = "full"
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledObject:
+    """An object safely on local disk, waiting for (or past) its upload."""
+
+    key: str
+    content_type: str
+    size: int
+    sha256: str
+    seq: int
+    path: Path
+    extra: dict[str, Any] | None = None
+
+
+class Spool:
+    """Durable outbox in front of an `ObjectStore`; the only owner of the spool folder."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        store: ObjectStore,
+        cap_bytes: int,
+        high_water_ratio: float = 0.8,
+        backoff_s: float = 0.2,
+        max_backoff_s: float = 30.0,
+        concurrency: int = 8,
+    ) -> None:
+        self.folder = Path(directory) / "objects"
+        self.store = store
+        self.cap_bytes = cap_bytes
+        self.high_water_bytes = int(cap_bytes * high_water_ratio)
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.pending_bytes = 0
+        self.state = SpoolState.normal
+        self.store_reachable = True
+        self.counters = {"uploaded": 0, "upload_retries": 0, "waits_for_room": 0}
+        self._latest: dict[str, int] = {}
+        self._seq = itertools.count(int(time.time() * 1000) * 1000)
+        self._room = asyncio.Condition()
+        self._uploads = asyncio.Semaphore(concurrency)
+        self._background: set[asyncio.Task[StoredObject]] = set()
+
+    # Writing.
+
+    async def write(
+        self, key: str, body: bytes, content_type: str, extra: dict[str, Any] | None = None
+    ) -> SpooledObject:
+        """Put `body` on disk durably; waits while the spool is at its cap."""
+        async with self._room:
+            if self.pending_bytes + len(body) > self.cap_bytes and self.pending_bytes > 0:
+                self.counters["waits_for_room"] += 1
+                await self._room.wait_for(
+                    lambda: (
+                        self.pending_bytes + len(body) <= self.cap_bytes or self.pending_bytes == 0
+                    )
+                )
+            self.pending_bytes += len(body)
+            self._update_state()
+        seq = next(self._seq)
+        name = f"{seq:020d}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        spooled = SpooledObject(
+            key=key,
+            content_type=content_type,
+            size=len(body),
+            sha256=sha256_digest(body)[0],
+            seq=seq,
+            path=self.folder / name,
+            extra=extra,
+        )
+        try:
+            await asyncio.to_thread(self._write_files, spooled, body)
+        except OSError as exc:
+            await self._release(spooled)
+            raise StoreError(key, f"spool write failed: {exc}") from exc
+        self._latest[key] = seq
+        return spooled
+
+    def _write_files(self, spooled: SpooledObject, body: bytes) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _write_durably(spooled.path.with_suffix(_DATA), body)
+        meta = {
+            "key": spooled.key,
+            "content_type": spooled.content_type,
+            "size": spooled.size,
+            "sha256": spooled.sha256,
+            "seq": spooled.seq,
+            "extra": spooled.extra,
+        }
+        # The metadata file appears last: its presence means the data is complete.
+        _write_durably(spooled.path.with_suffix(_META), orjson.dumps(meta))
+
+    # Uploading.
+
+    async def confirm(self, spooled: SpooledObject, body: bytes | None = None) -> StoredObject:
+        """Upload until the store confirms; then the object leaves the spool. A newer version
+        of the same key supersedes this one: it is not sent, the newer one will be."""
+        attempt = 0
+        try:
+            while True:
+                if self._latest.get(spooled.key, spooled.seq) != spooled.seq:
+                    return StoredObject(spooled.key, spooled.size, spooled.sha256)
+                try:
+                    async with self._uploads:
+                        if body is None:
+                            body = await asyncio.to_thread(
+                                spooled.path.with_suffix(_DATA).read_bytes
+                            )
+                        stored = await self.store.put(spooled.key, body, spooled.content_type)
+                except StoreError as exc:
+                    body = None  # Do not hold a failed object in memory through an outage.
+                    attempt += 1
+                    self.counters["upload_retries"] += 1
+                    self._mark_store(reachable=False, error=str(exc))
+                    delay = min(self.max_backoff_s, self.backoff_s * 2 ** min(attempt, 16))
+                    await asyncio.sleep(random.uniform(0, delay))
+                    continue
+                self._mark_store(reachable=True)
+                self.counters["uploaded"] += 1
+                return stored
+        finally:
+            await self._release(spooled)
+            if self._latest.get(spooled.key) == spooled.seq:
+                del self._latest[spooled.key]
+
+    async def put(
+        self, key: str, body: bytes, content_type: str, extra: dict[str, Any] | None = None
+    ) -> StoredObject:
+        """Write, then wait for the upload: `ObjectStore.put` with a durable outbox."""
+        spooled = await self.write(key, body, content_type, extra)
+        return await self.confirm(spooled, body)
+
+    def location(self, key: str) -> str:
+        return self.store.location(key)
+
+    async def get(self, key: str) -> bytes | None:
+        """The newest version: still in the spool, or else from the store."""
+        seq = self._latest.get(key)
+        if seq is not None:
+            name = f"{seq:020d}-{hashlib.sha256(key.encode()).hexdigest()[:16]}{_DATA}"
+            try:
+                return await asyncio.to_thread((self.folder / name).read_bytes)
+            except FileNotFoundError:
+                pass
+        return await self.store.get(key)
+
+    async def _release(self, spooled: SpooledObject) -> None:
+        await asyncio.to_thread(_remove, spooled.path)
+        async with self._room:
+            self.pending_bytes -= spooled.size
+            self._update_state()
+            self._room.notify_all()
+
+    # Start-up.
+
+    async def leftovers(self) -> list[SpooledObject]:
+        """Objects a previous process spooled but never saw confirmed, oldest first; superseded
+        versions of a key are dropped. Their bytes count against the cap again."""
+        found = await asyncio.to_thread(self._scan)
+        newest: dict[str, SpooledObject] = {}
+        for spooled in found:
+            older = newest.get(spooled.key)
+            if older is not None:
+                await asyncio.to_thread(_remove, older.path)
+            newest[spooled.key] = spooled
+        survivors = sorted(newest.values(), key=lambda s: s.seq)
+        async with self._room:
+            for spooled in survivors:
+                self._latest[spooled.key] = spooled.seq
+                self.pending_bytes += spooled.size
+            self._update_state()
+        return survivors
+
+    def _scan(self) -> list[SpooledObject]:
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for meta_path in sorted(self.folder.glob(f"*{_META}")):
+            try:
+                meta = orjson.loads(meta_path.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                log.warning("spool_entry_unreadable", file=meta_path.name)
+                continue
+            found.append(
+                SpooledObject(
+                    key=meta["key"],
+                    content_type=meta["content_type"],
+                    size=meta["size"],
+                    sha256=meta["sha256"],
+                    seq=meta["seq"],
+                    path=meta_path.with_suffix(""),
+                    extra=meta.get("extra"),
+                )
+            )
+        # Data files without metadata were never completely written: nothing refers to them.
+        for data_path in self.folder.glob(f"*{_DATA}"):
+            if not data_path.with_suffix(_META).exists():
+                data_path.unlink(missing_ok=True)
+        return found
+
+    def upload_in_background(self, spooled: SpooledObject) -> asyncio.Task[StoredObject]:
+        task = asyncio.create_task(self.confirm(spooled))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def wait_uploaded(self) -> None:
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Stop background uploads; what they had not finished stays in the spool."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    def waiting_keys(self) -> list[str]:
+        """Keys written to the spool and not yet confirmed by the store."""
+        return sorted(self._latest)
+
+    # State.
+
+    def _update_state(self) -> None:
+        if self.pending_bytes >= self.cap_bytes:
+            state = SpoolState.full
+        elif self.pending_bytes >= self.high_water_bytes:
+            state = SpoolState.high
+        else:
+            state = SpoolState.normal
+        if state is not self.state:
+            log.warning(
+                "spool_state_changed",
+                state=state.value,
+                previous=self.state.value,
+                pending_bytes=self.pending_bytes,
+                cap_bytes=self.cap_bytes,
+            )
+            self.state = state
+
+    def _mark_store(self, reachable: bool, error: str = "") -> None:
+        if reachable == self.store_reachable:
+            return
+        self.store_reachable = reachable
+        if reachable:
+            log.warning("store_reachable_again", pending_bytes=self.pending_bytes)
+        else:
+            log.error("store_unreachable", error=error, pending_bytes=self.pending_bytes)
+
+
+def _write_durably(path: Path, body: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as out:
+        out.write(body)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def _remove(stem: Path) -> None:
+    stem.with_suffix(_META).unlink(missing_ok=True)
+    stem.with_suffix(_DATA).unlink(missing_ok=True)

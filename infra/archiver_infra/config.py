@@ -1,0 +1,147 @@
+"""The stack's parameters, read once from CDK context (`-c key=value` or cdk.json)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from constructs import Node
+
+CpuArchitecture = Literal["x86_64", "arm64"]
+Encryption = Literal["s3", "kms"]
+
+# What a Fargate task may be given: CPU units -> allowed memory in MiB.
+_FARGATE_MEMORY_MIB: dict[int, range] = {
+    256: range(512, 2048 + 1, 512),
+    512: range(1024, 4096 + 1, 1024),
+    1024: range(2048, 8192 + 1, 1024),
+    2048: range(4096, 16384 + 1, 1024),
+    4096: range(8192, 30720 + 1, 1024),
+    8192: range(16384, 61440 + 1, 4096),
+    16384: range(32768, 122880 + 1, 8192),
+}
+_ARCHIVE_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+class ConfigError(ValueError):
+    """Raised at synth time for a parameter the deployment could not run with."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchiverConfig:
+    """Every parameter of the deployment, with the context key it is read from."""
+
+    certificate_arn: str = field(metadata={"key": "certificateArn"})
+    """ACM certificate for the HTTPS listener, in the stack's region (required)."""
+    stack_name: str = field(default="RecallArchiver", metadata={"key": "stackName"})
+    region: str | None = field(default=None, metadata={"key": "region"})
+    """Deploy region; falls back to the CLI's (CDK_DEFAULT_REGION)."""
+    account: str | None = field(default=None, metadata={"key": "account"})
+    """Deploy account; falls back to the CLI's credentials (CDK_DEFAULT_ACCOUNT)."""
+    vpc_id: str | None = field(default=None, metadata={"key": "vpcId"})
+    """Import this VPC (needs public and private subnets); a new one when unset."""
+    max_azs: int = field(default=2, metadata={"key": "maxAzs"})
+    """Availability zones of a newly created VPC."""
+
+    image_uri: str | None = field(default=None, metadata={"key": "imageUri"})
+    """Run this image (e.g. an ECR URI); when unset the repository's Dockerfile is built."""
+    image_directory: str = field(
+        default=str(Path(__file__).resolve().parents[2]), metadata={"key": "imageDirectory"}
+    )
+    """Build context of the image when no `imageUri` is given: the repository root."""
+    cpu_architecture: CpuArchitecture = field(default="x86_64", metadata={"key": "cpuArchitecture"})
+    cpu: int = field(default=1024, metadata={"key": "cpu"})
+    """Fargate CPU units per task (1024 = 1 vCPU)."""
+    memory_mib: int = field(default=2048, metadata={"key": "memoryMiB"})
+    ephemeral_storage_gib: int = field(default=100, metadata={"key": "ephemeralStorageGiB"})
+    """Task disk (21-200 GiB) for the spool: what S3 has not acknowledged yet waits there,
+    so size it for the S3 outage the service should ride out at its ingest rate."""
+
+    desired_count: int = field(default=2, metadata={"key": "desiredCount"})
+    min_count: int = field(default=2, metadata={"key": "minCount"})
+    max_count: int = field(default=10, metadata={"key": "maxCount"})
+    target_cpu_percent: int = field(default=60, metadata={"key": "targetCpuPercent"})
+    requests_per_target: int = field(default=120, metadata={"key": "requestsPerTarget"})
+    """ALB requests per task per minute to aim for; each bot connection is one request."""
+
+    bucket_name: str | None = field(default=None, metadata={"key": "bucketName"})
+    """Name of the archive bucket created by the stack; generated when unset."""
+    archive_prefix: str = field(default="archive", metadata={"key": "archivePrefix"})
+    """Key prefix of everything the service writes; its permissions stop there."""
+    encryption: Encryption = field(default="s3", metadata={"key": "encryption"})
+    """`s3` (SSE-S3) or `kms` (SSE-KMS with a customer managed key made by the stack)."""
+    versioned: bool = field(default=False, metadata={"key": "versioned"})
+    infrequent_access_after_days: int = field(
+        default=30, metadata={"key": "infrequentAccessAfterDays"}
+    )
+    glacier_ir_after_days: int = field(default=90, metadata={"key": "glacierIrAfterDays"})
+    """Glacier Instant Retrieval: reads stay immediate, so resumed streams still find
+    their manifests."""
+    expire_after_days: int | None = field(default=None, metadata={"key": "expireAfterDays"})
+    """Delete archived objects this many days after upload; kept forever when unset."""
+
+    auth_secret_arn: str | None = field(default=None, metadata={"key": "authSecretArn"})
+    """Existing Secrets Manager secret holding the bot tokens; the stack makes one when unset."""
+    log_retention_days: int = field(default=30, metadata={"key": "logRetentionDays"})
+
+    @classmethod
+    def from_context(cls, node: Node, **overrides: Any) -> ArchiverConfig:
+        """Read every key from the CDK context; `overrides` win (tests, other apps)."""
+        values: dict[str, Any] = {}
+        for spec in fields(cls):
+            raw = overrides.get(spec.name, node.try_get_context(spec.metadata["key"]))
+            if raw is None or raw == "":
+                continue
+            values[spec.name] = _coerce(spec.metadata["key"], raw, str(spec.type))
+        if "certificate_arn" not in values:
+            raise ConfigError("certificateArn is required: -c certificateArn=arn:aws:acm:...")
+        values.setdefault("region", os.environ.get("CDK_DEFAULT_REGION"))
+        values.setdefault("account", os.environ.get("CDK_DEFAULT_ACCOUNT"))
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Refuse combinations that would only fail later, during the deployment."""
+        if self.cpu_architecture not in ("x86_64", "arm64"):
+            raise ConfigError("cpuArchitecture must be x86_64 or arm64")
+        if self.encryption not in ("s3", "kms"):
+            raise ConfigError("encryption must be s3 or kms")
+        allowed_memory = _FARGATE_MEMORY_MIB.get(self.cpu)
+        if allowed_memory is None or self.memory_mib not in allowed_memory:
+            raise ConfigError(f"Fargate has no task size of cpu={self.cpu}, {self.memory_mib} MiB")
+        if not 21 <= self.ephemeral_storage_gib <= 200:
+            raise ConfigError("ephemeralStorageGiB must be 21..200")
+        if not 1 <= self.min_count <= self.desired_count <= self.max_count:
+            raise ConfigError("need 1 <= minCount <= desiredCount <= maxCount")
+        if not _ARCHIVE_PREFIX.match(self.archive_prefix):
+            raise ConfigError("archivePrefix must look like `archive` or `team/archive`")
+        if not 0 < self.infrequent_access_after_days < self.glacier_ir_after_days:
+            raise ConfigError("need 0 < infrequentAccessAfterDays < glacierIrAfterDays")
+        if self.infrequent_access_after_days < 30:
+            raise ConfigError("S3 moves objects to Standard-IA no earlier than 30 days")
+        if self.expire_after_days is not None and self.expire_after_days <= (
+            self.glacier_ir_after_days
+        ):
+            raise ConfigError("expireAfterDays must come after glacierIrAfterDays")
+
+
+def _coerce(key: str, raw: Any, annotation: str) -> Any:
+    """Context from `-c` is always a string; cdk.json may hold real JSON types."""
+    if annotation == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("true", "1", "yes"):
+            return True
+        if str(raw).lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key} must be true or false, not {raw!r}")
+    if annotation.startswith("int"):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{key} must be a whole number, not {raw!r}") from None
+    return str(raw)

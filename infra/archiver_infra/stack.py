@@ -1,0 +1,391 @@
+"""The archiver on ECS Fargate behind an HTTPS load balancer, archiving into its own bucket."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aws_cdk import (
+    Aws,
+    CfnOutput,
+    Duration,
+    RemovalPolicy,
+    Size,
+    Stack,
+)
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr as ecr
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_elasticloadbalancingv2 as elbv2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk.aws_ecr_assets import Platform
+from constructs import Construct
+
+from archiver_infra.config import ArchiverConfig, ConfigError
+
+CONTAINER_NAME = "archiver"
+CONTAINER_PORT = 8080
+# Fargate's maximum: the time between SIGTERM and SIGKILL.
+STOP_TIMEOUT_S = 120
+# The service's own drain (flush streams, write final manifests, empty the spool) must end
+# before SIGKILL; the load balancer keeps draining connections for as long.
+DRAIN_DEADLINE_S = 90
+# The ALB maximum. A camera-off participant sends nothing for long stretches; the
+# service's websocket pings keep the connection alive, this only bounds true silence.
+ALB_IDLE_TIMEOUT_S = 4000
+SPOOL_DIR = "/var/lib/archiver/spool"
+TMP_DIR = "/var/lib/archiver/tmp"
+
+_LOG_RETENTION = {
+    1: logs.RetentionDays.ONE_DAY,
+    3: logs.RetentionDays.THREE_DAYS,
+    5: logs.RetentionDays.FIVE_DAYS,
+    7: logs.RetentionDays.ONE_WEEK,
+    14: logs.RetentionDays.TWO_WEEKS,
+    30: logs.RetentionDays.ONE_MONTH,
+    60: logs.RetentionDays.TWO_MONTHS,
+    90: logs.RetentionDays.THREE_MONTHS,
+    180: logs.RetentionDays.SIX_MONTHS,
+    365: logs.RetentionDays.ONE_YEAR,
+    731: logs.RetentionDays.TWO_YEARS,
+    1827: logs.RetentionDays.FIVE_YEARS,
+}
+_ECR_IMAGE = re.compile(
+    r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?/"
+    r"(?P<repository>[^:@]+)(?::(?P<tag>[^@]+)|@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+
+
+class ArchiverStack(Stack):
+    """Everything one deployment of the archiver needs, parameterised by `ArchiverConfig`."""
+
+    def __init__(
+        self, scope: Construct, construct_id: str, *, config: ArchiverConfig, **kwargs: Any
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        if config.log_retention_days not in _LOG_RETENTION:
+            raise ConfigError(f"logRetentionDays must be one of {sorted(_LOG_RETENTION)}")
+        self.config = config
+
+        vpc = self._vpc()
+        key = self._archive_key() if config.encryption == "kms" else None
+        bucket = self._bucket(key)
+        auth_tokens = self._auth_tokens()
+        log_group = logs.LogGroup(self, "Logs", retention=_LOG_RETENTION[config.log_retention_days])
+        cluster = ecs.Cluster(
+            self, "Cluster", vpc=vpc, container_insights_v2=ecs.ContainerInsights.ENABLED
+        )
+        task_role = self._task_role(cluster, bucket, key)
+        task_definition = self._task_definition(task_role, bucket, auth_tokens, log_group)
+
+        service = ecs.FargateService(
+            self,
+            "Service",
+            cluster=cluster,
+            task_definition=task_definition,
+            desired_count=config.desired_count,
+            # Start new tasks before stopping old ones: a bot's reconnect needs somewhere to go.
+            min_healthy_percent=100,
+            max_healthy_percent=200,
+            circuit_breaker=ecs.DeploymentCircuitBreaker(rollback=True),
+            health_check_grace_period=Duration.seconds(60),
+            vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+            assign_public_ip=False,
+            propagate_tags=ecs.PropagatedTagSource.SERVICE,
+        )
+        target_group = self._load_balancer(vpc, service)
+        self._auto_scaling(service, target_group)
+
+        CfnOutput(self, "BucketName", value=bucket.bucket_name)
+        CfnOutput(self, "ArchiveStore", value=self._store_url(bucket))
+        CfnOutput(self, "AuthTokensSecretArn", value=auth_tokens.secret_arn)
+        CfnOutput(self, "LogGroupName", value=log_group.log_group_name)
+        CfnOutput(self, "ClusterName", value=cluster.cluster_name)
+        CfnOutput(self, "ServiceName", value=service.service_name)
+
+    def _vpc(self) -> ec2.IVpc:
+        if self.config.vpc_id:
+            return ec2.Vpc.from_lookup(self, "Vpc", vpc_id=self.config.vpc_id)
+        return ec2.Vpc(
+            self,
+            "Vpc",
+            max_azs=self.config.max_azs,
+            nat_gateways=self.config.max_azs,
+            # Video goes to S3 through the gateway endpoint, not through paid NAT traffic.
+            gateway_endpoints={
+                "S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3)
+            },
+        )
+
+    def _archive_key(self) -> kms.Key:
+        return kms.Key(
+            self,
+            "ArchiveKey",
+            description="Encrypts the meeting video archive",
+            enable_key_rotation=True,
+            removal_policy=RemovalPolicy.RETAIN,
+        )
+
+    def _bucket(self, key: kms.IKey | None) -> s3.Bucket:
+        config = self.config
+        tiers = s3.LifecycleRule(
+            id="archive-tiers",
+            prefix=f"{config.archive_prefix}/",
+            transitions=[
+                s3.Transition(
+                    storage_class=s3.StorageClass.INFREQUENT_ACCESS,
+                    transition_after=Duration.days(config.infrequent_access_after_days),
+                ),
+                s3.Transition(
+                    storage_class=s3.StorageClass.GLACIER_INSTANT_RETRIEVAL,
+                    transition_after=Duration.days(config.glacier_ir_after_days),
+                ),
+            ],
+            expiration=_days(config.expire_after_days),
+            noncurrent_version_expiration=(
+                _days(config.expire_after_days) if config.versioned else None
+            ),
+        )
+        unfinished_uploads = s3.LifecycleRule(
+            id="abort-incomplete-multipart-uploads",
+            abort_incomplete_multipart_upload_after=Duration.days(7),
+        )
+        return s3.Bucket(
+            self,
+            "Archive",
+            bucket_name=config.bucket_name,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+            encryption=s3.BucketEncryption.KMS if key else s3.BucketEncryption.S3_MANAGED,
+            encryption_key=key,
+            # One data key per bucket rather than per object: far fewer KMS calls.
+            bucket_key_enabled=key is not None,
+            enforce_ssl=True,
+            minimum_tls_version=1.2,
+            versioned=config.versioned,
+            lifecycle_rules=[tiers, unfinished_uploads],
+            removal_policy=RemovalPolicy.RETAIN,
+        )
+
+    def _auth_tokens(self) -> secretsmanager.ISecret:
+        if self.config.auth_secret_arn:
+            return secretsmanager.Secret.from_secret_complete_arn(
+                self, "AuthTokens", self.config.auth_secret_arn
+            )
+        return secretsmanager.Secret(
+            self,
+            "AuthTokens",
+            description="Bot tokens the archiver accepts, comma-separated (two during rotation)",
+            # URL-safe: the token travels in the websocket URL's query string.
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                password_length=48, exclude_punctuation=True, include_space=False
+            ),
+        )
+
+    def _task_role(
+        self, cluster: ecs.Cluster, bucket: s3.IBucket, key: kms.IKey | None
+    ) -> iam.Role:
+        prefix = self.config.archive_prefix
+        role = iam.Role(
+            self,
+            "TaskRole",
+            description="What the archiver itself may do: write and read back its archive prefix",
+            assumed_by=iam.ServicePrincipal(
+                "ecs-tasks.amazonaws.com",
+                conditions={
+                    "StringEquals": {"aws:SourceAccount": Aws.ACCOUNT_ID},
+                    "ArnLike": {
+                        "aws:SourceArn": f"arn:{Aws.PARTITION}:ecs:{Aws.REGION}:{Aws.ACCOUNT_ID}:*"
+                    },
+                },
+            ),
+        )
+        archive_objects = bucket.arn_for_objects(f"{prefix}/*")
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="WriteArchive", actions=["s3:PutObject"], resources=[archive_objects]
+            )
+        )
+        # A stream resumed after a reconnect reads back its manifest.
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ReadArchive", actions=["s3:GetObject"], resources=[archive_objects]
+            )
+        )
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ListArchivePrefix",
+                actions=["s3:ListBucket"],
+                resources=[bucket.bucket_arn],
+                conditions={"StringLike": {"s3:prefix": [f"{prefix}/*"]}},
+            )
+        )
+        if key is not None:
+            role.add_to_policy(
+                iam.PolicyStatement(
+                    sid="UseArchiveKey",
+                    actions=["kms:GenerateDataKey", "kms:Decrypt"],
+                    resources=[key.key_arn],
+                )
+            )
+        # Scale-in protection while bots are connected: the tasks of this cluster only.
+        cluster.grant_task_protection(role)
+        return role
+
+    def _task_definition(
+        self,
+        task_role: iam.IRole,
+        bucket: s3.IBucket,
+        auth_tokens: secretsmanager.ISecret,
+        log_group: logs.ILogGroup,
+    ) -> ecs.FargateTaskDefinition:
+        config = self.config
+        arm64 = config.cpu_architecture == "arm64"
+        task_definition = ecs.FargateTaskDefinition(
+            self,
+            "Task",
+            cpu=config.cpu,
+            memory_limit_mib=config.memory_mib,
+            ephemeral_storage_gib=config.ephemeral_storage_gib,
+            runtime_platform=ecs.RuntimePlatform(
+                operating_system_family=ecs.OperatingSystemFamily.LINUX,
+                cpu_architecture=(
+                    ecs.CpuArchitecture.ARM64 if arm64 else ecs.CpuArchitecture.X86_64
+                ),
+            ),
+            task_role=task_role,
+            # Bind mounts live on the task's ephemeral storage; the image declares both
+            # paths as volumes, so Fargate copies their ownership for the non-root user.
+            volumes=[ecs.Volume(name="spool"), ecs.Volume(name="tmp")],
+        )
+        container = task_definition.add_container(
+            CONTAINER_NAME,
+            container_name=CONTAINER_NAME,
+            image=self._image(arm64),
+            essential=True,
+            port_mappings=[ecs.PortMapping(container_port=CONTAINER_PORT, name="http")],
+            environment={
+                "ARCHIVER_STORE": self._store_url(bucket),
+                "ARCHIVER_SPOOL_DIR": SPOOL_DIR,
+                "ARCHIVER_DRAIN_DEADLINE_S": str(DRAIN_DEADLINE_S),
+                "ARCHIVER_LOG_FORMAT": "json",
+            },
+            secrets={"ARCHIVER_AUTH_TOKENS": ecs.Secret.from_secrets_manager(auth_tokens)},
+            logging=ecs.LogDrivers.aws_logs(
+                stream_prefix=CONTAINER_NAME,
+                log_group=log_group,
+                # Never let a slow log pipe stall the receive loop.
+                mode=ecs.AwsLogDriverMode.NON_BLOCKING,
+                max_buffer_size=Size.mebibytes(25),
+            ),
+            stop_timeout=Duration.seconds(STOP_TIMEOUT_S),
+            readonly_root_filesystem=True,
+        )
+        container.add_mount_points(
+            ecs.MountPoint(container_path=SPOOL_DIR, source_volume="spool", read_only=False),
+            ecs.MountPoint(container_path=TMP_DIR, source_volume="tmp", read_only=False),
+        )
+        return task_definition
+
+    def _image(self, arm64: bool) -> ecs.ContainerImage:
+        uri = self.config.image_uri
+        if uri is None:
+            return ecs.ContainerImage.from_asset(
+                self.config.image_directory,
+                platform=Platform.LINUX_ARM64 if arm64 else Platform.LINUX_AMD64,
+            )
+        ecr_image = _ECR_IMAGE.match(uri)
+        if ecr_image is None:
+            return ecs.ContainerImage.from_registry(uri)
+        # Through the repository, so that the execution role is allowed to pull it.
+        repository = ecr.Repository.from_repository_attributes(
+            self,
+            "ImageRepository",
+            repository_name=ecr_image["repository"],
+            repository_arn=(
+                f"arn:{Aws.PARTITION}:ecr:{ecr_image['region']}:{ecr_image['account']}"
+                f":repository/{ecr_image['repository']}"
+            ),
+        )
+        return ecs.ContainerImage.from_ecr_repository(
+            repository, ecr_image["digest"] or ecr_image["tag"] or "latest"
+        )
+
+    def _load_balancer(
+        self, vpc: ec2.IVpc, service: ecs.FargateService
+    ) -> elbv2.ApplicationTargetGroup:
+        load_balancer = elbv2.ApplicationLoadBalancer(
+            self,
+            "LoadBalancer",
+            vpc=vpc,
+            internet_facing=True,
+            idle_timeout=Duration.seconds(ALB_IDLE_TIMEOUT_S),
+            drop_invalid_header_fields=True,
+        )
+        target_group = elbv2.ApplicationTargetGroup(
+            self,
+            "Targets",
+            vpc=vpc,
+            port=CONTAINER_PORT,
+            protocol=elbv2.ApplicationProtocol.HTTP,
+            target_type=elbv2.TargetType.IP,
+            targets=[
+                service.load_balancer_target(
+                    container_name=CONTAINER_NAME, container_port=CONTAINER_PORT
+                )
+            ],
+            # A draining task keeps its bots this long, then they reconnect elsewhere.
+            deregistration_delay=Duration.seconds(DRAIN_DEADLINE_S),
+            health_check=elbv2.HealthCheck(
+                path="/readyz",
+                healthy_http_codes="200",
+                interval=Duration.seconds(10),
+                timeout=Duration.seconds(5),
+                healthy_threshold_count=2,
+                unhealthy_threshold_count=3,
+            ),
+        )
+        load_balancer.add_listener(
+            "Https",
+            port=443,
+            protocol=elbv2.ApplicationProtocol.HTTPS,
+            certificates=[elbv2.ListenerCertificate.from_arn(self.config.certificate_arn)],
+            ssl_policy=elbv2.SslPolicy.RECOMMENDED_TLS,
+            default_target_groups=[target_group],
+            open=True,
+        )
+        CfnOutput(self, "LoadBalancerDnsName", value=load_balancer.load_balancer_dns_name)
+        return target_group
+
+    def _auto_scaling(
+        self, service: ecs.FargateService, target_group: elbv2.ApplicationTargetGroup
+    ) -> None:
+        scaling = service.auto_scale_task_count(
+            min_capacity=self.config.min_count, max_capacity=self.config.max_count
+        )
+        # Scale-in only takes tasks without bots: the service protects the others.
+        scaling.scale_on_cpu_utilization(
+            "Cpu",
+            target_utilization_percent=self.config.target_cpu_percent,
+            scale_out_cooldown=Duration.minutes(1),
+            scale_in_cooldown=Duration.minutes(10),
+        )
+        # Each bot connection is one ALB request: this follows the arrival of new meetings.
+        scaling.scale_on_request_count(
+            "Connections",
+            requests_per_target=self.config.requests_per_target,
+            target_group=target_group,
+            scale_out_cooldown=Duration.minutes(1),
+            scale_in_cooldown=Duration.minutes(10),
+        )
+
+    def _store_url(self, bucket: s3.IBucket) -> str:
+        return f"s3://{bucket.bucket_name}/{self.config.archive_prefix}"
+
+
+def _days(days: int | None) -> Duration | None:
+    return Duration.days(days) if days is not None else None

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pydantic
 import structlog
-from aiohttp import web
 
 from archiver import logs
 from archiver.errors import ConfigError
-from archiver.ingest.server import RedactingAccessLogger, create_app
+from archiver.ingest.server import create_app
 from archiver.settings import Settings
 from archiver.simulator import Simulation, run_simulation
+from archiver.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -70,16 +70,8 @@ def serve() -> int:
     except pydantic.ValidationError as exc:
         raise ConfigError(f"invalid settings:\n{exc}") from exc
     logs.configure(settings.log_level, settings.log_format)
-    app = create_app(settings)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log_class=RedactingAccessLogger,
-        print=None,
-        handle_signals=True,
-        shutdown_timeout=settings.drain_deadline_s,
-    )
+    create_app(settings)  # Refuse bad settings here, before any worker starts.
+    Supervisor(settings).run()
     return 0
 
 

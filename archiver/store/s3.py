@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_DENIED = {"AccessDenied", "403"}
 
 
 class S3Store:
@@ -56,6 +57,8 @@ class S3Store:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in _NOT_FOUND:
                 raise FileNotFoundError(key) from exc
+            if code in _DENIED and fn == self._client.get_object:
+                raise PermissionError(key) from exc
             raise StoreError(self.prefix + key, f"S3 refused: {code or exc}") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise StoreError(self.prefix + key, f"S3 unreachable: {exc}") from exc
@@ -83,9 +86,25 @@ class S3Store:
             )
         except FileNotFoundError:
             return None
+        except PermissionError:
+            # Without bucket-wide s3:ListBucket, S3 answers 403 for a missing key: a listing
+            # of exactly that key, which the prefix-scoped permission allows, tells apart.
+            if await self._absent(key):
+                return None
+            raise StoreError(self.prefix + key, "S3 refused: AccessDenied") from None
         loop = asyncio.get_running_loop()
         body: bytes = await loop.run_in_executor(self._pool, response["Body"].read)
         return body
+
+    async def _absent(self, key: str) -> bool:
+        listing = await self._call(
+            key,
+            self._client.list_objects_v2,
+            Bucket=self.bucket,
+            Prefix=self.prefix + key,
+            MaxKeys=1,
+        )
+        return not any(obj["Key"] == self.prefix + key for obj in listing.get("Contents", []))
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

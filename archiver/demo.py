@@ -25,6 +25,7 @@ async def run_demo(participants: int, seconds: float, root: Path) -> int:
     settings = Settings(
         auth_tokens=(token,),
         store=f"file://{root}",
+        spool_dir=str(root.parent / f".{root.name}-spool"),
         segment_target_s=4.0,
         _env_file=None,
     )

@@ -43,3 +43,8 @@ class StoreError(ArchiverError):
         super().__init__(f"storing {key} failed: {cause}")
         self.key = key
         self.cause = cause
+
+
+class ObjectConflictError(StoreError):
+    """Raised when a write-once key already holds different bytes: the store keeps the
+    first version, nothing is overwritten."""

@@ -87,8 +87,8 @@ async def spool_segment(
     extra = {"manifest_key": stream.manifest_key, "entry": asdict(entry), **header}
     spooled = []
     if with_init:
-        spooled.append(await spool.write(init_key, segment.init, MP4_TYPE))
-    spooled.append(await spool.write(key, segment.body, SEGMENT_TYPE, extra))
+        spooled.append(await spool.write(init_key, segment.init, MP4_TYPE, write_once=True))
+    spooled.append(await spool.write(key, segment.body, SEGMENT_TYPE, extra, write_once=True))
     return entry, spooled
 
 

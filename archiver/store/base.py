@@ -21,8 +21,12 @@ class StoredObject:
 class ObjectStore(Protocol):
     """Write-mostly object storage. Keys are relative to the store's own prefix."""
 
-    async def put(self, key: str, body: bytes, content_type: str) -> StoredObject:
-        """Store `body` under `key` (same key, same bytes on retry); raise `StoreError`."""
+    async def put(
+        self, key: str, body: bytes, content_type: str, write_once: bool = False
+    ) -> StoredObject:
+        """Store `body` under `key` (same key, same bytes on retry); raise `StoreError`.
+        With `write_once`, an existing object is never replaced: the same bytes count as
+        stored, different bytes raise `ObjectConflictError`."""
         ...
 
     def location(self, key: str) -> str:
@@ -36,6 +40,11 @@ class ObjectStore(Protocol):
     async def close(self) -> None:
         """Release connections and threads."""
         ...
+
+
+def md5_hex(body: bytes) -> str:
+    """The ETag S3 gives an object written in one PUT."""
+    return hashlib.md5(body, usedforsecurity=False).hexdigest()
 
 
 def sha256_digest(body: bytes) -> tuple[str, str]:

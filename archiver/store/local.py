@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from archiver.errors import StoreError
+from archiver.errors import ObjectConflictError, StoreError
 from archiver.store.base import StoredObject, sha256_digest
 
 
@@ -26,8 +26,16 @@ class LocalFolderStore:
     def location(self, key: str) -> str:
         return key
 
-    async def put(self, key: str, body: bytes, content_type: str) -> StoredObject:
+    async def put(
+        self, key: str, body: bytes, content_type: str, write_once: bool = False
+    ) -> StoredObject:
         path = self._path(key)
+        if write_once:
+            existing = await self.get(key)
+            if existing is not None:
+                if existing != body:
+                    raise ObjectConflictError(key, "a different object is stored there")
+                return StoredObject(key=key, size=len(body), sha256=sha256_digest(body)[0])
         await asyncio.to_thread(self._write, path, body, key)
         return StoredObject(key=key, size=len(body), sha256=sha256_digest(body)[0])
 

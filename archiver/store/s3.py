@@ -11,14 +11,19 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from archiver.errors import StoreError
-from archiver.store.base import StoredObject, sha256_digest
+from archiver.errors import ObjectConflictError, StoreError
+from archiver.store.base import StoredObject, md5_hex, sha256_digest
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403"}
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+class _AlreadyThere(Exception):
+    """A conditional write found the key taken."""
 
 
 class S3Store:
@@ -59,6 +64,8 @@ class S3Store:
                 raise FileNotFoundError(key) from exc
             if code in _DENIED and fn == self._client.get_object:
                 raise PermissionError(key) from exc
+            if code in _PRECONDITION:
+                raise _AlreadyThere(key) from exc
             raise StoreError(self.prefix + key, f"S3 refused: {code or exc}") from exc
         except botocore.exceptions.BotoCoreError as exc:
             raise StoreError(self.prefix + key, f"S3 unreachable: {exc}") from exc
@@ -66,17 +73,31 @@ class S3Store:
     def location(self, key: str) -> str:
         return self.prefix + key
 
-    async def put(self, key: str, body: bytes, content_type: str) -> StoredObject:
+    async def put(
+        self, key: str, body: bytes, content_type: str, write_once: bool = False
+    ) -> StoredObject:
         sha_hex, sha_b64 = sha256_digest(body)
-        await self._call(
-            key,
-            self._client.put_object,
-            Bucket=self.bucket,
-            Key=self.prefix + key,
-            Body=body,
-            ContentType=content_type,
-            ChecksumSHA256=sha_b64,
-        )
+        conditions = {"IfNoneMatch": "*"} if write_once else {}
+        try:
+            await self._call(
+                key,
+                self._client.put_object,
+                Bucket=self.bucket,
+                Key=self.prefix + key,
+                Body=body,
+                ContentType=content_type,
+                ChecksumSHA256=sha_b64,
+                **conditions,
+            )
+        except _AlreadyThere:
+            # A retry of a write that did land, or another writer: compare, never replace.
+            head = await self._call(
+                key, self._client.head_object, Bucket=self.bucket, Key=self.prefix + key
+            )
+            if head.get("ETag", "").strip('"') != md5_hex(body):
+                raise ObjectConflictError(
+                    self.location(key), "a different object is stored"
+                ) from None
         return StoredObject(key=self.location(key), size=len(body), sha256=sha_hex)
 
     async def get(self, key: str) -> bytes | None:

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import structlog
 
-from archiver.errors import StoreError
+from archiver.errors import ObjectConflictError, StoreError
 from archiver.store.base import ObjectStore, StoredObject, sha256_digest
 
 log = structlog.get_logger(__name__)
@@ -50,6 +50,7 @@ class SpooledObject:
     sha256: str
     seq: int
     path: Path
+    write_once: bool = False
     extra: dict[str, Any] | None = None
 
 
@@ -75,7 +76,7 @@ class Spool:
         self.pending_bytes = 0
         self.state = SpoolState.normal
         self.store_reachable = True
-        self.counters = {"uploaded": 0, "upload_retries": 0, "waits_for_room": 0}
+        self.counters = {"uploaded": 0, "upload_retries": 0, "waits_for_room": 0, "conflicts": 0}
         self._latest: dict[str, int] = {}
         self._seq = itertools.count(int(time.time() * 1000) * 1000)
         self._room = asyncio.Condition()
@@ -85,7 +86,12 @@ class Spool:
     # Writing.
 
     async def write(
-        self, key: str, body: bytes, content_type: str, extra: dict[str, Any] | None = None
+        self,
+        key: str,
+        body: bytes,
+        content_type: str,
+        extra: dict[str, Any] | None = None,
+        write_once: bool = False,
     ) -> SpooledObject:
         """Put `body` on disk durably; waits while the spool is at its cap."""
         async with self._room:
@@ -107,6 +113,7 @@ class Spool:
             sha256=sha256_digest(body)[0],
             seq=seq,
             path=self.folder / name,
+            write_once=write_once,
             extra=extra,
         )
         try:
@@ -126,6 +133,7 @@ class Spool:
             "size": spooled.size,
             "sha256": spooled.sha256,
             "seq": spooled.seq,
+            "write_once": spooled.write_once,
             "extra": spooled.extra,
         }
         # The metadata file appears last: its presence means the data is complete.
@@ -147,7 +155,14 @@ class Spool:
                             body = await asyncio.to_thread(
                                 spooled.path.with_suffix(_DATA).read_bytes
                             )
-                        stored = await self.store.put(spooled.key, body, spooled.content_type)
+                        stored = await self.store.put(
+                            spooled.key, body, spooled.content_type, spooled.write_once
+                        )
+                except ObjectConflictError as exc:
+                    # Retrying cannot help and overwriting is never allowed: keep the first.
+                    self.counters["conflicts"] += 1
+                    log.error("object_conflict", key=exc.key, error=exc.cause)
+                    return StoredObject(spooled.key, spooled.size, spooled.sha256)
                 except StoreError as exc:
                     body = None  # Do not hold a failed object in memory through an outage.
                     attempt += 1
@@ -165,10 +180,10 @@ class Spool:
                 del self._latest[spooled.key]
 
     async def put(
-        self, key: str, body: bytes, content_type: str, extra: dict[str, Any] | None = None
+        self, key: str, body: bytes, content_type: str, write_once: bool = False
     ) -> StoredObject:
         """Write, then wait for the upload: `ObjectStore.put` with a durable outbox."""
-        spooled = await self.write(key, body, content_type, extra)
+        spooled = await self.write(key, body, content_type, write_once=write_once)
         return await self.confirm(spooled, body)
 
     def location(self, key: str) -> str:
@@ -230,6 +245,7 @@ class Spool:
                     sha256=meta["sha256"],
                     seq=meta["seq"],
                     path=meta_path.with_suffix(""),
+                    write_once=meta.get("write_once", False),
                     extra=meta.get("extra"),
                 )
             )

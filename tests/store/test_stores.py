@@ -1,0 +1,71 @@
+"""One contract for every store, and the spool's promises across a restart."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from archiver.errors import ObjectConflictError
+from archiver.store import LocalFolderStore, ObjectStore, S3Store
+from archiver.store.spool import Spool
+
+
+@pytest.fixture(params=["local", "s3"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, s3_endpoint: str, bucket: str
+) -> AsyncIterator[ObjectStore]:
+    if request.param == "local":
+        yield LocalFolderStore(tmp_path / "archive")
+        return
+    s3 = S3Store(bucket, "prefix", endpoint_url=s3_endpoint, attempts=2)
+    yield s3
+    await s3.close()
+
+
+async def test_put_get_and_location(store: ObjectStore) -> None:
+    stored = await store.put("a/b/c.json", b"{}", "application/json")
+    assert stored.key == store.location("a/b/c.json")
+    assert stored.sha256 == "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+    assert await store.get("a/b/c.json") == b"{}"
+    assert await store.get("a/b/missing.json") is None
+    await store.put("a/b/c.json", b"[1]", "application/json")
+    assert await store.get("a/b/c.json") == b"[1]"
+
+
+async def test_write_once_objects_are_never_replaced(store: ObjectStore) -> None:
+    await store.put("seg/1.m4s", b"first", "video/iso.segment", write_once=True)
+    again = await store.put("seg/1.m4s", b"first", "video/iso.segment", write_once=True)
+    assert again.size == 5
+    with pytest.raises(ObjectConflictError):
+        await store.put("seg/1.m4s", b"second", "video/iso.segment", write_once=True)
+    assert await store.get("seg/1.m4s") == b"first"
+
+
+async def test_local_store_refuses_keys_outside_its_folder(tmp_path: Path) -> None:
+    from archiver.errors import StoreError
+
+    with pytest.raises(StoreError):
+        await LocalFolderStore(tmp_path / "archive").put("../escape", b"x", "text/plain")
+
+
+async def test_spool_leftovers_survive_a_restart_newest_version_only(tmp_path: Path) -> None:
+    target = LocalFolderStore(tmp_path / "archive")
+    first = Spool(tmp_path / "spool", target, cap_bytes=1024**2)
+    await first.write("m/manifest.json", b"v1", "application/json")
+    await first.write("m/manifest.json", b"v2", "application/json")
+    await first.write("m/segments/1.m4s", b"media", "video/iso.segment", write_once=True)
+    assert await first.get("m/manifest.json") == b"v2"
+    assert await target.get("m/manifest.json") is None
+
+    second = Spool(tmp_path / "spool", target, cap_bytes=1024**2)
+    leftovers = await second.leftovers()
+    assert [s.key for s in leftovers] == ["m/manifest.json", "m/segments/1.m4s"]
+    assert second.pending_bytes == len(b"v2") + len(b"media")
+    for spooled in leftovers:
+        await second.confirm(spooled)
+    assert await target.get("m/manifest.json") == b"v2"
+    assert await target.get("m/segments/1.m4s") == b"media"
+    assert second.pending_bytes == 0
+    assert not list((tmp_path / "spool" / "objects").iterdir())

@@ -143,41 +143,44 @@ class Spool:
 
     async def confirm(self, spooled: SpooledObject, body: bytes | None = None) -> StoredObject:
         """Upload until the store confirms; then the object leaves the spool. A newer version
-        of the same key supersedes this one: it is not sent, the newer one will be."""
+        of the same key supersedes this one: it is not sent, the newer one will be. When the
+        process stops first (cancellation), the object stays on disk for the next one."""
+        stored = await self._upload_until_accepted(spooled, body)
+        await self._release(spooled)
+        if self._latest.get(spooled.key) == spooled.seq:
+            del self._latest[spooled.key]
+        return stored
+
+    async def _upload_until_accepted(
+        self, spooled: SpooledObject, body: bytes | None
+    ) -> StoredObject:
         attempt = 0
-        try:
-            while True:
-                if self._latest.get(spooled.key, spooled.seq) != spooled.seq:
-                    return StoredObject(spooled.key, spooled.size, spooled.sha256)
-                try:
-                    async with self._uploads:
-                        if body is None:
-                            body = await asyncio.to_thread(
-                                spooled.path.with_suffix(_DATA).read_bytes
-                            )
-                        stored = await self.store.put(
-                            spooled.key, body, spooled.content_type, spooled.write_once
-                        )
-                except ObjectConflictError as exc:
-                    # Retrying cannot help and overwriting is never allowed: keep the first.
-                    self.counters["conflicts"] += 1
-                    log.error("object_conflict", key=exc.key, error=exc.cause)
-                    return StoredObject(spooled.key, spooled.size, spooled.sha256)
-                except StoreError as exc:
-                    body = None  # Do not hold a failed object in memory through an outage.
-                    attempt += 1
-                    self.counters["upload_retries"] += 1
-                    self._mark_store(reachable=False, error=str(exc))
-                    delay = min(self.max_backoff_s, self.backoff_s * 2 ** min(attempt, 16))
-                    await asyncio.sleep(random.uniform(0, delay))
-                    continue
-                self._mark_store(reachable=True)
-                self.counters["uploaded"] += 1
-                return stored
-        finally:
-            await self._release(spooled)
-            if self._latest.get(spooled.key) == spooled.seq:
-                del self._latest[spooled.key]
+        while True:
+            if self._latest.get(spooled.key, spooled.seq) != spooled.seq:
+                return StoredObject(spooled.key, spooled.size, spooled.sha256)
+            try:
+                async with self._uploads:
+                    if body is None:
+                        body = await asyncio.to_thread(spooled.path.with_suffix(_DATA).read_bytes)
+                    stored = await self.store.put(
+                        spooled.key, body, spooled.content_type, spooled.write_once
+                    )
+            except ObjectConflictError as exc:
+                # Retrying cannot help and overwriting is never allowed: keep the first.
+                self.counters["conflicts"] += 1
+                log.error("object_conflict", key=exc.key, error=exc.cause)
+                return StoredObject(spooled.key, spooled.size, spooled.sha256)
+            except StoreError as exc:
+                body = None  # Do not hold a failed object in memory through an outage.
+                attempt += 1
+                self.counters["upload_retries"] += 1
+                self._mark_store(reachable=False, error=str(exc))
+                delay = min(self.max_backoff_s, self.backoff_s * 2 ** min(attempt, 16))
+                await asyncio.sleep(random.uniform(0, delay))
+                continue
+            self._mark_store(reachable=True)
+            self.counters["uploaded"] += 1
+            return stored
 
     async def put(
         self, key: str, body: bytes, content_type: str, write_once: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -69,3 +70,18 @@ async def test_spool_leftovers_survive_a_restart_newest_version_only(tmp_path: P
     assert await target.get("m/segments/1.m4s") == b"media"
     assert second.pending_bytes == 0
     assert not list((tmp_path / "spool" / "objects").iterdir())
+
+
+async def test_upload_stopped_by_shutdown_stays_in_the_spool(tmp_path: Path) -> None:
+    unreachable = S3Store("bucket", endpoint_url="http://127.0.0.1:9", attempts=1)
+    spool = Spool(tmp_path / "spool", unreachable, cap_bytes=1024**2, backoff_s=0.01)
+    spooled = await spool.write("m/segments/1.m4s", b"media", "video/iso.segment")
+    uploading = asyncio.create_task(spool.confirm(spooled))
+    await asyncio.sleep(0.3)
+    assert not spool.store_reachable
+    uploading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await uploading
+    await unreachable.close()
+    successor = Spool(tmp_path / "spool", LocalFolderStore(tmp_path / "archive"), 1024**2)
+    assert [s.key for s in await successor.leftovers()] == ["m/segments/1.m4s"]

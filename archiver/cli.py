@@ -14,7 +14,7 @@ from archiver import logs
 from archiver.errors import ConfigError
 from archiver.ingest.server import create_app
 from archiver.settings import Settings
-from archiver.simulator import Simulation, run_simulation
+from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
 from archiver.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
@@ -34,8 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--url", required=True, help="ws://host:port/ws?token=...")
     simulate.add_argument("--participants", type=int, default=2)
     simulate.add_argument("--seconds", type=float, default=20.0)
-    simulate.add_argument("--fps", type=float, default=15.0)
-    simulate.add_argument("--size", type=_size, default=(320, 240), help="WIDTHxHEIGHT")
+    simulate.add_argument(
+        "--format", choices=["h264", "png"], default="h264", help="video_separate_h264 or _png"
+    )
+    simulate.add_argument("--fps", type=float, default=None, help="default: 15 (H.264), 2 (PNG)")
+    simulate.add_argument(
+        "--size",
+        type=_size,
+        default=None,
+        help="WIDTHxHEIGHT; default: 320x240 (H.264), 640x360 (PNG)",
+    )
     simulate.add_argument("--screenshare", action="store_true", help="add a screenshare each")
     simulate.add_argument("--resize-at", type=float, default=None, help="seconds; new size then")
     simulate.add_argument("--resize-to", type=_size, default=(480, 272), help="WIDTHxHEIGHT")
@@ -44,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="serve locally, simulate a meeting, show the archive")
     demo.add_argument("--participants", type=int, default=3)
+    demo.add_argument(
+        "--png-participants", type=int, default=2, help="more participants, streaming PNG"
+    )
     demo.add_argument("--seconds", type=float, default=12.0)
     demo.add_argument("--folder", default="./archive", help="where the archive is written")
     return parser
@@ -58,7 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             return simulate(args)
         from archiver.demo import run_demo
 
-        return asyncio.run(run_demo(args.participants, args.seconds, Path(args.folder).resolve()))
+        return asyncio.run(
+            run_demo(
+                args.participants,
+                args.seconds,
+                Path(args.folder).resolve(),
+                png_participants=args.png_participants,
+            )
+        )
     except ConfigError as exc:
         print(f"archiver: {exc}", file=sys.stderr)
         return 2
@@ -77,12 +95,14 @@ def serve() -> int:
 
 def simulate(args: argparse.Namespace) -> int:
     logs.configure()
+    png = args.format == "png"
     simulation = Simulation(
         url=args.url,
         participants=args.participants,
         seconds=args.seconds,
-        fps=args.fps,
-        size=args.size,
+        fps=args.fps or (PNG_FPS if png else 15.0),
+        size=args.size or (PNG_SIZE if png else (320, 240)),
+        format=args.format,
         screenshare=args.screenshare,
         resize_at_s=args.resize_at,
         resize_to=args.resize_to,

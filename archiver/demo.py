@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -13,13 +14,14 @@ from archiver import logs
 from archiver.ingest.server import create_app
 from archiver.layout import RecordingId
 from archiver.settings import Settings
-from archiver.simulator import Simulation, run_simulation
+from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
 from archiver.store import LocalFolderStore
-from archiver.verify import check_stream
+from archiver.verify import check_events, check_png_stream, check_stream
 
 
-async def run_demo(participants: int, seconds: float, root: Path) -> int:
-    """Serve on a free local port, stream a simulated meeting through it, verify it all."""
+async def run_demo(participants: int, seconds: float, root: Path, png_participants: int = 2) -> int:
+    """Serve on a free local port, stream a simulated meeting through it (H.264 and PNG
+    participants, on two connections as two realtime endpoints would), verify it all."""
     logs.configure(level="warning")
     token = secrets.token_urlsafe(24)
     settings = Settings(
@@ -44,22 +46,42 @@ async def run_demo(participants: int, seconds: float, root: Path) -> int:
         resize_at_s=seconds / 2,
         realtime=False,
     )
-    print(f"streaming {participants} participants x webcam+screenshare, {seconds:g} s each ...")
-    await run_simulation(simulation)
+    png_simulation = Simulation(
+        url=simulation.url,
+        participants=png_participants,
+        seconds=seconds,
+        fps=PNG_FPS,
+        size=PNG_SIZE,
+        format="png",
+        first_participant_id=100 + participants,
+        bot_id=simulation.bot_id,
+        recording_id=simulation.recording_id,
+    )
+    print(
+        f"streaming {participants} participants x webcam+screenshare (H.264) and "
+        f"{png_participants} x webcam (PNG), {seconds:g} s each ..."
+    )
+    await asyncio.gather(run_simulation(simulation), run_simulation(png_simulation))
     await runner.cleanup()
 
     failures = 0
     print(f"\narchive of bot {simulation.bot_id}, recording {simulation.recording_id}:")
     recording = RecordingId(simulation.bot_id, simulation.recording_id)
     session = orjson.loads(await store.get(recording.session_key) or b"{}")
+    simulated = [*simulation.streams, *png_simulation.streams]
     for entry in session.get("streams", []):
-        check = await check_stream(store, entry["manifest_key"])
-        sizes = sorted({f"{f.width}x{f.height}" for f in check.frames})
         sent = sum(
             len(s.sent)
-            for s in simulation.streams
-            if str(s.participant_id) == entry["participant_id"] and s.video_type == entry["type"]
+            for s in simulated
+            if str(s.participant_id) == entry["participant_id"]
+            and s.video_type == entry["type"]
+            and s.media_format == entry["format"]
         )
+        if entry["format"] == "png":
+            failures += await _report_png(store, entry, sent)
+            continue
+        check = await check_stream(store, entry["manifest_key"])
+        sizes = sorted({f"{f.width}x{f.height}" for f in check.frames})
         verdict = "ok" if check.ok and len(check.frames) == sent else "FAILED"
         failures += verdict != "ok"
         print(
@@ -69,10 +91,41 @@ async def run_demo(participants: int, seconds: float, root: Path) -> int:
         )
         for problem in check.problems:
             print(f"    problem: {problem}")
+    failures += await _report_events(store, recording)
     print(f"\nfiles under {root / recording.prefix}:")
     for line in await asyncio.to_thread(_tree, root / recording.prefix):
         print(f"  {line}")
     return 1 if failures else 0
+
+
+async def _report_png(store: LocalFolderStore, entry: dict[str, Any], sent: int) -> int:
+    """Print one PNG stream's verdict; 1 when it failed."""
+    check = await check_png_stream(store, entry["manifest_key"])
+    sizes = sorted({f"{f.width}x{f.height}" for f in check.frames})
+    verdict = "ok" if check.ok and len(check.frames) == sent else "FAILED"
+    print(
+        f"  participant {entry['participant_id']} {entry['type']}/{entry['format']}: "
+        f"{len(check.manifest.get('batches', []))} tar batches, "
+        f"{len(check.frames)}/{sent} frames at their listed offsets, "
+        f"sizes {', '.join(sizes)}: {verdict}"
+    )
+    for problem in check.problems:
+        print(f"    problem: {problem}")
+    return verdict != "ok"
+
+
+async def _report_events(store: LocalFolderStore, recording: RecordingId) -> int:
+    """Print the recording's events archive; 1 when it failed."""
+    check = await check_events(store, recording)
+    kinds = ", ".join(f"{n} {e}" for e, n in sorted(check.manifest.get("event_types", {}).items()))
+    verdict = "ok" if check.ok and check.events else "FAILED"
+    print(
+        f"  events: {len(check.manifest.get('batches', []))} batches, "
+        f"{len(check.events)} events ({kinds}): {verdict}"
+    )
+    for problem in check.problems:
+        print(f"    problem: {problem}")
+    return verdict != "ok"
 
 
 def _tree(folder: Path) -> list[str]:

@@ -45,6 +45,15 @@ class RecordingId:
     def session_key(self) -> str:
         return f"{self.prefix}/session.json"
 
+    @property
+    def events_manifest_key(self) -> str:
+        return f"{self.prefix}/events/manifest.json"
+
+    def events_batch_key(self, first_micros: int, seq: int) -> str:
+        """Events batches are named by their first event's relative time (microseconds) and
+        their place in the recording's sequence: time-ordered and unique across reconnects."""
+        return f"{self.prefix}/events/{first_micros:013d}-{seq:06d}.jsonl"
+
 
 @dataclass(frozen=True, slots=True)
 class StreamId:
@@ -73,6 +82,11 @@ class StreamId:
     def segment_key(self, start_ticks: int) -> str:
         """Segments are named by start time (90 kHz ticks), unique across reconnects."""
         return f"{self.prefix}/segments/{start_ticks:013d}.m4s"
+
+    def batch_key(self, start_micros: int) -> str:
+        """PNG batches are named by their first frame's time (microseconds), unique across
+        reconnects."""
+        return f"{self.prefix}/batches/{start_micros:013d}.tar"
 
     @property
     def journal_name(self) -> str:

@@ -1,21 +1,23 @@
 """The JSON documents that let consumers find, order, verify and play the archive.
 
-A stream's `manifest.json` lists only segments the store has confirmed, in order. Live
+A stream's `manifest.json` lists only segments (H.264) or batches (PNG) the store has
+confirmed, in order; so does a recording's `events/manifest.json` for its events batches. Live
 writes follow a budget: they may add at most `overhead_ratio` of the stream's own requests
 and bytes, so a manifest that grows over a long meeting is rewritten less and less often.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import Field, asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import orjson
 
 from archiver.ingest.messages import RecordingContext
-from archiver.layout import RecordingId, StreamId
+from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.segmenting.fmp4 import TIMESCALE, MediaSegment
+from archiver.segmenting.png import MICROS, PngBatch
 
 SCHEMA_VERSION = 1
 JSON_TYPE = "application/json"
@@ -29,6 +31,10 @@ def _now() -> str:
 
 def _seconds(ticks: int) -> float:
     return round(ticks / TIMESCALE, 6)
+
+
+def _micros_to_seconds(micros: int) -> float:
+    return round(micros / MICROS, 6)
 
 
 def dumps(document: dict[str, Any]) -> bytes:
@@ -83,6 +89,70 @@ class SegmentEntry:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PngFrameEntry:
+    """One frame of a batch; fetch it alone with `Range: bytes=offset-(offset+size-1)`."""
+
+    name: str
+    relative: float
+    absolute: str
+    width: int
+    height: int
+    size: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class PngBatchEntry:
+    """One stored PNG tar batch as the manifest lists it."""
+
+    key: str
+    seq: int
+    start: float
+    end: float
+    """The last frame's relative time (a PNG has no duration)."""
+    start_wallclock: str
+    frame_count: int
+    bytes: int
+    sha256: str
+    frames: tuple[PngFrameEntry, ...]
+    recovered: bool = False
+    """True when rebuilt from the journal of a process that crashed."""
+
+    @classmethod
+    def stored(
+        cls, batch: PngBatch, key: str, size: int, sha256: str, recovered: bool = False
+    ) -> PngBatchEntry:
+        return cls(
+            key=key,
+            seq=batch.seq,
+            start=_micros_to_seconds(batch.start_micros),
+            end=_micros_to_seconds(batch.end_micros),
+            start_wallclock=batch.start_wallclock.isoformat(),
+            frame_count=len(batch.frames),
+            bytes=size,
+            sha256=sha256,
+            frames=tuple(
+                PngFrameEntry(
+                    name=frame.name,
+                    relative=_micros_to_seconds(frame.micros),
+                    absolute=frame.absolute.isoformat(),
+                    width=frame.width,
+                    height=frame.height,
+                    size=frame.size,
+                    offset=frame.offset,
+                )
+                for frame in batch.frames
+            ),
+            recovered=recovered,
+        )
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> PngBatchEntry:
+        frames = tuple(PngFrameEntry(**frame) for frame in document["frames"])
+        return cls(**{**document, "frames": frames})
+
+
 class WriteBudget:
     """Decides when a live manifest may be rewritten without exceeding its overhead share."""
 
@@ -117,8 +187,37 @@ class WriteBudget:
         self.last_entries = entries
 
 
-class StreamManifest:
-    """The manifest of one stream, owned by that stream's publisher."""
+class ManifestEntry(Protocol):
+    """What every listed object has: the publisher orders by `seq`, recovery merges by `key`
+    and `start`."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def start(self) -> float: ...
+
+    @property
+    def end(self) -> float: ...
+
+    @property
+    def recovered(self) -> bool: ...
+
+
+EntryT = TypeVar("EntryT", bound=ManifestEntry)
+
+
+class ArchiveManifest(Generic[EntryT]):
+    """What the manifests of every format share: ids and metadata, the participant, status,
+    counters, and the stored objects in order. Owned by its stream's publisher."""
+
+    entries_name: ClassVar[str]
+    """The document's key for the list of stored objects."""
 
     def __init__(
         self,
@@ -131,8 +230,8 @@ class StreamManifest:
         self.context = context
         self.participant = participant
         self.participant_changes: list[dict[str, Any]] = []
-        self.segments: list[SegmentEntry] = []
-        self.segment_documents: list[dict[str, Any]] = []
+        self.entries: list[EntryT] = []
+        self.entry_documents: list[dict[str, Any]] = []
         self.carried_counters: dict[str, int] = {}
         self.recovered_ranges: list[dict[str, float]] = []
         self.created_at = _now()
@@ -140,30 +239,38 @@ class StreamManifest:
         if previous is not None:
             self._resume(previous)
 
+    def entry_from(self, document: dict[str, Any]) -> EntryT:
+        """An entry back from its JSON form (a previous manifest, a spooled object's record)."""
+        raise NotImplementedError
+
+    def format_fields(self) -> dict[str, Any]:
+        """The document's fields that only this format has."""
+        raise NotImplementedError
+
     def _resume(self, previous: dict[str, Any]) -> None:
         """Continue a manifest a previous connection or process wrote."""
         self.created_at = previous.get("created_at", self.created_at)
         self.participant_changes = list(previous.get("participant_changes", []))
         self.recovered_ranges = list(previous.get("recovered_ranges", []))
-        for document in previous.get("segments", []):
-            self.add(SegmentEntry(**document))
+        for document in previous.get(self.entries_name, []):
+            self.add(self.entry_from(document))
         counters = previous.get("counters", {})
         self.carried_counters = {k: v for k, v in counters.items() if isinstance(v, int)}
 
-    def add(self, entry: SegmentEntry) -> None:
-        """List a stored segment; its document is built once, not at every write."""
-        self.segments.append(entry)
-        self.segment_documents.append(asdict(entry))
+    def add(self, entry: EntryT) -> None:
+        """List a stored object; its document is built once, not at every write."""
+        self.entries.append(entry)
+        self.entry_documents.append(asdict(entry))
 
-    def merge(self, entries: list[SegmentEntry]) -> int:
-        """Add segments a crashed process left behind, in time order, renumbering `seq`;
+    def merge(self, entries: list[EntryT]) -> int:
+        """Add objects a crashed process left behind, in time order, renumbering `seq`;
         return how many were not listed yet."""
-        known = {entry.key for entry in self.segments}
+        known = {entry.key for entry in self.entries}
         new = [entry for entry in entries if entry.key not in known]
         if not new:
             return 0
-        merged = sorted([*self.segments, *new], key=lambda entry: entry.start)
-        self.segments, self.segment_documents = [], []
+        merged = sorted([*self.entries, *new], key=lambda entry: entry.start)
+        self.entries, self.entry_documents = [], []
         for seq, entry in enumerate(merged):
             self.add(replace(entry, seq=seq))
         self.recovered_ranges.extend(
@@ -174,11 +281,7 @@ class StreamManifest:
 
     @property
     def next_seq(self) -> int:
-        return self.segments[-1].seq + 1 if self.segments else 0
-
-    @property
-    def last_ticks(self) -> int:
-        return round(self.segments[-1].end * TIMESCALE) - 1 if self.segments else -1
+        return self.entries[-1].seq + 1 if self.entries else 0
 
     def update_participant(self, relative_s: float, participant: dict[str, Any]) -> None:
         if participant != self.participant:
@@ -202,22 +305,141 @@ class StreamManifest:
             "participant_changes": self.participant_changes,
             "type": self.stream.video_type,
             "format": self.stream.media_format,
-            "codec": self.segments[-1].codec if self.segments else None,
-            "timescale": TIMESCALE,
             "counters": merged,
             "recovered_ranges": self.recovered_ranges,
-            "segments": self.segment_documents,
+            **self.format_fields(),
+            self.entries_name: self.entry_documents,
+        }
+
+
+class StreamManifest(ArchiveManifest[SegmentEntry]):
+    """The manifest of one H.264 stream: fMP4 segments, each behind its init segment."""
+
+    entries_name = "segments"
+
+    @property
+    def segments(self) -> list[SegmentEntry]:
+        return self.entries
+
+    @property
+    def last_ticks(self) -> int:
+        return round(self.entries[-1].end * TIMESCALE) - 1 if self.entries else -1
+
+    def entry_from(self, document: dict[str, Any]) -> SegmentEntry:
+        return SegmentEntry(**document)
+
+    def format_fields(self) -> dict[str, Any]:
+        return {
+            "codec": self.entries[-1].codec if self.entries else None,
+            "timescale": TIMESCALE,
+        }
+
+
+class PngManifest(ArchiveManifest[PngBatchEntry]):
+    """The manifest of one PNG stream: tar batches, with every frame's place in its batch."""
+
+    entries_name = "batches"
+
+    @property
+    def last_micros(self) -> int:
+        return round(self.entries[-1].end * MICROS) if self.entries else -1
+
+    def entry_from(self, document: dict[str, Any]) -> PngBatchEntry:
+        return PngBatchEntry.from_document(document)
+
+    def format_fields(self) -> dict[str, Any]:
+        return {"frames": sum(entry.frame_count for entry in self.entries)}
+
+
+MANIFEST_TYPES: dict[MediaFormat, type[ArchiveManifest[Any]]] = {
+    "h264": StreamManifest,
+    "png": PngManifest,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EventBatchEntry:
+    """One stored batch of events: JSON Lines, one event per line, as received."""
+
+    key: str
+    seq: int
+    count: int
+    first_relative: float | None
+    """The first timestamp an event of the batch carried, in seconds (None: none did)."""
+    last_relative: float | None
+    bytes: int
+    sha256: str
+    event_types: dict[str, int]
+
+
+class EventsManifest:
+    """`events/manifest.json` of one recording: its events batches, in order, each listed
+    only once the store confirmed it."""
+
+    def __init__(self, recording: RecordingId, previous: dict[str, Any] | None = None) -> None:
+        self.recording = recording
+        self.bot: dict[str, Any] = {"id": recording.bot_id}
+        self.recording_ref: dict[str, Any] = {"id": recording.recording_id}
+        self.batches: list[EventBatchEntry] = []
+        self.batch_documents: list[dict[str, Any]] = []
+        self.carried_counters: dict[str, int] = {}
+        self.created_at = _now()
+        self.status: StreamStatus = "live"
+        if previous is not None:
+            self.created_at = previous.get("created_at", self.created_at)
+            for document in previous.get("batches", []):
+                self.add(EventBatchEntry(**document))
+            counters = previous.get("counters", {})
+            self.carried_counters = {k: v for k, v in counters.items() if isinstance(v, int)}
+
+    def add(self, entry: EventBatchEntry) -> None:
+        self.batches.append(entry)
+        self.batch_documents.append(asdict(entry))
+
+    @property
+    def next_seq(self) -> int:
+        return self.batches[-1].seq + 1 if self.batches else 0
+
+    @property
+    def last_relative(self) -> float | None:
+        """The latest timestamp any listed batch carried."""
+        known = [b.last_relative for b in self.batches if b.last_relative is not None]
+        return known[-1] if known else None
+
+    def document(self, counters: dict[str, int]) -> dict[str, Any]:
+        merged = dict(self.carried_counters)
+        for name, value in counters.items():
+            merged[name] = merged.get(name, 0) + value
+        event_types: dict[str, int] = {}
+        for batch in self.batches:
+            for event, count in batch.event_types.items():
+                event_types[event] = event_types.get(event, 0) + count
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "status": self.status,
+            "created_at": self.created_at,
+            "updated_at": _now(),
+            "bot": self.bot,
+            "recording": self.recording_ref,
+            "counters": merged,
+            "events": sum(batch.count for batch in self.batches),
+            "event_types": event_types,
+            "batches": self.batch_documents,
         }
 
 
 class SessionIndex:
-    """`session.json` of one recording: its participants and their streams."""
+    """`session.json` of one recording: its participants (with their joins and leaves as the
+    events tell them), their streams, and its events archive."""
 
     def __init__(self, recording: RecordingId) -> None:
         self.recording = recording
         self.context: RecordingContext | None = None
+        self.refs: dict[str, dict[str, Any]] = {}
         self.participants: dict[str, dict[str, Any]] = {}
+        self.presence: dict[str, dict[str, list[Any]]] = {}
         self.streams: dict[str, dict[str, Any]] = {}
+        self.events: dict[str, Any] | None = None
 
     def record_stream(
         self,
@@ -236,16 +458,63 @@ class SessionIndex:
             "status": status,
         }
 
+    def record_presence(
+        self, participant_id: str, participant: dict[str, Any], joined: bool, timestamp: Any
+    ) -> None:
+        """Note a join or leave, with the timestamp the event carried."""
+        self.participants[participant_id] = participant
+        presence = self.presence.setdefault(participant_id, {"joins": [], "leaves": []})
+        presence["joins" if joined else "leaves"].append(timestamp)
+
+    def record_events(self, manifest: EventsManifest, status: StreamStatus) -> None:
+        self.refs = {"bot": manifest.bot, "recording": manifest.recording_ref}
+        self.events = {
+            "manifest_key": self.recording.events_manifest_key,
+            "status": status,
+            "batches": len(manifest.batches),
+            "events": sum(batch.count for batch in manifest.batches),
+        }
+
+    def resume(self, previous: dict[str, Any]) -> None:
+        """Keep what a previous connection or process listed and this one has not seen."""
+        self.refs = self.refs or {
+            name: previous[name] for name in ("bot", "recording") if name in previous
+        }
+        for stream in previous.get("streams", []):
+            self.streams.setdefault(stream["manifest_key"], stream)
+        for entry in previous.get("participants", []):
+            participant_id = str(entry.get("id"))
+            info = {k: v for k, v in entry.items() if k not in ("joins", "leaves")}
+            self.participants.setdefault(participant_id, info)
+            presence = self.presence.setdefault(participant_id, {"joins": [], "leaves": []})
+            for kind in ("joins", "leaves"):
+                earlier = [t for t in entry.get(kind, []) if t not in presence[kind]]
+                presence[kind][:0] = earlier
+        if self.events is None:
+            self.events = previous.get("events")
+
     def document(self) -> dict[str, Any]:
         context = self.context
+        refs = self.refs
+        bot = context.bot if context else refs.get("bot", {"id": self.recording.bot_id})
+        recording = (
+            context.recording
+            if context
+            else refs.get("recording", {"id": self.recording.recording_id})
+        )
         return {
             "schema_version": SCHEMA_VERSION,
             "updated_at": _now(),
-            "bot": context.bot if context else {"id": self.recording.bot_id},
-            "recording": context.recording if context else {"id": self.recording.recording_id},
+            "bot": bot,
+            "recording": recording,
             "participants": [
-                {"id": pid, **{k: v for k, v in info.items() if k != "id"}}
+                {
+                    "id": pid,
+                    **{k: v for k, v in info.items() if k != "id"},
+                    **self.presence.get(pid, {}),
+                }
                 for pid, info in sorted(self.participants.items())
             ],
             "streams": [self.streams[k] for k in sorted(self.streams)],
+            "events": self.events,
         }

@@ -1,15 +1,17 @@
 """Start-up recovery: whatever a previous process on this machine left unfinished.
 
-Journals become segments, segments that reached the spool but never a manifest are added
-to theirs, and every leftover object is uploaded in the order it was spooled, so a manifest
-never reaches the store before the segments it names. Streams whose manifests are being
-recovered wait for that before they continue.
+Journals become segments (batches, for PNG), objects that reached the spool but never a
+manifest are added to theirs, and every leftover object is uploaded in the order it was
+spooled, so a manifest never reaches the store before the segments it names. Streams whose
+manifests are being recovered wait for that before they continue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,14 @@ from typing import Any
 import orjson
 import structlog
 
+from archiver.errors import InputError
 from archiver.ingest.messages import RecordingContext
 from archiver.layout import RecordingId, StreamId
-from archiver.manifests import JSON_TYPE, SegmentEntry, StreamManifest, dumps
+from archiver.manifests import JSON_TYPE, MANIFEST_TYPES, PngBatchEntry, SegmentEntry, dumps
+from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
+from archiver.segmenting.png import PngBatch, PngBatcher
 from archiver.store.base import sha256_digest
 from archiver.store.journal import read_segment, stream_folders
 from archiver.store.spool import Spool, SpooledObject
@@ -30,6 +35,7 @@ log = structlog.get_logger(__name__)
 
 MP4_TYPE = "video/mp4"
 SEGMENT_TYPE = "video/iso.segment"
+TAR_TYPE = "application/x-tar"
 JOURNAL_FOLDER = "journal"
 
 
@@ -92,6 +98,27 @@ async def spool_segment(
     return entry, spooled
 
 
+async def spool_batch(
+    spool: Spool,
+    stream: StreamId,
+    batch: PngBatch,
+    header: dict[str, Any],
+    recovered: bool = False,
+) -> tuple[PngBatchEntry, list[SpooledObject]]:
+    """Put a PNG tar batch in the spool; like a segment, the spooled copy carries the entry
+    its manifest will list."""
+    key = stream.batch_key(batch.start_micros)
+    entry = PngBatchEntry.stored(
+        batch,
+        key=spool.location(key),
+        size=len(batch.body),
+        sha256=sha256_digest(batch.body)[0],
+        recovered=recovered,
+    )
+    extra = {"manifest_key": stream.manifest_key, "entry": asdict(entry), **header}
+    return entry, [await spool.write(key, batch.body, TAR_TYPE, extra, write_once=True)]
+
+
 @dataclass(slots=True)
 class Recovery:
     """What start-up found, and the upload of it still under way."""
@@ -114,23 +141,31 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
     recovery = Recovery()
     leftovers = await spool.leftovers()
     recovery.leftover_objects = len(leftovers)
-    pending: dict[str, tuple[dict[str, Any], list[SegmentEntry]]] = {}
+    pending: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for spooled in leftovers:
         extra = spooled.extra or {}
         if "entry" in extra:
             _, entries = pending.setdefault(extra["manifest_key"], (extra, []))
-            entries.append(SegmentEntry(**extra["entry"]))
+            entries.append(extra["entry"])
 
     replayed: list[SpooledObject] = []
     for folder, header in await asyncio.to_thread(lambda: list(stream_folders(journal_root))):
         stream, _, _ = _from_header(header)
-        segments, frames = await asyncio.to_thread(_replay, folder, target_s)
+        stored: list[tuple[SegmentEntry | PngBatchEntry, list[SpooledObject]]] = []
+        if stream.media_format == "png":
+            batches, frames = await asyncio.to_thread(_replay, folder, _batcher_for_replay)
+            for batch in batches:
+                stored.append(await spool_batch(spool, stream, batch, header, recovered=True))
+        else:
+            start = functools.partial(_segmenter_for_replay, target_s)
+            segments, frames = await asyncio.to_thread(_replay, folder, start)
+            for segment in segments:
+                stored.append(await spool_segment(spool, stream, segment, header, recovered=True))
         recovery.replayed_frames += frames
-        for segment in segments:
-            entry, objects = await spool_segment(spool, stream, segment, header, recovered=True)
+        for entry, objects in stored:
             replayed.extend(objects)
-            pending.setdefault(stream.manifest_key, (header, []))[1].append(entry)
-        recovery.replayed_segments += len(segments)
+            pending.setdefault(stream.manifest_key, (header, []))[1].append(asdict(entry))
+        recovery.replayed_segments += len(stored)
         await asyncio.to_thread(shutil.rmtree, folder, True)
 
     merged: list[SpooledObject] = []
@@ -138,8 +173,8 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
         stream, context, participant = _from_header(header)
         raw = await spool.get(manifest_key)
         previous = orjson.loads(raw) if raw is not None else None
-        manifest = StreamManifest(stream, context, participant, previous)
-        if manifest.merge(entries) or previous is None:
+        manifest = MANIFEST_TYPES[stream.media_format](stream, context, participant, previous)
+        if manifest.merge([manifest.entry_from(entry) for entry in entries]) or previous is None:
             manifest.status = "interrupted"
             merged.append(await spool.write(manifest_key, dumps(manifest.document({})), JSON_TYPE))
             recovery.manifests.add(manifest_key)
@@ -157,25 +192,38 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
     return recovery
 
 
-def _replay(folder: Path, target_s: float) -> tuple[list[MediaSegment], int]:
-    """Turn each journal file of a stream back into the segment it was becoming."""
-    segments: list[MediaSegment] = []
+def _replay(
+    folder: Path, start: Callable[[dict[str, Any] | None], Segmenter[FinishedT]]
+) -> tuple[list[FinishedT], int]:
+    """Turn each journal file of a stream back into the segment or batch it was becoming."""
+    finished: list[FinishedT] = []
     frames = 0
     for path in sorted(folder.glob("*.jnl")):
         journaled = read_segment(path)
         if not journaled.frames:
             continue
-        segmenter = H264Segmenter(target_s=max(target_s, 1e6))
-        if journaled.config is not None:
-            segmenter.resume(StreamConfig.from_record(journaled.config))
+        segmenter = start(journaled.config)
         for frame in journaled.frames:
             try:
-                segments.extend(segmenter.push(frame.data, frame.relative_s, frame.absolute))
-            except ValueError:
+                finished.extend(segmenter.push(frame.data, frame.relative_s, frame.absolute))
+            except InputError:
                 continue
-        segments.extend(segmenter.flush())
-        frames += segmenter.counters.archived
-    return segments, frames
+        finished.extend(segmenter.flush())
+        frames += segmenter.snapshot()["archived"]
+    return finished, frames
+
+
+def _segmenter_for_replay(target_s: float, config: dict[str, Any] | None) -> H264Segmenter:
+    """One journal file holds one segment: nothing inside it is cut again."""
+    segmenter = H264Segmenter(target_s=max(target_s, 1e6))
+    if config is not None:
+        segmenter.resume(StreamConfig.from_record(config))
+    return segmenter
+
+
+def _batcher_for_replay(config: dict[str, Any] | None) -> PngBatcher:
+    """One journal file holds one batch: nothing inside it is cut again."""
+    return PngBatcher(max_frames=2**31, max_s=1e9)
 
 
 async def _upload_in_order(spool: Spool, backlog: list[SpooledObject]) -> None:

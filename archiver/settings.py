@@ -70,6 +70,24 @@ class Settings(BaseSettings):
         description="Live manifest writes may add at most this share of a stream's "
         "requests and bytes.",
     )
+    png_batch_frames: int = Field(
+        default=60, ge=1, description="A PNG tar batch closes once it holds this many frames."
+    )
+    png_batch_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A PNG tar batch closes before a frame this many seconds (relative "
+        "timestamp) after its first.",
+    )
+    events_batch_count: int = Field(
+        default=1000, ge=1, description="An events batch closes once it holds this many events."
+    )
+    events_batch_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="An events batch closes before an event this many seconds (relative "
+        "timestamp) after its first, and at the latest this long after it opened.",
+    )
 
     # Streams and limits.
     idle_timeout_s: float = Field(

@@ -3,37 +3,44 @@
 x264 is set up the way a browser's WebRTC encoder behaves: constrained baseline, no
 B-frames, SPS/PPS in-band before every IDR, and key frames only when asked for (at the
 start, on a resolution change, or at an optional interval), so a stream may have one.
+PNG streams send one PNG per frame, as Recall does (640x360 at 2 fps).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from fractions import Fraction
-from typing import Any, Literal
+from typing import Any
 
 import aiohttp
 import av
 import orjson
 
-from archiver.layout import VideoType
+from archiver.ingest.messages import MEDIA_EVENTS
+from archiver.layout import MediaFormat, VideoType
 
 _TIME_BASE = Fraction(1, 90_000)
+_EVENT_OF_FORMAT = {media_format: event for event, media_format in MEDIA_EVENTS.items()}
+PNG_SIZE = (640, 360)
+PNG_FPS = 2.0
 Size = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
 class SentFrame:
-    """One access unit the simulator sent, for comparison with the archive."""
+    """One access unit or PNG the simulator sent, for comparison with the archive."""
 
     relative_s: float
     keyframe: bool
     width: int
     height: int
+    sha256: str = ""
 
 
 @dataclass(slots=True)
@@ -42,6 +49,7 @@ class SimulatedStream:
     video_type: VideoType
     sizes: list[tuple[float, Size]]
     """(from second, size) pairs: the picture size changes at each `from second`."""
+    media_format: MediaFormat = "h264"
     sent: list[SentFrame] = field(default_factory=list)
 
 
@@ -62,7 +70,9 @@ class Simulation:
     start_relative_s: float = 0.0
     bot_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     recording_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    format: Literal["h264"] = "h264"
+    format: MediaFormat = "h264"
+    first_participant_id: int = 100
+    """Participants are numbered from here: two simulations of one recording stay apart."""
     participant_events: bool = True
     streams: list[SimulatedStream] = field(default_factory=list)
 
@@ -72,7 +82,7 @@ class Simulation:
             sizes.append((self.resize_at_s, self.resize_to))
         types: list[VideoType] = ["webcam", "screenshare"] if self.screenshare else ["webcam"]
         self.streams = [
-            SimulatedStream(100 + n, video_type, list(sizes))
+            SimulatedStream(self.first_participant_id + n, video_type, list(sizes), self.format)
             for n in range(self.participants)
             for video_type in types
         ]
@@ -188,6 +198,42 @@ def encode_stream(
         source.close()
 
 
+def encode_png_stream(
+    plan: SimulatedStream,
+    seconds: float,
+    fps: float,
+    start_relative_s: float = 0.0,
+) -> Iterator[tuple[float, bytes, SentFrame]]:
+    """Yield (relative time, PNG, what it is) for one stream, in order: one image per frame."""
+    count = int(seconds * fps)
+    source = av.open(f"testsrc2=size=1280x720:rate={fps}", format="lavfi")
+    pictures = source.decode(video=0)
+    encoder: av.VideoCodecContext | None = None
+    size: Size | None = None
+    try:
+        for index in range(count):
+            at = index / fps
+            wanted = [s for start, s in plan.sizes if start <= at][-1]
+            if wanted != size:
+                encoder = av.CodecContext.create("png", "w")
+                assert isinstance(encoder, av.VideoCodecContext)
+                encoder.width, encoder.height = wanted
+                encoder.pix_fmt = "rgb24"
+                encoder.time_base = _TIME_BASE
+                size = wanted
+            assert encoder is not None
+            frame = next(pictures).reformat(width=wanted[0], height=wanted[1], format="rgb24")
+            frame.pts = round(at * 90_000)
+            frame.time_base = _TIME_BASE
+            relative = round(start_relative_s + at, 6)
+            for packet in encoder.encode(frame):
+                data = bytes(packet)
+                sent = SentFrame(relative, True, *wanted, hashlib.sha256(data).hexdigest())
+                yield relative, data, sent
+    finally:
+        source.close()
+
+
 def _encoder(size: Size, fps: float) -> av.VideoCodecContext:
     encoder = av.CodecContext.create("libx264", "w")
     assert isinstance(encoder, av.VideoCodecContext)
@@ -211,7 +257,9 @@ def _drain(
     for packet in encoder.encode(frame):
         assert packet.pts is not None
         relative = round(offset + packet.pts / 90_000, 6)
-        yield relative, bytes(packet), SentFrame(relative, packet.is_keyframe, *size)
+        data = bytes(packet)
+        sha256 = hashlib.sha256(data).hexdigest()
+        yield relative, data, SentFrame(relative, packet.is_keyframe, *size, sha256)
 
 
 async def run_simulation(simulation: Simulation) -> Simulation:
@@ -223,13 +271,19 @@ async def run_simulation(simulation: Simulation) -> Simulation:
     def encode_all() -> list[tuple[float, int, bytes, SentFrame]]:
         timeline = []
         for number, stream in enumerate(streams):
-            for relative, data, frame in encode_stream(
-                stream,
-                simulation.seconds,
-                simulation.fps,
-                simulation.keyframe_interval_s,
-                simulation.start_relative_s,
-            ):
+            if stream.media_format == "png":
+                frames = encode_png_stream(
+                    stream, simulation.seconds, simulation.fps, simulation.start_relative_s
+                )
+            else:
+                frames = encode_stream(
+                    stream,
+                    simulation.seconds,
+                    simulation.fps,
+                    simulation.keyframe_interval_s,
+                    simulation.start_relative_s,
+                )
+            for relative, data, frame in frames:
                 timeline.append((relative, number, data, frame))
         timeline.sort(key=lambda item: (item[0], item[1]))
         return timeline
@@ -257,7 +311,13 @@ async def run_simulation(simulation: Simulation) -> Simulation:
                     await asyncio.sleep(delay)
             stream = streams[number]
             message = media_message(
-                data, relative, wallclock_start, stream.video_type, stream.participant_id, **ids
+                data,
+                relative,
+                wallclock_start,
+                stream.video_type,
+                stream.participant_id,
+                event=_EVENT_OF_FORMAT[stream.media_format],
+                **ids,
             )
             await ws.send_str(orjson.dumps(message).decode())
             stream.sent.append(frame)

@@ -1,9 +1,10 @@
 """Demultiplexed streams: one worker per (bot, recording, participant, type, format).
 
 The receive loop only enqueues. Each stream's worker takes its messages in order, hands
-them in batches to a thread (base64 and muxing stay off the event loop), uploads finished
-segments in parallel, and publishes them to its manifest strictly in order, only after the
-store confirmed them.
+them in batches to a thread (base64, muxing and tar building stay off the event loop),
+uploads finished segments or batches in parallel, and publishes them to its manifest strictly
+in order, only after the store confirmed them. What differs between H.264 and PNG is the
+segmenter, the manifest, and how a finished object is spooled; the worker is shared.
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ import binascii
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Generic, Literal
 
 import orjson
 import structlog
 
 from archiver.errors import InputError, StoreError
+from archiver.events import EventArchive
 from archiver.ingest.messages import MediaMessage
-from archiver.layout import RecordingId, StreamId
+from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.manifests import (
     JSON_TYPE,
+    ArchiveManifest,
+    EntryT,
+    EventsManifest,
+    PngBatchEntry,
+    PngManifest,
     SegmentEntry,
     SessionIndex,
     StreamManifest,
@@ -31,8 +38,16 @@ from archiver.manifests import (
     WriteBudget,
 )
 from archiver.manifests import dumps as dump_json
-from archiver.recovery import JOURNAL_FOLDER, Recovery, spool_segment, stream_header
-from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment, segment_name
+from archiver.recovery import (
+    JOURNAL_FOLDER,
+    Recovery,
+    spool_batch,
+    spool_segment,
+    stream_header,
+)
+from archiver.segmenting.base import FinishedT, Segmenter
+from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
+from archiver.segmenting.png import PngBatch, PngBatcher
 from archiver.settings import Settings
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
@@ -52,15 +67,19 @@ class _End:
 
 
 @dataclass(frozen=True, slots=True)
-class _BatchResult:
-    segments: list[MediaSegment]
+class _BatchResult(Generic[FinishedT]):
+    finished: list[FinishedT]
     rejected: list[InputError]
     counters: dict[str, int]
 
 
-class Stream:
+class Stream(Generic[FinishedT, EntryT]):
     """One stream's worker. Its segmenter lives on one thread at a time, its manifest on
-    the event loop; nothing else touches either."""
+    the event loop; nothing else touches either. Subclasses say how to start the manifest
+    and segmenter of their format and how to spool what it finishes."""
+
+    published_counter: ClassVar[str]
+    """The manifest counter of stored objects ("segments", "batches")."""
 
     def __init__(
         self,
@@ -88,12 +107,11 @@ class Stream:
         self.queue: asyncio.Queue[MediaMessage | _End] = asyncio.Queue(
             settings.stream_queue_messages
         )
-        self.segmenter: H264Segmenter | None = None
-        self.manifest: StreamManifest | None = None
+        self.segmenter: Segmenter[FinishedT] | None = None
+        self.manifest: ArchiveManifest[EntryT] | None = None
         self.budget = WriteBudget(settings.manifest_overhead_ratio)
-        self.counters = {"segments": 0, "upload_failures": 0, "manifest_failures": 0}
+        self.counters = {self.published_counter: 0, "upload_failures": 0, "manifest_failures": 0}
         self.segmenter_counters: dict[str, int] = {}
-        self.spooled_inits: set[str] = set()
         self.logged_rejects: dict[str, int] = {}
         self.task: asyncio.Task[None] | None = None
 
@@ -116,7 +134,7 @@ class Stream:
         first = await self.queue.get()
         if isinstance(first, _End):
             return
-        publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None] = asyncio.Queue()
+        publish: asyncio.Queue[asyncio.Task[EntryT | None] | None] = asyncio.Queue()
         publisher = asyncio.create_task(self._publish_in_order(publish))
         reason: EndReason = "shutdown"
         try:
@@ -165,21 +183,17 @@ class Stream:
     async def _open(self, first: MediaMessage) -> None:
         """Start or resume the stream: a manifest already in the store is continued."""
         await self.recovery.wait_for(self.id.manifest_key)
-        if self.manifest is None:
+        if self.manifest is None or self.segmenter is None:
             previous = await self._load_previous()
-            self.manifest = StreamManifest(self.id, first.context, first.participant, previous)
+            self.manifest, self.segmenter = self._begin(first, previous)
             if previous is not None:
-                self.log.info("stream_resumed", segments=len(self.manifest.segments))
+                self.log.info(
+                    "stream_resumed", **{self.published_counter: len(self.manifest.entries)}
+                )
         self.manifest.status = "live"
         self.header = stream_header(self.id, first.context, first.participant)
         folder = Path(self.settings.spool_dir) / JOURNAL_FOLDER / self.id.journal_name
         self.journal = await asyncio.to_thread(StreamJournal, folder, self.header)
-        if self.segmenter is None:
-            self.segmenter = H264Segmenter(
-                self.settings.segment_target_s,
-                first_seq=self.manifest.next_seq,
-                last_ticks=self.manifest.last_ticks,
-            )
         self.segmenter.journal = self.journal
         self.sessions.record(self.id, self.manifest, "live")
         self.log.info("stream_started", relative=first.relative_s)
@@ -202,7 +216,7 @@ class Stream:
     async def _segment(
         self,
         batch: list[MediaMessage],
-        publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None],
+        publish: asyncio.Queue[asyncio.Task[EntryT | None] | None],
     ) -> None:
         assert self.manifest is not None
         for message in batch:
@@ -212,14 +226,14 @@ class Stream:
         self.segmenter_counters = result.counters
         for error in result.rejected:
             self._log_reject(error)
-        for segment in result.segments:
-            await self._hand_over(segment, publish)
+        for finished in result.finished:
+            await self._hand_over(finished, publish)
 
-    def _segment_batch(self, batch: list[MediaMessage]) -> _BatchResult:
-        """Runs on a worker thread: base64 and muxing for a batch of one stream."""
+    def _segment_batch(self, batch: list[MediaMessage]) -> _BatchResult[FinishedT]:
+        """Runs on a worker thread: base64 and segmenting for a batch of one stream."""
         segmenter = self.segmenter
         assert segmenter is not None
-        segments: list[MediaSegment] = []
+        finished: list[FinishedT] = []
         rejected: list[InputError] = []
         for message in batch:
             try:
@@ -229,24 +243,22 @@ class Stream:
                 rejected.append(InputError("bad_base64", str(exc)))
                 continue
             try:
-                segments.extend(segmenter.push(data, message.relative_s, message.absolute))
+                finished.extend(segmenter.push(data, message.relative_s, message.absolute))
             except InputError as exc:
                 rejected.append(exc)
         if self.journal is not None:
             self.journal.sync_if_due()
-        return _BatchResult(segments, rejected, segmenter.counters.snapshot())
+        return _BatchResult(finished, rejected, segmenter.snapshot())
 
-    async def _flush(
-        self, publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None]
-    ) -> None:
+    async def _flush(self, publish: asyncio.Queue[asyncio.Task[EntryT | None] | None]) -> None:
         segmenter = self.segmenter
         if segmenter is None:
             return
         loop = asyncio.get_running_loop()
-        segments = await loop.run_in_executor(self.executor, segmenter.flush)
-        self.segmenter_counters = segmenter.counters.snapshot()
-        for segment in segments:
-            await self._hand_over(segment, publish)
+        closed = await loop.run_in_executor(self.executor, segmenter.flush)
+        self.segmenter_counters = segmenter.snapshot()
+        for finished in closed:
+            await self._hand_over(finished, publish)
 
     def _log_reject(self, error: InputError) -> None:
         """Log the first of each reason, then every hundredth: counted always, never a flood."""
@@ -255,44 +267,50 @@ class Stream:
         if seen == 1 or seen % 100 == 0:
             self.log.warning("frame_dropped", reason=error.reason, detail=error.detail, seen=seen)
 
+    def _begin(
+        self, first: MediaMessage, previous: dict[str, Any] | None
+    ) -> tuple[ArchiveManifest[EntryT], Segmenter[FinishedT]]:
+        """The manifest (continuing `previous`) and the segmenter that carries on from it."""
+        raise NotImplementedError
+
+    async def _spool(self, finished: FinishedT) -> tuple[EntryT, list[SpooledObject]]:
+        """Put a finished object in the spool; return its entry and what is to be confirmed."""
+        raise NotImplementedError
+
     async def _hand_over(
         self,
-        segment: MediaSegment,
-        publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None],
+        finished: FinishedT,
+        publish: asyncio.Queue[asyncio.Task[EntryT | None] | None],
     ) -> None:
-        """Spool a finished segment (waiting for room when the spool is full: that wait is
-        the backpressure), forget its journal, and queue its upload for in-order publishing."""
-        init_key = self.id.init_key(segment.init_sha256)
-        with_init = init_key not in self.spooled_inits
+        """Spool a finished segment or batch (waiting for room when the spool is full: that
+        wait is the backpressure), forget its journal, and queue its upload for in-order
+        publishing."""
         try:
-            entry, spooled = await spool_segment(
-                self.spool, self.id, segment, self.header, with_init=with_init
-            )
+            entry, spooled = await self._spool(finished)
         except StoreError as exc:
             self.counters["upload_failures"] += 1
-            self.log.error("segment_spool_failed", seq=segment.seq, error=str(exc))
+            self.log.error("segment_spool_failed", seq=finished.seq, error=str(exc))
             return
-        self.spooled_inits.add(init_key)
         if self.journal is not None:
-            self.journal.discard(segment_name(segment.start_ticks))
+            self.journal.discard(finished.name)
         await publish.put(asyncio.create_task(self._confirm(entry, spooled)))
 
-    async def _confirm(self, entry: SegmentEntry, spooled: list[SpooledObject]) -> SegmentEntry:
+    async def _confirm(self, entry: EntryT, spooled: list[SpooledObject]) -> EntryT:
         for spooled_object in spooled:
             await self.spool.confirm(spooled_object)
             self.budget.count_media(spooled_object.size)
         return entry
 
     async def _publish_in_order(
-        self, publish: asyncio.Queue[asyncio.Task[SegmentEntry | None] | None]
+        self, publish: asyncio.Queue[asyncio.Task[EntryT | None] | None]
     ) -> None:
         while (upload := await publish.get()) is not None:
             entry = await upload
             if entry is None or self.manifest is None:
                 continue
             self.manifest.add(entry)
-            self.counters["segments"] += 1
-            if self.budget.allows(len(self.manifest.segments)):
+            self.counters[self.published_counter] += 1
+            if self.budget.allows(len(self.manifest.entries)):
                 await self._write_manifest(self._manifest_body())
 
     def _manifest_body(self) -> bytes:
@@ -307,7 +325,7 @@ class Stream:
             self.counters["manifest_failures"] += 1
             self.log.error("manifest_write_failed", error=str(exc))
             return False
-        self.budget.count_manifest(len(body), len(self.manifest.segments))
+        self.budget.count_manifest(len(body), len(self.manifest.entries))
         return True
 
     async def _finish(self, reason: EndReason) -> None:
@@ -327,24 +345,109 @@ class Stream:
         )
 
 
+class H264Stream(Stream[MediaSegment, SegmentEntry]):
+    """H.264 access units into fMP4 segments, each behind its init segment."""
+
+    published_counter = "segments"
+    spooled_inits: set[str]
+    """Init segments this stream has spooled: each is stored once, not with every segment."""
+
+    def _begin(
+        self, first: MediaMessage, previous: dict[str, Any] | None
+    ) -> tuple[StreamManifest, H264Segmenter]:
+        manifest = StreamManifest(self.id, first.context, first.participant, previous)
+        segmenter = H264Segmenter(
+            self.settings.segment_target_s,
+            first_seq=manifest.next_seq,
+            last_ticks=manifest.last_ticks,
+        )
+        self.spooled_inits = set()
+        return manifest, segmenter
+
+    async def _spool(self, finished: MediaSegment) -> tuple[SegmentEntry, list[SpooledObject]]:
+        init_key = self.id.init_key(finished.init_sha256)
+        stored = await spool_segment(
+            self.spool,
+            self.id,
+            finished,
+            self.header,
+            with_init=init_key not in self.spooled_inits,
+        )
+        self.spooled_inits.add(init_key)
+        return stored
+
+
+class PngStream(Stream[PngBatch, PngBatchEntry]):
+    """PNG frames into tar batches."""
+
+    published_counter = "batches"
+
+    def _begin(
+        self, first: MediaMessage, previous: dict[str, Any] | None
+    ) -> tuple[PngManifest, PngBatcher]:
+        manifest = PngManifest(self.id, first.context, first.participant, previous)
+        batcher = PngBatcher(
+            self.settings.png_batch_frames,
+            self.settings.png_batch_s,
+            first_seq=manifest.next_seq,
+            last_micros=manifest.last_micros,
+        )
+        return manifest, batcher
+
+    async def _spool(self, finished: PngBatch) -> tuple[PngBatchEntry, list[SpooledObject]]:
+        return await spool_batch(self.spool, self.id, finished, self.header)
+
+
+_STREAM_TYPES: dict[MediaFormat, type[Stream[Any, Any]]] = {
+    "h264": H264Stream,
+    "png": PngStream,
+}
+
+
 class SessionWriter:
-    """Keeps each recording's `session.json` current, coalescing bursts of changes."""
+    """Keeps each recording's `session.json` current, coalescing bursts of changes. The first
+    write of a recording keeps what an earlier connection or process listed in it."""
 
     def __init__(self, store: Spool) -> None:
         self.store = store
         self.indexes: dict[RecordingId, SessionIndex] = {}
         self.locks: dict[RecordingId, asyncio.Lock] = {}
         self.versions: dict[RecordingId, tuple[int, int]] = {}
+        self.resumed: set[RecordingId] = set()
         self.writes: set[asyncio.Task[None]] = set()
 
-    def record(self, stream: StreamId, manifest: StreamManifest, status: StreamStatus) -> None:
-        recording = stream.recording
+    def record(
+        self, stream: StreamId, manifest: ArchiveManifest[Any], status: StreamStatus
+    ) -> None:
+        self._index(stream.recording).record_stream(
+            stream, manifest.context, manifest.participant, status
+        )
+        self._schedule(stream.recording)
+
+    def record_presence(
+        self,
+        recording: RecordingId,
+        participant_id: str,
+        participant: dict[str, Any],
+        joined: bool,
+        timestamp: Any,
+    ) -> None:
+        self._index(recording).record_presence(participant_id, participant, joined, timestamp)
+        self._schedule(recording)
+
+    def record_events(
+        self, recording: RecordingId, manifest: EventsManifest, status: StreamStatus
+    ) -> None:
+        self._index(recording).record_events(manifest, status)
+        self._schedule(recording)
+
+    def _index(self, recording: RecordingId) -> SessionIndex:
         if recording not in self.indexes:
             self.indexes[recording] = SessionIndex(recording)
             self.locks[recording] = asyncio.Lock()
-        self.indexes[recording].record_stream(
-            stream, manifest.context, manifest.participant, status
-        )
+        return self.indexes[recording]
+
+    def _schedule(self, recording: RecordingId) -> None:
         wanted, written = self.versions.get(recording, (0, 0))
         self.versions[recording] = (wanted + 1, written)
         task = asyncio.create_task(self._write(recording))
@@ -356,6 +459,8 @@ class SessionWriter:
             wanted, written = self.versions[recording]
             if written == wanted:
                 return
+            if recording not in self.resumed:
+                await self._resume(recording)
             body = dump_json(self.indexes[recording].document())
             try:
                 await self.store.put(recording.session_key, body, JSON_TYPE)
@@ -364,6 +469,25 @@ class SessionWriter:
                 return
             self.versions[recording] = (self.versions[recording][0], wanted)
 
+    async def _resume(self, recording: RecordingId) -> None:
+        """Merge the index an earlier connection or process stored. When it cannot be read,
+        this write goes ahead (what this process knows must not wait for an outage to end)
+        and the next one tries again."""
+        try:
+            raw = await self.store.get(recording.session_key)
+        except StoreError as exc:
+            log.warning("previous_session_unreadable", recording=recording.prefix, error=str(exc))
+            return
+        self.resumed.add(recording)
+        if raw is None:
+            return
+        try:
+            previous = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            log.warning("previous_session_corrupt", recording=recording.prefix)
+            return
+        self.indexes[recording].resume(previous)
+
     async def flush(self) -> None:
         """Wait for every write already asked for."""
         while self.writes:
@@ -371,7 +495,8 @@ class SessionWriter:
 
 
 class StreamRegistry:
-    """Every stream of this process, by id; routes messages and ends streams."""
+    """Every stream of this process, by id, and every recording's events; routes messages
+    and ends streams."""
 
     def __init__(
         self, settings: Settings, spool: Spool, executor: Executor, recovery: Recovery
@@ -381,12 +506,14 @@ class StreamRegistry:
         self.executor = executor
         self.recovery = recovery
         self.sessions = SessionWriter(spool)
-        self.streams: dict[StreamId, Stream] = {}
+        self.events = EventArchive(settings, spool, self.sessions)
+        self.streams: dict[StreamId, Stream[Any, Any]] = {}
 
     async def dispatch(self, message: MediaMessage) -> None:
         stream = self.streams.get(message.stream)
         if stream is None:
-            stream = self.streams[message.stream] = Stream(
+            stream_type = _STREAM_TYPES[message.stream.media_format]
+            stream = self.streams[message.stream] = stream_type(
                 message.stream,
                 self.settings,
                 self.spool,
@@ -413,15 +540,19 @@ class StreamRegistry:
         await self.end(ids, "participant_left")
 
     async def wait_idle(self) -> None:
-        """Wait until every stream's worker has finished and every index is written."""
+        """Wait until every stream's worker and every events log has finished and every
+        index is written."""
         while tasks := [s.task for s in self.streams.values() if s.running and s.task]:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self.events.wait_idle()
         await self.sessions.flush()
 
     async def close(self) -> None:
         await self.end(set(self.streams), "shutdown")
+        self.events.end_all()
         await self.wait_idle()
 
     def unfinished(self) -> list[str]:
-        """Manifest keys of streams still being written out."""
-        return sorted(s.id.manifest_key for s in self.streams.values() if s.running)
+        """Manifest keys of streams and events logs still being written out."""
+        streams = [s.id.manifest_key for s in self.streams.values() if s.running]
+        return sorted([*streams, *self.events.unfinished()])

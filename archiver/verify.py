@@ -1,16 +1,21 @@
-"""Read a stream back from the store and prove it: checksums, order, and decoding."""
+"""Read a stream back from the store and prove it: checksums, order, and decoding (H.264)
+or every frame where the manifest says it is (PNG); and a recording's events."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import tarfile
 from dataclasses import dataclass, field
-from itertools import groupby
+from itertools import groupby, pairwise
 from typing import Any
 
 import av
 import orjson
 
+from archiver.errors import MediaError
+from archiver.layout import RecordingId
+from archiver.segmenting.png import MICROS, member_name, read_header
 from archiver.store import ObjectStore
 
 
@@ -77,3 +82,137 @@ def decode(mp4: bytes) -> list[DecodedFrame]:
             for frame in container.decode(stream)
             if frame.pts is not None
         ]
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedPng:
+    """One PNG read back from its batch."""
+
+    name: str
+    relative_s: float
+    width: int
+    height: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class PngStreamCheck:
+    """What a PNG stream's manifest promised and what its batches hold."""
+
+    manifest: dict[str, Any]
+    frames: list[ArchivedPng] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+async def check_png_stream(
+    store: ObjectStore, manifest_key: str, key_prefix: str = ""
+) -> PngStreamCheck:
+    """Fetch every batch the manifest names, verify its size and SHA-256, open it with
+    tarfile, and check each listed frame: its member, offset and size, and its PNG header."""
+    raw = await store.get(manifest_key)
+    if raw is None:
+        return PngStreamCheck({}, problems=[f"no manifest at {manifest_key}"])
+    check = PngStreamCheck(orjson.loads(raw))
+    batches = check.manifest["batches"]
+    seqs = [b["seq"] for b in batches]
+    if seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
+        check.problems.append("batches out of order")
+    for batch in batches:
+        data = await store.get(batch["key"].removeprefix(key_prefix))
+        if data is None:
+            check.problems.append(f"missing batch {batch['key']}")
+            continue
+        if len(data) != batch["bytes"] or hashlib.sha256(data).hexdigest() != batch["sha256"]:
+            check.problems.append(f"size or checksum mismatch in {batch['key']}")
+        check.frames.extend(_check_batch(batch, data, check.problems))
+    times = [frame.relative_s for frame in check.frames]
+    if any(later <= earlier for earlier, later in pairwise(times)):
+        check.problems.append("frames out of time order")
+    listed = sum(b["frame_count"] for b in batches)
+    if listed != len(check.frames):
+        check.problems.append(f"manifest lists {listed} frames, {len(check.frames)} read back")
+    return check
+
+
+def _check_batch(batch: dict[str, Any], data: bytes, problems: list[str]) -> list[ArchivedPng]:
+    frames: list[ArchivedPng] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            members = tar.getmembers()
+    except tarfile.TarError as exc:
+        problems.append(f"{batch['key']} is not a tar: {exc}")
+        return frames
+    listed = batch["frames"]
+    if [m.name for m in members] != [f["name"] for f in listed]:
+        problems.append(f"{batch['key']}: members differ from the manifest's frames")
+        return frames
+    for member, frame in zip(members, listed, strict=True):
+        where = f"{batch['key']}:{frame['name']}"
+        if not member.isfile() or member.offset_data != frame["offset"]:
+            problems.append(f"{where}: not a plain file at offset {frame['offset']}")
+            continue
+        if member.size != frame["size"]:
+            problems.append(f"{where}: size {member.size}, manifest says {frame['size']}")
+            continue
+        body = data[frame["offset"] : frame["offset"] + frame["size"]]
+        try:
+            header = read_header(body)
+        except MediaError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if (header.width, header.height) != (frame["width"], frame["height"]):
+            problems.append(f"{where}: {header.width}x{header.height}, manifest says otherwise")
+        if member_name(round(frame["relative"] * MICROS)) != frame["name"]:
+            problems.append(f"{where}: name does not carry its time {frame['relative']}")
+        frames.append(
+            ArchivedPng(frame["name"], frame["relative"], header.width, header.height, body)
+        )
+    return frames
+
+
+@dataclass(slots=True)
+class EventsCheck:
+    """A recording's events manifest and the events its batches hold, in order."""
+
+    manifest: dict[str, Any]
+    lines: list[bytes] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.lines]
+
+
+async def check_events(
+    store: ObjectStore, recording: RecordingId, key_prefix: str = ""
+) -> EventsCheck:
+    """Fetch every events batch the manifest names, verify its SHA-256 and count, and parse
+    its lines back into the events as received."""
+    raw = await store.get(recording.events_manifest_key)
+    if raw is None:
+        return EventsCheck({}, problems=[f"no manifest at {recording.events_manifest_key}"])
+    check = EventsCheck(orjson.loads(raw))
+    batches = check.manifest["batches"]
+    seqs = [b["seq"] for b in batches]
+    if seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
+        check.problems.append("batches out of order")
+    for batch in batches:
+        data = await store.get(batch["key"].removeprefix(key_prefix))
+        if data is None:
+            check.problems.append(f"missing batch {batch['key']}")
+            continue
+        if hashlib.sha256(data).hexdigest() != batch["sha256"]:
+            check.problems.append(f"checksum mismatch in {batch['key']}")
+        lines = [line for line in data.splitlines() if line]
+        if len(lines) != batch["count"]:
+            check.problems.append(f"{batch['key']} holds {len(lines)} events, not {batch['count']}")
+        check.lines.extend(lines)
+    return check

@@ -90,6 +90,8 @@ class EventMessage:
     recording: RecordingId | None
     participant_id: str | None
     body: dict[str, Any]
+    raw: bytes
+    """The message exactly as received, for the events archive."""
 
 
 def parse_message(raw: str | bytes) -> MediaMessage | EventMessage:
@@ -103,7 +105,7 @@ def parse_message(raw: str | bytes) -> MediaMessage | EventMessage:
     event: str = body["event"]
     media_format = MEDIA_EVENTS.get(event)
     if media_format is None:
-        return _parse_event(event, body)
+        return _parse_event(event, body, raw if isinstance(raw, bytes) else raw.encode())
     try:
         envelope = _MediaEnvelope.model_validate(body).data
     except pydantic.ValidationError as exc:
@@ -140,7 +142,7 @@ def _dump(ref: _Ref | None) -> dict[str, Any] | None:
     return None if ref is None else ref.model_dump()
 
 
-def _parse_event(event: str, body: dict[str, Any]) -> EventMessage:
+def _parse_event(event: str, body: dict[str, Any], raw: bytes) -> EventMessage:
     """Other events are never refused; ids are used for routing only when they are safe."""
     data = body.get("data")
     data = data if isinstance(data, dict) else {}
@@ -156,7 +158,9 @@ def _parse_event(event: str, body: dict[str, Any]) -> EventMessage:
             participant_id = safe_id("participant.id", participant.get("id"))
     except InputError:
         pass
-    return EventMessage(event=event, recording=recording, participant_id=participant_id, body=body)
+    return EventMessage(
+        event=event, recording=recording, participant_id=participant_id, body=body, raw=raw
+    )
 
 
 def _ref_id(data: dict[str, Any], name: str) -> object:

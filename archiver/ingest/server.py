@@ -17,8 +17,9 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
 from archiver.errors import ConfigError, InputError
+from archiver.events import AUDIO_EVENTS
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
-from archiver.layout import StreamId
+from archiver.layout import RecordingId, StreamId
 from archiver.protection import TaskProtection
 from archiver.recovery import recover
 from archiver.settings import Settings
@@ -133,6 +134,7 @@ class Connection:
         self.ws = ws
         self.counts: Counter[str] = Counter()
         self.streams: set[StreamId] = set()
+        self.event_recordings: set[RecordingId] = set()
         self.opened = time.monotonic()
         self.log = log.bind(connection=number)
         self.log.info("connection_opened", remote=remote)
@@ -172,13 +174,25 @@ class Connection:
         await self.state.registry.dispatch(message)
 
     async def route_event(self, message: EventMessage) -> None:
+        """Archive the event beside its recording's video (audio is only counted); a leave
+        also ends the participant's streams."""
         self.counts["events"] += 1
-        if (
-            message.event == _LEAVE_EVENT
-            and message.recording is not None
-            and message.participant_id is not None
-        ):
-            await self.state.registry.end_participant(message.recording, message.participant_id)
+        recording = message.recording
+        if recording is None:
+            # No safe ids: nowhere to archive it without trusting the message's text.
+            self.refuse(InputError("event_without_recording", message.event))
+            return
+        events = self.state.registry.events
+        if recording not in self.event_recordings:
+            self.event_recordings.add(recording)
+            events.attach(recording)
+        if message.event in AUDIO_EVENTS:
+            self.counts["audio_skipped"] += 1
+            events.skip_audio(recording)
+            return
+        events.append(recording, message)
+        if message.event == _LEAVE_EVENT and message.participant_id is not None:
+            await self.state.registry.end_participant(recording, message.participant_id)
 
     def refuse(self, error: InputError) -> None:
         """Count and log a refused message; the connection goes on."""
@@ -190,6 +204,7 @@ class Connection:
 
     async def close(self) -> None:
         await self.state.registry.end(self.streams, "connection_closed")
+        self.state.registry.events.release(self.event_recordings)
         self.log.info(
             "connection_closed",
             close_code=self.ws.close_code,

@@ -1,1 +1,2 @@
-"""Turning a stream's media into archive objects: H.264 into fMP4 segments."""
+"""Turning a stream's media into archive objects: H.264 into fMP4 segments, PNG into tar
+batches."""

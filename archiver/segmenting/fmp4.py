@@ -14,11 +14,11 @@ import struct
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from fractions import Fraction
-from typing import Any, Protocol
 
 import av
 
 from archiver.errors import MediaError
+from archiver.segmenting.base import SegmentJournal
 from archiver.segmenting.h264 import AccessUnit, StreamConfig, analyse, probe_config
 
 TIMESCALE = 90_000
@@ -37,14 +37,6 @@ def segment_name(start_ticks: int) -> str:
     return f"{start_ticks:013d}"
 
 
-class SegmentJournal(Protocol):
-    """Where the frames of the open segment are kept until the segment is safely stored."""
-
-    def begin(self, name: str, config: dict[str, Any] | None) -> None: ...
-
-    def record(self, relative_s: float, absolute: datetime, data: bytes) -> None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class MediaSegment:
     """A finished segment and its init segment, ready to store."""
@@ -59,6 +51,10 @@ class MediaSegment:
     init: bytes
     init_sha256: str
     body: bytes
+
+    @property
+    def name(self) -> str:
+        return segment_name(self.start_ticks)
 
 
 @dataclass(slots=True)
@@ -164,6 +160,9 @@ class H264Segmenter:
     @property
     def last_ticks(self) -> int:
         return self._last_ticks
+
+    def snapshot(self) -> dict[str, int]:
+        return self.counters.snapshot()
 
     def push(self, data: bytes, relative_s: float, absolute: datetime) -> list[MediaSegment]:
         """Add one access unit; return the segments it closed (zero or one, rarely two)."""

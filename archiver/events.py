@@ -1,0 +1,381 @@
+"""The meeting's other events, archived as received beside the video.
+
+Every non-media event of a recording (participant events, transcripts, anything the
+provider adds later) is appended to the recording's open batch on the receive loop, where
+serialising one event is cheap; everything that touches the store runs in the log's own
+task. Batches are JSON Lines, one event per line. A batch closes at a count, before an event
+that is too far (in relative time) from its first, once it has been open that long on the
+wall clock, and when the last connection carrying the recording ends. `events/manifest.json`
+lists the batches in order, each once the store has confirmed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from archiver.errors import StoreError
+from archiver.ingest.messages import EventMessage
+from archiver.layout import RecordingId
+from archiver.manifests import JSON_TYPE, EventBatchEntry, EventsManifest, WriteBudget, dumps
+from archiver.segmenting.png import MICROS
+from archiver.settings import Settings
+from archiver.store.base import sha256_digest
+from archiver.store.spool import Spool, SpooledObject
+
+if TYPE_CHECKING:
+    from archiver.streams import SessionWriter
+
+log = structlog.get_logger(__name__)
+
+AUDIO_EVENTS = frozenset({"audio_mixed_raw.data", "audio_separate_raw.data"})
+JSONL_TYPE = "application/x-ndjson"
+_JOIN = "participant_events.join"
+_LEAVE = "participant_events.leave"
+
+
+def _inner(body: dict[str, Any]) -> dict[str, Any]:
+    data = body.get("data")
+    inner = data.get("data") if isinstance(data, dict) else None
+    return inner if isinstance(inner, dict) else {}
+
+
+def event_time(body: dict[str, Any]) -> float | None:
+    """The relative timestamp (seconds) an event carries, if any: participant events carry
+    one, a transcript's first word carries one."""
+    inner = _inner(body)
+    stamp = inner.get("timestamp")
+    if not isinstance(stamp, dict):
+        words = inner.get("words")
+        first = words[0] if isinstance(words, list) and words else None
+        stamp = first.get("start_timestamp") if isinstance(first, dict) else None
+    relative = stamp.get("relative") if isinstance(stamp, dict) else None
+    if isinstance(relative, int | float) and not isinstance(relative, bool):
+        return float(relative) if math.isfinite(relative) else None
+    return None
+
+
+@dataclass(slots=True)
+class _OpenBatch:
+    lines: list[bytes] = field(default_factory=list)
+    first_relative: float | None = None
+    last_relative: float | None = None
+    event_types: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True, slots=True)
+class _ClosedBatch:
+    body: bytes
+    count: int
+    first_relative: float | None
+    last_relative: float | None
+    event_types: dict[str, int]
+
+
+class EventLog:
+    """One recording's events: appended on the receive loop, written out by its own task,
+    which alone touches the manifest."""
+
+    def __init__(
+        self,
+        recording: RecordingId,
+        settings: Settings,
+        spool: Spool,
+        sessions: SessionWriter,
+    ) -> None:
+        self.recording = recording
+        self.settings = settings
+        self.spool = spool
+        self.sessions = sessions
+        self.log = log.bind(bot=recording.bot_id, recording=recording.recording_id)
+        self.users = 0
+        self.open = _OpenBatch()
+        self.latest_relative: float | None = None
+        self.refs: dict[str, dict[str, Any]] = {}
+        self.queue: asyncio.Queue[_ClosedBatch | None] = asyncio.Queue()
+        """Closed batches for the writer task; None asks it to complete the manifest."""
+        self.timer: asyncio.TimerHandle | None = None
+        self.manifest: EventsManifest | None = None
+        self.next_seq = 0
+        self.budget = WriteBudget(settings.manifest_overhead_ratio)
+        self.counters = {
+            "events": 0,
+            "batches": 0,
+            "audio_buffers_skipped": 0,
+            "upload_failures": 0,
+            "manifest_failures": 0,
+        }
+        self.unwritten = False
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing open, queued or being written, and no connection carrying it."""
+        return not self.users and not self.open.lines and not self.running
+
+    def append(self, message: EventMessage) -> None:
+        """Add one event to the open batch; closes the batch when a rule says so."""
+        relative = event_time(message.body)
+        batch = self.open
+        if (
+            relative is not None
+            and batch.first_relative is not None
+            and relative - batch.first_relative >= self.settings.events_batch_s
+        ):
+            self.close_batch()
+            batch = self.open
+        if not batch.lines:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(self.settings.events_batch_s, self.close_batch)
+        # As received; re-serialised only when the sender spread it over several lines.
+        line = message.raw if b"\n" not in message.raw else orjson.dumps(message.body)
+        batch.lines.append(line)
+        batch.event_types[message.event] += 1
+        if relative is not None:
+            if batch.first_relative is None:
+                batch.first_relative = relative
+            batch.last_relative = relative
+            self.latest_relative = relative
+        self.counters["events"] += 1
+        self.unwritten = True
+        self._note(message)
+        if len(batch.lines) >= self.settings.events_batch_count:
+            self.close_batch()
+
+    def skip_audio(self) -> None:
+        """Count an audio buffer: not archived, but visible in the manifest."""
+        self.counters["audio_buffers_skipped"] += 1
+        self.unwritten = True
+
+    def _note(self, message: EventMessage) -> None:
+        """Keep the ids' metadata, and tell the session index who joined or left when."""
+        data = message.body.get("data")
+        if not self.refs and isinstance(data, dict):
+            self.refs = {
+                name: data[name]
+                for name in ("bot", "recording")
+                if isinstance(data.get(name), dict)
+            }
+        if message.event in (_JOIN, _LEAVE) and message.participant_id is not None:
+            inner = _inner(message.body)
+            participant = inner.get("participant")
+            self.sessions.record_presence(
+                self.recording,
+                message.participant_id,
+                participant if isinstance(participant, dict) else {},
+                message.event == _JOIN,
+                inner.get("timestamp"),
+            )
+
+    def close_batch(self) -> None:
+        """Hand the open batch to the writer task (nothing here waits for the store)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        batch, self.open = self.open, _OpenBatch()
+        if not batch.lines:
+            return
+        self.queue.put_nowait(
+            _ClosedBatch(
+                body=b"\n".join(batch.lines) + b"\n",
+                count=len(batch.lines),
+                first_relative=batch.first_relative,
+                last_relative=batch.last_relative,
+                event_types=dict(batch.event_types),
+            )
+        )
+        self._ensure_running()
+
+    def end(self) -> None:
+        """Close the open batch and write the manifest as complete, if anything changed."""
+        self.close_batch()
+        if self.unwritten:
+            self.queue.put_nowait(None)
+            self._ensure_running()
+
+    def _ensure_running(self) -> None:
+        if not self.running:
+            self.task = asyncio.create_task(self._run(), name=f"events {self.recording.prefix}")
+
+    async def _run(self) -> None:
+        if self.manifest is None:
+            self.manifest = EventsManifest(self.recording, await self._load_previous())
+            self.next_seq = self.manifest.next_seq
+        self.manifest.status = "live"
+        self.sessions.record_events(self.recording, self.manifest, "live")
+        publish: asyncio.Queue[asyncio.Task[EventBatchEntry | None] | None] = asyncio.Queue()
+        publisher = asyncio.create_task(self._publish_in_order(publish))
+        try:
+            while (batch := await self.queue.get()) is not None:
+                await self._hand_over(batch, publish)
+        finally:
+            await publish.put(None)
+            await publisher
+            self.manifest.status = "complete"
+            self.unwritten = False
+            await self._write_manifest()
+            self.sessions.record_events(self.recording, self.manifest, "complete")
+        if not self.queue.empty():
+            # Batches closed while this run was ending continue the log.
+            self._ensure_running()
+
+    async def _load_previous(self) -> dict[str, Any] | None:
+        """The manifest an earlier connection or process wrote, continued rather than
+        replaced."""
+        try:
+            raw = await self.spool.get(self.recording.events_manifest_key)
+        except StoreError as exc:
+            self.log.warning("previous_events_manifest_unreadable", error=str(exc))
+            return None
+        if raw is None:
+            return None
+        try:
+            previous: dict[str, Any] = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.log.warning("previous_events_manifest_corrupt")
+            return None
+        if self.latest_relative is None:
+            self.latest_relative = _last_relative(previous)
+        return previous
+
+    async def _hand_over(
+        self,
+        batch: _ClosedBatch,
+        publish: asyncio.Queue[asyncio.Task[EventBatchEntry | None] | None],
+    ) -> None:
+        """Spool one batch under its own key and queue its upload for in-order publishing."""
+        seq = self.next_seq
+        anchor = batch.first_relative
+        if anchor is None:
+            anchor = self.latest_relative if self.latest_relative is not None else 0.0
+        key = self.recording.events_batch_key(max(0, round(anchor * MICROS)), seq)
+        try:
+            spooled = await self.spool.write(key, batch.body, JSONL_TYPE, write_once=True)
+        except StoreError as exc:
+            self.counters["upload_failures"] += 1
+            self.log.error("events_spool_failed", seq=seq, error=str(exc))
+            return
+        entry = EventBatchEntry(
+            key=self.spool.location(key),
+            seq=seq,
+            count=batch.count,
+            first_relative=batch.first_relative,
+            last_relative=batch.last_relative,
+            bytes=len(batch.body),
+            sha256=sha256_digest(batch.body)[0],
+            event_types=batch.event_types,
+        )
+        self.next_seq += 1
+        await publish.put(asyncio.create_task(self._confirm(entry, spooled)))
+
+    async def _confirm(self, entry: EventBatchEntry, spooled: SpooledObject) -> EventBatchEntry:
+        await self.spool.confirm(spooled)
+        self.budget.count_media(spooled.size)
+        return entry
+
+    async def _publish_in_order(
+        self, publish: asyncio.Queue[asyncio.Task[EventBatchEntry | None] | None]
+    ) -> None:
+        while (upload := await publish.get()) is not None:
+            entry = await upload
+            if entry is None or self.manifest is None:
+                continue
+            self.manifest.add(entry)
+            self.counters["batches"] += 1
+            if self.budget.allows(len(self.manifest.batches)):
+                await self._write_manifest()
+
+    async def _write_manifest(self) -> None:
+        manifest = self.manifest
+        assert manifest is not None
+        if self.refs:
+            manifest.bot = self.refs.get("bot", manifest.bot)
+            manifest.recording_ref = self.refs.get("recording", manifest.recording_ref)
+        body = dumps(manifest.document(self.counters))
+        try:
+            await self.spool.put(self.recording.events_manifest_key, body, JSON_TYPE)
+        except StoreError as exc:
+            self.counters["manifest_failures"] += 1
+            self.log.error("events_manifest_write_failed", error=str(exc))
+            return
+        self.budget.count_manifest(len(body), len(manifest.batches))
+
+
+def _last_relative(previous: dict[str, Any]) -> float | None:
+    known = [
+        b["last_relative"]
+        for b in previous.get("batches", [])
+        if b.get("last_relative") is not None
+    ]
+    return float(known[-1]) if known else None
+
+
+class EventArchive:
+    """Every recording's events log in this process; the receive loop's only door to them."""
+
+    def __init__(self, settings: Settings, spool: Spool, sessions: SessionWriter) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.sessions = sessions
+        self.logs: dict[RecordingId, EventLog] = {}
+
+    def _log(self, recording: RecordingId) -> EventLog:
+        event_log = self.logs.get(recording)
+        if event_log is None:
+            event_log = self.logs[recording] = EventLog(
+                recording, self.settings, self.spool, self.sessions
+            )
+        return event_log
+
+    def attach(self, recording: RecordingId) -> None:
+        """A connection carries events of `recording`; its log ends when the last one ends."""
+        self._log(recording).users += 1
+
+    def append(self, recording: RecordingId, message: EventMessage) -> None:
+        self._log(recording).append(message)
+
+    def skip_audio(self, recording: RecordingId) -> None:
+        self._log(recording).skip_audio()
+
+    def release(self, recordings: set[RecordingId]) -> None:
+        """Connection end: a log no connection carries any more closes its batch and
+        completes its manifest."""
+        for recording in recordings:
+            event_log = self.logs.get(recording)
+            if event_log is None:
+                continue
+            event_log.users = max(0, event_log.users - 1)
+            if not event_log.users:
+                event_log.end()
+        self._forget_idle()
+
+    def end_all(self) -> None:
+        """Shutdown: close every open batch and complete every manifest."""
+        for event_log in self.logs.values():
+            event_log.end()
+
+    async def wait_idle(self) -> None:
+        """Wait until every log's writer has finished, then forget the idle logs (a later
+        connection continues from the stored manifest)."""
+        while tasks := [e.task for e in self.logs.values() if e.running and e.task]:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._forget_idle()
+
+    def _forget_idle(self) -> None:
+        """Drop logs with nothing left to write, so memory follows the live recordings."""
+        for recording in [r for r, e in self.logs.items() if e.idle and not e.unwritten]:
+            del self.logs[recording]
+
+    def unfinished(self) -> list[str]:
+        """Manifest keys of events logs still being written out."""
+        return [e.recording.events_manifest_key for e in self.logs.values() if e.running]

@@ -1,0 +1,222 @@
+"""PNG frames into tar batches, each image checked from its header and never decoded.
+
+A batch is a plain tar of one stream's frames, each member named by its relative time so
+that names sort in time order. The manifest records where each member's data starts in the
+tar, so a consumer can fetch a single frame with an HTTP Range request.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import tarfile
+import zlib
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+
+from archiver.errors import MediaError
+from archiver.segmenting.base import SegmentJournal
+
+MICROS = 1_000_000
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_IHDR = struct.Struct(">I4sII")
+_IHDR_END = 8 + 8 + 13
+_MAX_DIMENSION = 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class PngHeader:
+    width: int
+    height: int
+
+
+def read_header(data: bytes) -> PngHeader:
+    """Check the signature and the IHDR chunk (length, type, CRC, size); raise `MediaError`
+    naming what is wrong."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise MediaError("not_png", "buffer does not start with the PNG signature")
+    if len(data) < _IHDR_END + 4:
+        raise MediaError("bad_png_header", "too short for an IHDR chunk")
+    length, kind, width, height = _IHDR.unpack_from(data, len(PNG_SIGNATURE))
+    if kind != b"IHDR" or length != 13:
+        raise MediaError("bad_png_header", "the first chunk is not IHDR")
+    (crc,) = struct.unpack_from(">I", data, _IHDR_END)
+    if zlib.crc32(data[12:_IHDR_END]) != crc:
+        raise MediaError("bad_png_header", "IHDR checksum mismatch")
+    if not 0 < width <= _MAX_DIMENSION or not 0 < height <= _MAX_DIMENSION:
+        raise MediaError("bad_png_header", f"impossible size {width}x{height}")
+    return PngHeader(width, height)
+
+
+def member_name(micros: int) -> str:
+    """A frame's name in its batch: zero-padded seconds and microseconds, sorting by time."""
+    seconds, fraction = divmod(micros, MICROS)
+    return f"{seconds:06d}.{fraction:06d}.png"
+
+
+def batch_name(start_micros: int) -> str:
+    """A batch's name: its first frame's time in microseconds, zero-padded."""
+    return f"{start_micros:013d}"
+
+
+@dataclass(frozen=True, slots=True)
+class PngFrame:
+    """One archived frame: where it is inside its batch and what it shows."""
+
+    name: str
+    micros: int
+    absolute: datetime
+    width: int
+    height: int
+    size: int
+    offset: int
+    """Byte offset of the frame's data inside the tar (`TarInfo.offset_data`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PngBatch:
+    """A finished tar batch, ready to store."""
+
+    seq: int
+    start_micros: int
+    end_micros: int
+    start_wallclock: datetime
+    frames: tuple[PngFrame, ...]
+    body: bytes
+
+    @property
+    def name(self) -> str:
+        return batch_name(self.start_micros)
+
+
+@dataclass(slots=True)
+class PngCounters:
+    """What the batcher did with what it was given; all of it goes into the manifest."""
+
+    frames_received: int = 0
+    archived: int = 0
+    dropped_invalid: int = 0
+    timestamps_adjusted: int = 0
+    drop_reasons: dict[str, int] = field(default_factory=dict)
+
+    def snapshot(self) -> dict[str, int]:
+        """Flat copy for the manifest: one `invalid_<reason>` entry per drop reason."""
+        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "drop_reasons"}
+        flat.update({f"invalid_{reason}": n for reason, n in self.drop_reasons.items()})
+        return flat
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    micros: int
+    absolute: datetime
+    header: PngHeader
+    data: bytes
+
+
+class PngBatcher:
+    """Collects one stream's PNGs into tar batches; owned by a single worker, never shared.
+
+    A batch closes once it holds `max_frames`, before a frame `max_s` or more after its first
+    (relative timestamps), and at stream end. Repeated or stepped-back timestamps move 1 µs
+    past the previous frame, so every member name is unique and in order.
+    """
+
+    def __init__(
+        self,
+        max_frames: int,
+        max_s: float,
+        first_seq: int = 0,
+        last_micros: int = -1,
+        journal: SegmentJournal | None = None,
+    ) -> None:
+        self.max_frames = max_frames
+        self.max_micros = round(max_s * MICROS)
+        self.journal = journal
+        self.counters = PngCounters()
+        self._next_seq = first_seq
+        self._last_micros = last_micros
+        self._pending: list[_Pending] = []
+
+    def push(self, data: bytes, relative_s: float, absolute: datetime) -> list[PngBatch]:
+        """Add one PNG; return the batches it closed (zero, one, or two)."""
+        try:
+            header = read_header(data)
+        except MediaError as exc:
+            self.reject(exc.reason)
+            raise
+        self.counters.frames_received += 1
+        micros = round(relative_s * MICROS)
+        if micros <= self._last_micros:
+            micros = self._last_micros + 1
+            self.counters.timestamps_adjusted += 1
+        self._last_micros = micros
+        closed: list[PngBatch] = []
+        if self._pending and micros - self._pending[0].micros >= self.max_micros:
+            closed.append(self._close())
+        if not self._pending and self.journal is not None:
+            self.journal.begin(batch_name(micros), None)
+        self._pending.append(_Pending(micros, absolute, header, data))
+        if self.journal is not None:
+            # The adjusted time, so a replay names every member as this run would have.
+            self.journal.record(micros / MICROS, absolute, data)
+        if len(self._pending) >= self.max_frames:
+            closed.append(self._close())
+        return closed
+
+    def flush(self) -> list[PngBatch]:
+        """Close the open batch at stream end."""
+        return [self._close()] if self._pending else []
+
+    def reject(self, reason: str) -> None:
+        """Count a frame that was not archived, by why."""
+        self.counters.frames_received += 1
+        self.counters.dropped_invalid += 1
+        self.counters.drop_reasons[reason] = self.counters.drop_reasons.get(reason, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        return self.counters.snapshot()
+
+    def _close(self) -> PngBatch:
+        pending, self._pending = self._pending, []
+        body, offsets = build_tar([(member_name(p.micros), p.absolute, p.data) for p in pending])
+        frames = tuple(
+            PngFrame(
+                name=member_name(p.micros),
+                micros=p.micros,
+                absolute=p.absolute,
+                width=p.header.width,
+                height=p.header.height,
+                size=len(p.data),
+                offset=offset,
+            )
+            for p, offset in zip(pending, offsets, strict=True)
+        )
+        batch = PngBatch(
+            seq=self._next_seq,
+            start_micros=pending[0].micros,
+            end_micros=pending[-1].micros,
+            start_wallclock=pending[0].absolute,
+            frames=frames,
+            body=body,
+        )
+        self._next_seq += 1
+        self.counters.archived += len(frames)
+        return batch
+
+
+def build_tar(members: list[tuple[str, datetime, bytes]]) -> tuple[bytes, list[int]]:
+    """A ustar archive of plain files (name, modification time, bytes), and each member's
+    data offset as tarfile reads it back."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, modified, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = int(modified.timestamp())
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    body = buffer.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:") as reader:
+        offsets = {member.name: member.offset_data for member in reader.getmembers()}
+    return body, [offsets[name] for name, _, _ in members]

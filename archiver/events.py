@@ -23,7 +23,14 @@ import structlog
 from archiver.errors import StoreError
 from archiver.ingest.messages import EventMessage
 from archiver.layout import RecordingId
-from archiver.manifests import JSON_TYPE, EventBatchEntry, EventsManifest, WriteBudget, dumps
+from archiver.manifests import (
+    JSON_TYPE,
+    EventBatchEntry,
+    EventsManifest,
+    WriteBudget,
+    dumps,
+    read_previous,
+)
 from archiver.segmenting.png import MICROS
 from archiver.settings import Settings
 from archiver.store.base import sha256_digest
@@ -233,18 +240,11 @@ class EventLog:
         """The manifest an earlier connection or process wrote, continued rather than
         replaced."""
         try:
-            raw = await self.spool.get(self.recording.events_manifest_key)
+            previous = await read_previous(self.spool, self.recording.events_manifest_key)
         except StoreError as exc:
             self.log.warning("previous_events_manifest_unreadable", error=str(exc))
             return None
-        if raw is None:
-            return None
-        try:
-            previous: dict[str, Any] = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            self.log.warning("previous_events_manifest_corrupt")
-            return None
-        if self.latest_relative is None:
+        if previous is not None and self.latest_relative is None:
             self.latest_relative = _last_relative(previous)
         return previous
 

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 from dataclasses import Field, asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import orjson
+import structlog
 
 from archiver.ingest.messages import RecordingContext
 from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.segmenting.fmp4 import TIMESCALE, MediaSegment
 from archiver.segmenting.png import MICROS, PngBatch
+
+if TYPE_CHECKING:
+    from archiver.store.spool import Spool
+
+log = structlog.get_logger(__name__)
 
 SCHEMA_VERSION = 1
 JSON_TYPE = "application/json"
@@ -39,6 +45,21 @@ def _micros_to_seconds(micros: int) -> float:
 
 def dumps(document: dict[str, Any]) -> bytes:
     return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+
+
+async def read_previous(store: Spool, key: str) -> dict[str, Any] | None:
+    """A document an earlier connection or process wrote, to continue rather than replace.
+    None when there is none; a corrupt one is logged and treated as absent. Raises
+    `StoreError` when the store cannot say (the caller decides whether to wait)."""
+    raw = await store.get(key)
+    if raw is None:
+        return None
+    try:
+        document: dict[str, Any] = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        log.warning("previous_document_corrupt", key=key)
+        return None
+    return document
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import structlog
 
-from archiver.errors import InputError
+from archiver.errors import InputError, StoreError
 from archiver.ingest.messages import RecordingContext
 from archiver.layout import RecordingId, StreamId
-from archiver.manifests import JSON_TYPE, MANIFEST_TYPES, PngBatchEntry, SegmentEntry, dumps
+from archiver.manifests import (
+    JSON_TYPE,
+    MANIFEST_TYPES,
+    PngBatchEntry,
+    SegmentEntry,
+    dumps,
+    read_previous,
+)
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
@@ -168,20 +175,10 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
         recovery.replayed_segments += len(stored)
         await asyncio.to_thread(shutil.rmtree, folder, True)
 
-    merged: list[SpooledObject] = []
-    for manifest_key, (header, entries) in pending.items():
-        stream, context, participant = _from_header(header)
-        raw = await spool.get(manifest_key)
-        previous = orjson.loads(raw) if raw is not None else None
-        manifest = MANIFEST_TYPES[stream.media_format](stream, context, participant, previous)
-        if manifest.merge([manifest.entry_from(entry) for entry in entries]) or previous is None:
-            manifest.status = "interrupted"
-            merged.append(await spool.write(manifest_key, dumps(manifest.document({})), JSON_TYPE))
-            recovery.manifests.add(manifest_key)
-
-    backlog = sorted([*leftovers, *replayed, *merged], key=lambda s: s.seq)
+    recovery.manifests = set(pending)
+    backlog = sorted([*leftovers, *replayed], key=lambda s: s.seq)
     if backlog:
-        recovery.uploads = asyncio.create_task(_upload_in_order(spool, backlog))
+        recovery.uploads = asyncio.create_task(_upload_then_list(spool, backlog, pending))
         log.warning(
             "recovering",
             leftover_objects=recovery.leftover_objects,
@@ -226,7 +223,33 @@ def _batcher_for_replay(config: dict[str, Any] | None) -> PngBatcher:
     return PngBatcher(max_frames=2**31, max_s=1e9)
 
 
-async def _upload_in_order(spool: Spool, backlog: list[SpooledObject]) -> None:
+async def _upload_then_list(
+    spool: Spool,
+    backlog: list[SpooledObject],
+    pending: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+) -> None:
+    """Upload in spool order, then add what was recovered to each manifest: a manifest
+    never names an object before the store has it. Runs while the service takes bots;
+    through an S3 outage it simply waits."""
     for spooled in backlog:
         await spool.confirm(spooled)
-    log.info("recovery_uploaded", objects=len(backlog))
+    for manifest_key, (header, entries) in pending.items():
+        stream, context, participant = _from_header(header)
+        previous = await _read_when_reachable(spool, manifest_key)
+        manifest = MANIFEST_TYPES[stream.media_format](stream, context, participant, previous)
+        if manifest.merge([manifest.entry_from(entry) for entry in entries]) or previous is None:
+            manifest.status = "interrupted"
+            await spool.put(manifest_key, dumps(manifest.document({})), JSON_TYPE)
+    log.info("recovery_uploaded", objects=len(backlog), manifests=len(pending))
+
+
+async def _read_when_reachable(spool: Spool, key: str) -> dict[str, Any] | None:
+    """The current manifest; merging into anything less would drop what it lists."""
+    delay = spool.backoff_s
+    while True:
+        try:
+            return await read_previous(spool, key)
+        except StoreError as exc:
+            log.warning("recovery_waiting_for_store", key=key, error=str(exc))
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(spool.max_backoff_s, delay * 2)

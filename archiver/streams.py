@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal
 
-import orjson
 import structlog
 
 from archiver.errors import InputError, StoreError
@@ -36,6 +35,7 @@ from archiver.manifests import (
     StreamManifest,
     StreamStatus,
     WriteBudget,
+    read_previous,
 )
 from archiver.manifests import dumps as dump_json
 from archiver.recovery import (
@@ -200,18 +200,10 @@ class Stream(Generic[FinishedT, EntryT]):
 
     async def _load_previous(self) -> dict[str, Any] | None:
         try:
-            raw = await self.spool.get(self.id.manifest_key)
+            return await read_previous(self.spool, self.id.manifest_key)
         except StoreError as exc:
             self.log.warning("previous_manifest_unreadable", error=str(exc))
             return None
-        if raw is None:
-            return None
-        try:
-            previous: dict[str, Any] = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            self.log.warning("previous_manifest_corrupt")
-            return None
-        return previous
 
     async def _segment(
         self,
@@ -474,19 +466,13 @@ class SessionWriter:
         this write goes ahead (what this process knows must not wait for an outage to end)
         and the next one tries again."""
         try:
-            raw = await self.store.get(recording.session_key)
+            previous = await read_previous(self.store, recording.session_key)
         except StoreError as exc:
             log.warning("previous_session_unreadable", recording=recording.prefix, error=str(exc))
             return
         self.resumed.add(recording)
-        if raw is None:
-            return
-        try:
-            previous = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            log.warning("previous_session_corrupt", recording=recording.prefix)
-            return
-        self.indexes[recording].resume(previous)
+        if previous is not None:
+            self.indexes[recording].resume(previous)
 
     async def flush(self) -> None:
         """Wait for every write already asked for."""

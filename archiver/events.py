@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -31,9 +34,11 @@ from archiver.manifests import (
     dumps,
     read_previous,
 )
+from archiver.recovery import JOURNAL_FOLDER, JSONL_TYPE, events_header
 from archiver.segmenting.png import MICROS
 from archiver.settings import Settings
 from archiver.store.base import sha256_digest
+from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
 
 if TYPE_CHECKING:
@@ -42,7 +47,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 AUDIO_EVENTS = frozenset({"audio_mixed_raw.data", "audio_separate_raw.data"})
-JSONL_TYPE = "application/x-ndjson"
+
+_JOURNAL_TIME = datetime.fromtimestamp(0, UTC)
+"""Events keep their own timestamps inside the line; the journal's is not used."""
 _JOIN = "participant_events.join"
 _LEAVE = "participant_events.leave"
 
@@ -70,6 +77,7 @@ def event_time(body: dict[str, Any]) -> float | None:
 
 @dataclass(slots=True)
 class _OpenBatch:
+    journal_name: str = ""
     lines: list[bytes] = field(default_factory=list)
     first_relative: float | None = None
     last_relative: float | None = None
@@ -78,6 +86,7 @@ class _OpenBatch:
 
 @dataclass(frozen=True, slots=True)
 class _ClosedBatch:
+    journal_name: str
     body: bytes
     count: int
     first_relative: float | None
@@ -120,6 +129,7 @@ class EventLog:
         }
         self.unwritten = False
         self.task: asyncio.Task[None] | None = None
+        self.journal: StreamJournal | None = None
 
     @property
     def running(self) -> bool:
@@ -144,9 +154,14 @@ class EventLog:
         if not batch.lines:
             loop = asyncio.get_running_loop()
             self.timer = loop.call_later(self.settings.events_batch_s, self.close_batch)
+            batch.journal_name = f"{time.time_ns():020d}"
+            self._journal().begin(batch.journal_name, None)
         # As received; re-serialised only when the sender spread it over several lines.
         line = message.raw if b"\n" not in message.raw else orjson.dumps(message.body)
         batch.lines.append(line)
+        # Journaled at once (a write to the page cache, no fsync on the receive loop): a
+        # crash of the process loses no event, a crash of the machine may.
+        self._journal().record(math.nan if relative is None else relative, _JOURNAL_TIME, line)
         batch.event_types[message.event] += 1
         if relative is not None:
             if batch.first_relative is None:
@@ -158,6 +173,12 @@ class EventLog:
         self._note(message)
         if len(batch.lines) >= self.settings.events_batch_count:
             self.close_batch()
+
+    def _journal(self) -> StreamJournal:
+        if self.journal is None:
+            folder = Path(self.settings.spool_dir) / JOURNAL_FOLDER / self.recording.journal_name
+            self.journal = StreamJournal(folder, events_header(self.recording))
+        return self.journal
 
     def skip_audio(self) -> None:
         """Count an audio buffer: not archived, but visible in the manifest."""
@@ -194,6 +215,7 @@ class EventLog:
             return
         self.queue.put_nowait(
             _ClosedBatch(
+                journal_name=batch.journal_name,
                 body=b"\n".join(batch.lines) + b"\n",
                 count=len(batch.lines),
                 first_relative=batch.first_relative,
@@ -232,6 +254,9 @@ class EventLog:
             self.unwritten = False
             await self._write_manifest()
             self.sessions.record_events(self.recording, self.manifest, "complete")
+            if self.journal is not None and not self.open.lines:
+                self.journal.close(remove=True)
+                self.journal = None
         if not self.queue.empty():
             # Batches closed while this run was ending continue the log.
             self._ensure_running()
@@ -259,12 +284,6 @@ class EventLog:
         if anchor is None:
             anchor = self.latest_relative if self.latest_relative is not None else 0.0
         key = self.recording.events_batch_key(max(0, round(anchor * MICROS)), seq)
-        try:
-            spooled = await self.spool.write(key, batch.body, JSONL_TYPE, write_once=True)
-        except StoreError as exc:
-            self.counters["upload_failures"] += 1
-            self.log.error("events_spool_failed", seq=seq, error=str(exc))
-            return
         entry = EventBatchEntry(
             key=self.spool.location(key),
             seq=seq,
@@ -275,6 +294,19 @@ class EventLog:
             sha256=sha256_digest(batch.body)[0],
             event_types=batch.event_types,
         )
+        extra = {
+            "manifest_key": self.recording.events_manifest_key,
+            "entry": asdict(entry),
+            **events_header(self.recording),
+        }
+        try:
+            spooled = await self.spool.write(key, batch.body, JSONL_TYPE, extra, write_once=True)
+        except StoreError as exc:
+            self.counters["upload_failures"] += 1
+            self.log.error("events_spool_failed", seq=seq, error=str(exc))
+            return
+        if self.journal is not None:
+            self.journal.discard(batch.journal_name)
         self.next_seq += 1
         await publish.put(asyncio.create_task(self._confirm(entry, spooled)))
 

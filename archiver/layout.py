@@ -54,6 +54,15 @@ class RecordingId:
         their place in the recording's sequence: time-ordered and unique across reconnects."""
         return f"{self.prefix}/events/{first_micros:013d}-{seq:06d}.jsonl"
 
+    def recovered_events_batch_key(self, first_micros: int, journal_name: str) -> str:
+        """A batch rebuilt after a crash, before its place in the sequence is known."""
+        return f"{self.prefix}/events/{first_micros:013d}-recovered-{journal_name}.jsonl"
+
+    @property
+    def journal_name(self) -> str:
+        """A flat, collision-free folder name for this recording's events journal."""
+        return f"{self.prefix.replace('/', '~')}~events"
+
 
 @dataclass(frozen=True, slots=True)
 class StreamId:

@@ -391,6 +391,8 @@ class EventBatchEntry:
     bytes: int
     sha256: str
     event_types: dict[str, int]
+    recovered: bool = False
+    """True when rebuilt from the journal of a process that crashed."""
 
 
 class EventsManifest:
@@ -420,6 +422,15 @@ class EventsManifest:
     @property
     def next_seq(self) -> int:
         return self.batches[-1].seq + 1 if self.batches else 0
+
+    def merge(self, entries: list[EventBatchEntry]) -> int:
+        """Append batches a crashed process left behind, after those listed; return how many
+        were not listed yet."""
+        known = {batch.key for batch in self.batches}
+        new = [entry for entry in entries if entry.key not in known]
+        for entry in new:
+            self.add(replace(entry, seq=self.next_seq))
+        return len(new)
 
     @property
     def last_relative(self) -> float | None:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import random
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import structlog
 
 from archiver.errors import InputError, StoreError
@@ -25,6 +28,8 @@ from archiver.layout import RecordingId, StreamId
 from archiver.manifests import (
     JSON_TYPE,
     MANIFEST_TYPES,
+    EventBatchEntry,
+    EventsManifest,
     PngBatchEntry,
     SegmentEntry,
     dumps,
@@ -33,7 +38,7 @@ from archiver.manifests import (
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
-from archiver.segmenting.png import PngBatch, PngBatcher
+from archiver.segmenting.png import MICROS, PngBatch, PngBatcher
 from archiver.store.base import sha256_digest
 from archiver.store.journal import read_segment, stream_folders
 from archiver.store.spool import Spool, SpooledObject
@@ -43,7 +48,13 @@ log = structlog.get_logger(__name__)
 MP4_TYPE = "video/mp4"
 SEGMENT_TYPE = "video/iso.segment"
 TAR_TYPE = "application/x-tar"
+JSONL_TYPE = "application/x-ndjson"
 JOURNAL_FOLDER = "journal"
+
+
+def events_header(recording: RecordingId) -> dict[str, Any]:
+    """What recovery needs to know about a recording's events journal."""
+    return {"kind": "events", "bot_id": recording.bot_id, "recording_id": recording.recording_id}
 
 
 def stream_header(
@@ -132,6 +143,7 @@ class Recovery:
 
     replayed_frames: int = 0
     replayed_segments: int = 0
+    replayed_event_batches: int = 0
     leftover_objects: int = 0
     manifests: set[str] = field(default_factory=set)
     uploads: asyncio.Task[None] | None = None
@@ -157,6 +169,18 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
 
     replayed: list[SpooledObject] = []
     for folder, header in await asyncio.to_thread(lambda: list(stream_folders(journal_root))):
+        if header.get("kind") == "events":
+            recording = RecordingId(header["bot_id"], header["recording_id"])
+            for batch_entry, spooled in await _spool_journaled_events(
+                spool, recording, folder, header
+            ):
+                replayed.append(spooled)
+                pending.setdefault(recording.events_manifest_key, (header, []))[1].append(
+                    asdict(batch_entry)
+                )
+                recovery.replayed_event_batches += 1
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            continue
         stream, _, _ = _from_header(header)
         stored: list[tuple[SegmentEntry | PngBatchEntry, list[SpooledObject]]] = []
         if stream.media_format == "png":
@@ -184,6 +208,7 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
             leftover_objects=recovery.leftover_objects,
             replayed_segments=recovery.replayed_segments,
             replayed_frames=recovery.replayed_frames,
+            replayed_event_batches=recovery.replayed_event_batches,
             manifests=sorted(recovery.manifests),
         )
     return recovery
@@ -234,8 +259,11 @@ async def _upload_then_list(
     for spooled in backlog:
         await spool.confirm(spooled)
     for manifest_key, (header, entries) in pending.items():
-        stream, context, participant = _from_header(header)
         previous = await _read_when_reachable(spool, manifest_key)
+        if header.get("kind") == "events":
+            await _list_events(spool, manifest_key, header, entries, previous)
+            continue
+        stream, context, participant = _from_header(header)
         manifest = MANIFEST_TYPES[stream.media_format](stream, context, participant, previous)
         if manifest.merge([manifest.entry_from(entry) for entry in entries]) or previous is None:
             manifest.status = "interrupted"
@@ -253,3 +281,67 @@ async def _read_when_reachable(spool: Spool, key: str) -> dict[str, Any] | None:
             log.warning("recovery_waiting_for_store", key=key, error=str(exc))
             await asyncio.sleep(random.uniform(0, delay))
             delay = min(spool.max_backoff_s, delay * 2)
+
+
+async def _spool_journaled_events(
+    spool: Spool, recording: RecordingId, folder: Path, header: dict[str, Any]
+) -> list[tuple[EventBatchEntry, SpooledObject]]:
+    """Each journal file is an events batch that was still open: store it as it stood."""
+    stored = []
+    for path in sorted(await asyncio.to_thread(lambda: list(folder.glob("*.jnl")))):
+        journaled = await asyncio.to_thread(read_segment, path)
+        if not journaled.frames:
+            continue
+        lines = [frame.data for frame in journaled.frames]
+        times = [f.relative_s for f in journaled.frames if not math.isnan(f.relative_s)]
+        body = b"\n".join(lines) + b"\n"
+        first = times[0] if times else None
+        key = recording.recovered_events_batch_key(
+            max(0, round((first or 0.0) * MICROS)), path.stem
+        )
+        entry = EventBatchEntry(
+            key=spool.location(key),
+            seq=0,
+            count=len(lines),
+            first_relative=first,
+            last_relative=times[-1] if times else None,
+            bytes=len(body),
+            sha256=sha256_digest(body)[0],
+            event_types=dict(Counter(_event_name(line) for line in lines)),
+            recovered=True,
+        )
+        extra = {"manifest_key": recording.events_manifest_key, "entry": asdict(entry), **header}
+        stored.append((entry, await spool.write(key, body, JSONL_TYPE, extra, write_once=True)))
+    return stored
+
+
+def _event_name(line: bytes) -> str:
+    try:
+        event = orjson.loads(line).get("event")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "unknown"
+    return event if isinstance(event, str) else "unknown"
+
+
+async def _list_events(
+    spool: Spool,
+    manifest_key: str,
+    header: dict[str, Any],
+    entries: list[dict[str, Any]],
+    previous: dict[str, Any] | None,
+) -> None:
+    recording = RecordingId(header["bot_id"], header["recording_id"])
+    manifest = EventsManifest(recording, previous)
+    batches = [EventBatchEntry(**entry) for entry in entries]
+    added = manifest.merge(batches)
+    if not added and previous is not None:
+        return
+    manifest.status = "interrupted"
+    recovered = {
+        "events": sum(b.count for b in batches if b.recovered),
+        "batches": added,
+        "audio_buffers_skipped": 0,
+        "upload_failures": 0,
+        "manifest_failures": 0,
+    }
+    await spool.put(manifest_key, dumps(manifest.document(recovered)), JSON_TYPE)

@@ -11,8 +11,15 @@ from datetime import UTC, datetime
 import aiohttp
 import orjson
 
-from archiver.simulator import Simulation, encode_stream, media_message, run_simulation
-from archiver.verify import check_stream
+from archiver.layout import RecordingId
+from archiver.simulator import (
+    Simulation,
+    encode_stream,
+    media_message,
+    participant_event,
+    run_simulation,
+)
+from archiver.verify import check_events, check_stream
 from tests.faults.conftest import RestartableS3, ServiceProcess, ServiceProcesses
 
 
@@ -29,6 +36,17 @@ async def wait_for_manifest(
         while True:
             raw = await services.store.get(key)
             if raw is not None and orjson.loads(raw)["status"] == status:
+                return orjson.loads(raw)
+            await asyncio.sleep(0.2)
+
+
+async def wait_for_events(
+    services: ServiceProcesses, recording: RecordingId, timeout_s: float = 60
+) -> dict:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            raw = await services.store.get(recording.events_manifest_key)
+            if raw is not None:
                 return orjson.loads(raw)
             await asyncio.sleep(0.2)
 
@@ -86,7 +104,13 @@ async def test_killed_worker_is_replaced_and_its_journal_recovered(
         for stream in sim.plan()
     }
     sent = dict.fromkeys(timelines, 0)
+    events = [
+        orjson.dumps(participant_event("join", pid, 0.0, start, sim.bot_id, sim.recording_id))
+        for pid in timelines
+    ]
     async with aiohttp.ClientSession() as session, session.ws_connect(service.url) as ws:
+        for event in events:
+            await ws.send_str(event.decode())
         began = time.monotonic()
         for index in range(int(4.5 * sim.fps)):
             for pid, units in timelines.items():
@@ -121,6 +145,13 @@ async def test_killed_worker_is_replaced_and_its_journal_recovered(
     recovering = [line for line in service.logs() if line["event"] == "recovering"]
     assert recovering
     assert recovering[0]["replayed_segments"] >= 2
+    recording = RecordingId(sim.bot_id, sim.recording_id)
+    events_manifest = await wait_for_events(services, recording)
+    assert events_manifest["status"] == "interrupted"
+    check = await check_events(services.store, recording, key_prefix="archive/")
+    assert check.ok, check.problems
+    assert check.lines == events
+    assert all(batch["recovered"] for batch in events_manifest["batches"])
 
 
 async def test_full_spool_slows_the_sender_without_dropping_and_memory_stays_bounded(

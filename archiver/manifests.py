@@ -52,11 +52,16 @@ async def read_previous(store: Spool, key: str) -> dict[str, Any] | None:
     None when there is none; a corrupt one is logged and treated as absent. Raises
     `StoreError` when the store cannot say (the caller decides whether to wait)."""
     raw = await store.get(key)
-    if raw is None:
-        return None
+    return None if raw is None else parse_document(raw, key)
+
+
+def parse_document(raw: bytes, key: str) -> dict[str, Any] | None:
+    """A stored JSON document; a corrupt one is logged and treated as absent."""
     try:
-        document: dict[str, Any] = orjson.loads(raw)
+        document = orjson.loads(raw)
     except orjson.JSONDecodeError:
+        document = None
+    if not isinstance(document, dict):
         log.warning("previous_document_corrupt", key=key)
         return None
     return document
@@ -279,7 +284,14 @@ class ArchiveManifest(Generic[EntryT]):
         self.carried_counters = {k: v for k, v in counters.items() if isinstance(v, int)}
 
     def add(self, entry: EntryT) -> None:
-        """List a stored object; its document is built once, not at every write."""
+        """List a stored object after those listed, numbered next; its document is built
+        once, not at every write. One that starts earlier than the last listed (another
+        writer's objects were merged in) takes its place in time order instead."""
+        if self.entries and entry.start < self.entries[-1].start:
+            self.merge([entry])
+            return
+        if entry.seq != self.next_seq:
+            entry = replace(entry, seq=self.next_seq)
         self.entries.append(entry)
         self.entry_documents.append(asdict(entry))
 

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import structlog
 
-from archiver.errors import InputError, StoreError
+from archiver.errors import InputError, ObjectConflictError, StoreError
 from archiver.ingest.messages import RecordingContext
 from archiver.layout import RecordingId, StreamId
 from archiver.manifests import (
@@ -33,7 +33,7 @@ from archiver.manifests import (
     PngBatchEntry,
     SegmentEntry,
     dumps,
-    read_previous,
+    parse_document,
 )
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
@@ -163,6 +163,11 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
     pending: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for spooled in leftovers:
         extra = spooled.extra or {}
+        if spooled.replaces is not None:
+            # A stream manifest version never confirmed: another machine may have written
+            # since, so its listing is merged into what is stored rather than sent as is.
+            await _take_in_manifest(spool, spooled, pending)
+            continue
         if "entry" in extra:
             _, entries = pending.setdefault(extra["manifest_key"], (extra, []))
             entries.append(extra["entry"])
@@ -200,7 +205,8 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
         await asyncio.to_thread(shutil.rmtree, folder, True)
 
     recovery.manifests = set(pending)
-    backlog = sorted([*leftovers, *replayed], key=lambda s: s.seq)
+    unsent = [spooled for spooled in leftovers if spooled.replaces is None]
+    backlog = sorted([*unsent, *replayed], key=lambda s: s.seq)
     if backlog:
         recovery.uploads = asyncio.create_task(_upload_then_list(spool, backlog, pending))
         log.warning(
@@ -259,28 +265,77 @@ async def _upload_then_list(
     for spooled in backlog:
         await spool.confirm(spooled)
     for manifest_key, (header, entries) in pending.items():
-        previous = await _read_when_reachable(spool, manifest_key)
         if header.get("kind") == "events":
+            previous, _ = await _read_when_reachable(spool, manifest_key)
             await _list_events(spool, manifest_key, header, entries, previous)
             continue
-        stream, context, participant = _from_header(header)
-        manifest = MANIFEST_TYPES[stream.media_format](stream, context, participant, previous)
-        if manifest.merge([manifest.entry_from(entry) for entry in entries]) or previous is None:
-            manifest.status = "interrupted"
-            await spool.put(manifest_key, dumps(manifest.document({})), JSON_TYPE)
+        await _list_stream(spool, manifest_key, header, entries)
     log.info("recovery_uploaded", objects=len(backlog), manifests=len(pending))
 
 
-async def _read_when_reachable(spool: Spool, key: str) -> dict[str, Any] | None:
-    """The current manifest; merging into anything less would drop what it lists."""
+async def _list_stream(
+    spool: Spool, manifest_key: str, header: dict[str, Any], entries: list[dict[str, Any]]
+) -> None:
+    """Merge recovered entries into the stored manifest, written over the version read (a
+    stream continuing on another machine may be writing it too)."""
+    stream, context, participant = _from_header(header)
+    while True:
+        previous, etag = await _read_when_reachable(spool, manifest_key)
+        manifest = MANIFEST_TYPES[stream.media_format](stream, context, participant, previous)
+        if not manifest.merge([manifest.entry_from(e) for e in entries]) and previous:
+            return
+        manifest.status = "interrupted"
+        body = dumps(manifest.document({}))
+        try:
+            await spool.put(manifest_key, body, JSON_TYPE, replaces=etag)
+        except ObjectConflictError:
+            continue
+        return
+
+
+async def _take_in_manifest(
+    spool: Spool,
+    spooled: SpooledObject,
+    pending: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+) -> None:
+    body = await asyncio.to_thread(spool.read, spooled)
+    await spool.drop(spooled)
+    document = parse_document(body, spooled.key) if body is not None else None
+    if document is None or document.get("format") not in MANIFEST_TYPES:
+        return
+    entries_name = MANIFEST_TYPES[document["format"]].entries_name
+    header = {
+        "bot_id": document["bot"]["id"],
+        "recording_id": document["recording"]["id"],
+        "participant_id": str(document["participant"]["id"]),
+        "video_type": document["type"],
+        "media_format": document["format"],
+        "context": {
+            "bot": document["bot"],
+            "recording": document["recording"],
+            "realtime_endpoint": document.get("realtime_endpoint"),
+            "video_separate": document.get("video_separate"),
+        },
+        "participant": document["participant"],
+    }
+    pending.setdefault(spooled.key, (header, []))[1].extend(document.get(entries_name, []))
+
+
+async def _read_when_reachable(spool: Spool, key: str) -> tuple[dict[str, Any] | None, str]:
+    """The current manifest and its version; merging into anything less would drop what it
+    lists."""
     delay = spool.backoff_s
     while True:
         try:
-            return await read_previous(spool, key)
+            fetched = await spool.fetch(key)
         except StoreError as exc:
             log.warning("recovery_waiting_for_store", key=key, error=str(exc))
             await asyncio.sleep(random.uniform(0, delay))
             delay = min(spool.max_backoff_s, delay * 2)
+            continue
+        if fetched is None:
+            return None, ""
+        return parse_document(fetched[0], key), fetched[1]
 
 
 async def _spool_journaled_events(

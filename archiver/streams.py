@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Generic, Literal
 
 import structlog
 
-from archiver.errors import InputError, StoreError
+from archiver.errors import InputError, ObjectConflictError, StoreError
 from archiver.events import EventArchive
 from archiver.ingest.messages import MediaMessage
 from archiver.layout import MediaFormat, RecordingId, StreamId
@@ -35,6 +35,7 @@ from archiver.manifests import (
     StreamManifest,
     StreamStatus,
     WriteBudget,
+    parse_document,
     read_previous,
 )
 from archiver.manifests import dumps as dump_json
@@ -56,7 +57,7 @@ log = structlog.get_logger(__name__)
 
 EndReason = Literal["connection_closed", "participant_left", "idle", "shutdown"]
 _BATCH_MAX = 64
-_PUBLISH_AHEAD = 4
+_MERGE_ATTEMPTS = 5
 MP4_TYPE = "video/mp4"
 SEGMENT_TYPE = "video/iso.segment"
 
@@ -97,6 +98,8 @@ class Stream(Generic[FinishedT, EntryT]):
         self.sessions = sessions
         self.recovery = recovery
         self.journal: StreamJournal | None = None
+        self.manifest_etag = ""
+        """The stored manifest version this stream writes over ("": none stored yet)."""
         self.header: dict[str, Any] = {}
         self.log = log.bind(
             bot=stream_id.recording.bot_id,
@@ -199,11 +202,16 @@ class Stream(Generic[FinishedT, EntryT]):
         self.log.info("stream_started", relative=first.relative_s)
 
     async def _load_previous(self) -> dict[str, Any] | None:
+        """The stored manifest, and its version, which this stream's writes then replace."""
         try:
-            return await read_previous(self.spool, self.id.manifest_key)
+            fetched = await self.spool.fetch(self.id.manifest_key)
         except StoreError as exc:
             self.log.warning("previous_manifest_unreadable", error=str(exc))
             return None
+        if fetched is None:
+            return None
+        body, self.manifest_etag = fetched
+        return parse_document(body, self.id.manifest_key)
 
     async def _segment(
         self,
@@ -303,27 +311,55 @@ class Stream(Generic[FinishedT, EntryT]):
             self.manifest.add(entry)
             self.counters[self.published_counter] += 1
             if self.budget.allows(len(self.manifest.entries)):
-                await self._write_manifest(self._manifest_body())
+                await self._write_manifest()
 
     def _manifest_body(self) -> bytes:
         assert self.manifest is not None
         return dump_json(self.manifest.document({**self.segmenter_counters, **self.counters}))
 
-    async def _write_manifest(self, body: bytes) -> bool:
+    async def _write_manifest(self) -> bool:
+        """Write over the version this stream last saw. When another writer changed it
+        meanwhile (the bot reconnected elsewhere while this machine still held the stream),
+        take in what that writer listed and write again: neither side's objects drop out."""
         assert self.manifest is not None
-        try:
-            await self.spool.put(self.id.manifest_key, body, JSON_TYPE)
-        except StoreError as exc:
-            self.counters["manifest_failures"] += 1
-            self.log.error("manifest_write_failed", error=str(exc))
-            return False
-        self.budget.count_manifest(len(body), len(self.manifest.entries))
-        return True
+        for _ in range(_MERGE_ATTEMPTS):
+            body = self._manifest_body()
+            try:
+                stored = await self.spool.put(
+                    self.id.manifest_key, body, JSON_TYPE, replaces=self.manifest_etag
+                )
+            except ObjectConflictError:
+                try:
+                    await self._merge_stored()
+                except StoreError as exc:
+                    self.log.error("manifest_merge_failed", error=str(exc))
+                    break
+                continue
+            except StoreError as exc:
+                self.log.error("manifest_write_failed", error=str(exc))
+                break
+            self.manifest_etag = stored.etag
+            self.budget.count_manifest(len(body), len(self.manifest.entries))
+            return True
+        self.counters["manifest_failures"] += 1
+        return False
+
+    async def _merge_stored(self) -> None:
+        assert self.manifest is not None
+        fetched = await self.spool.fetch(self.id.manifest_key)
+        if fetched is None:
+            self.manifest_etag = ""
+            return
+        body, self.manifest_etag = fetched
+        theirs = parse_document(body, self.id.manifest_key) or {}
+        documents = theirs.get(self.manifest.entries_name, [])
+        added = self.manifest.merge([self.manifest.entry_from(d) for d in documents])
+        self.log.warning("manifest_merged", added=added, listed=len(self.manifest.entries))
 
     async def _finish(self, reason: EndReason) -> None:
         assert self.manifest is not None
         self.manifest.status = "complete"
-        await self._write_manifest(self._manifest_body())
+        await self._write_manifest()
         if self.journal is not None:
             await asyncio.to_thread(self.journal.close, True)
             self.journal = None

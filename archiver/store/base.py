@@ -16,17 +16,29 @@ class StoredObject:
     key: str
     size: int
     sha256: str
+    etag: str = ""
 
 
 class ObjectStore(Protocol):
     """Write-mostly object storage. Keys are relative to the store's own prefix."""
 
     async def put(
-        self, key: str, body: bytes, content_type: str, write_once: bool = False
+        self,
+        key: str,
+        body: bytes,
+        content_type: str,
+        write_once: bool = False,
+        replaces: str | None = None,
     ) -> StoredObject:
         """Store `body` under `key` (same key, same bytes on retry); raise `StoreError`.
         With `write_once`, an existing object is never replaced: the same bytes count as
-        stored, different bytes raise `ObjectConflictError`."""
+        stored, different bytes raise `ObjectConflictError`. With `replaces`, the write
+        happens only over that version (an ETag; "" for no object yet), else
+        `ObjectConflictError`: how two writers of one manifest notice each other."""
+        ...
+
+    async def fetch(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag, or None when there is none; raise `StoreError`."""
         ...
 
     def location(self, key: str) -> str:

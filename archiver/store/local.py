@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from archiver.errors import ObjectConflictError, StoreError
-from archiver.store.base import StoredObject, sha256_digest
+from archiver.store.base import StoredObject, md5_hex, sha256_digest
 
 
 class LocalFolderStore:
@@ -27,17 +27,32 @@ class LocalFolderStore:
         return key
 
     async def put(
-        self, key: str, body: bytes, content_type: str, write_once: bool = False
+        self,
+        key: str,
+        body: bytes,
+        content_type: str,
+        write_once: bool = False,
+        replaces: str | None = None,
     ) -> StoredObject:
+        """ETags are the MD5 of the content, as S3's are for single-part objects. Conditions
+        are checked, not locked: this store has one writer, the local process."""
         path = self._path(key)
-        if write_once:
+        stored = StoredObject(key, len(body), sha256_digest(body)[0], md5_hex(body))
+        if write_once or replaces is not None:
             existing = await self.get(key)
-            if existing is not None:
+            current = "" if existing is None else md5_hex(existing)
+            if replaces is not None and current != replaces:
+                raise ObjectConflictError(key, "the object changed since it was read")
+            if write_once and existing is not None:
                 if existing != body:
                     raise ObjectConflictError(key, "a different object is stored there")
-                return StoredObject(key=key, size=len(body), sha256=sha256_digest(body)[0])
+                return stored
         await asyncio.to_thread(self._write, path, body, key)
-        return StoredObject(key=key, size=len(body), sha256=sha256_digest(body)[0])
+        return stored
+
+    async def fetch(self, key: str) -> tuple[bytes, str] | None:
+        body = await self.get(key)
+        return None if body is None else (body, md5_hex(body))
 
     @staticmethod
     def _write(path: Path, body: bytes, key: str) -> None:

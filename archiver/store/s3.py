@@ -74,12 +74,21 @@ class S3Store:
         return self.prefix + key
 
     async def put(
-        self, key: str, body: bytes, content_type: str, write_once: bool = False
+        self,
+        key: str,
+        body: bytes,
+        content_type: str,
+        write_once: bool = False,
+        replaces: str | None = None,
     ) -> StoredObject:
         sha_hex, sha_b64 = sha256_digest(body)
-        conditions = {"IfNoneMatch": "*"} if write_once else {}
+        conditions: dict[str, str] = {}
+        if write_once or replaces == "":
+            conditions["IfNoneMatch"] = "*"
+        elif replaces is not None:
+            conditions["IfMatch"] = replaces
         try:
-            await self._call(
+            response = await self._call(
                 key,
                 self._client.put_object,
                 Bucket=self.bucket,
@@ -90,6 +99,10 @@ class S3Store:
                 **conditions,
             )
         except _AlreadyThere:
+            if replaces is not None:
+                raise ObjectConflictError(
+                    self.location(key), "the object changed since it was read"
+                ) from None
             # A retry of a write that did land, or another writer: compare, never replace.
             head = await self._call(
                 key, self._client.head_object, Bucket=self.bucket, Key=self.prefix + key
@@ -98,9 +111,15 @@ class S3Store:
                 raise ObjectConflictError(
                     self.location(key), "a different object is stored"
                 ) from None
-        return StoredObject(key=self.location(key), size=len(body), sha256=sha_hex)
+            response = head
+        etag = str(response.get("ETag", "")).strip('"')
+        return StoredObject(self.location(key), len(body), sha_hex, etag)
 
     async def get(self, key: str) -> bytes | None:
+        fetched = await self.fetch(key)
+        return None if fetched is None else fetched[0]
+
+    async def fetch(self, key: str) -> tuple[bytes, str] | None:
         try:
             response = await self._call(
                 key, self._client.get_object, Bucket=self.bucket, Key=self.prefix + key
@@ -115,7 +134,7 @@ class S3Store:
             raise StoreError(self.prefix + key, "S3 refused: AccessDenied") from None
         loop = asyncio.get_running_loop()
         body: bytes = await loop.run_in_executor(self._pool, response["Body"].read)
-        return body
+        return body, str(response.get("ETag", "")).strip('"')
 
     async def _absent(self, key: str) -> bool:
         listing = await self._call(

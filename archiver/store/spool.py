@@ -51,6 +51,7 @@ class SpooledObject:
     seq: int
     path: Path
     write_once: bool = False
+    replaces: str | None = None
     extra: dict[str, Any] | None = None
 
 
@@ -92,6 +93,7 @@ class Spool:
         content_type: str,
         extra: dict[str, Any] | None = None,
         write_once: bool = False,
+        replaces: str | None = None,
     ) -> SpooledObject:
         """Put `body` on disk durably; waits while the spool is at its cap."""
         async with self._room:
@@ -114,6 +116,7 @@ class Spool:
             seq=seq,
             path=self.folder / name,
             write_once=write_once,
+            replaces=replaces,
             extra=extra,
         )
         try:
@@ -134,6 +137,7 @@ class Spool:
             "sha256": spooled.sha256,
             "seq": spooled.seq,
             "write_once": spooled.write_once,
+            "replaces": spooled.replaces,
             "extra": spooled.extra,
         }
         # The metadata file appears last: its presence means the data is complete.
@@ -145,11 +149,29 @@ class Spool:
         """Upload until the store confirms; then the object leaves the spool. A newer version
         of the same key supersedes this one: it is not sent, the newer one will be. When the
         process stops first (cancellation), the object stays on disk for the next one."""
-        stored = await self._upload_until_accepted(spooled, body)
+        try:
+            stored = await self._upload_until_accepted(spooled, body)
+        except ObjectConflictError:
+            await self._forget(spooled)
+            raise
+        await self._forget(spooled)
+        return stored
+
+    def read(self, spooled: SpooledObject) -> bytes | None:
+        """A spooled object's bytes, from disk (blocking: call it on a thread)."""
+        try:
+            return spooled.path.with_suffix(_DATA).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    async def drop(self, spooled: SpooledObject) -> None:
+        """Take an object out of the spool without sending it (its content went elsewhere)."""
+        await self._forget(spooled)
+
+    async def _forget(self, spooled: SpooledObject) -> None:
         await self._release(spooled)
         if self._latest.get(spooled.key) == spooled.seq:
             del self._latest[spooled.key]
-        return stored
 
     async def _upload_until_accepted(
         self, spooled: SpooledObject, body: bytes | None
@@ -163,9 +185,15 @@ class Spool:
                     if body is None:
                         body = await asyncio.to_thread(spooled.path.with_suffix(_DATA).read_bytes)
                     stored = await self.store.put(
-                        spooled.key, body, spooled.content_type, spooled.write_once
+                        spooled.key,
+                        body,
+                        spooled.content_type,
+                        spooled.write_once,
+                        spooled.replaces,
                     )
             except ObjectConflictError as exc:
+                if spooled.replaces is not None:
+                    raise  # The writer merges with what is there and writes again.
                 # Retrying cannot help and overwriting is never allowed: keep the first.
                 self.counters["conflicts"] += 1
                 log.error("object_conflict", key=exc.key, error=exc.cause)
@@ -183,11 +211,22 @@ class Spool:
             return stored
 
     async def put(
-        self, key: str, body: bytes, content_type: str, write_once: bool = False
+        self,
+        key: str,
+        body: bytes,
+        content_type: str,
+        write_once: bool = False,
+        replaces: str | None = None,
     ) -> StoredObject:
         """Write, then wait for the upload: `ObjectStore.put` with a durable outbox."""
-        spooled = await self.write(key, body, content_type, write_once=write_once)
+        spooled = await self.write(
+            key, body, content_type, write_once=write_once, replaces=replaces
+        )
         return await self.confirm(spooled, body)
+
+    async def fetch(self, key: str) -> tuple[bytes, str] | None:
+        """What the store holds (never the spool's pending version), with its ETag."""
+        return await self.store.fetch(key)
 
     def location(self, key: str) -> str:
         return self.store.location(key)
@@ -249,6 +288,7 @@ class Spool:
                     seq=meta["seq"],
                     path=meta_path.with_suffix(""),
                     write_once=meta.get("write_once", False),
+                    replaces=meta.get("replaces"),
                     extra=meta.get("extra"),
                 )
             )

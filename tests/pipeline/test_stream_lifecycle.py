@@ -95,3 +95,29 @@ async def test_reconnect_to_a_new_process_continues_the_manifest(
     after = {k: s3.head_object(Bucket=first.bucket, Key=k)["ETag"] for k in second.object_keys()}
     changed = {k for k in before if after[k] != before[k]}
     assert all(k.endswith(("manifest.json", "session.json")) for k in changed)
+
+
+async def test_two_machines_writing_one_stream_both_end_up_in_its_manifest(
+    service: ServiceFactory, s3
+) -> None:
+    """The bot reconnects to machine B while machine A still holds the stream (it has not
+    yet noticed the connection is gone); whichever writes last, neither loses its segments."""
+    machine_a = await service(spool_dir="spool-a")
+    machine_b = await service(spool_dir="spool-b")
+    bot = Bot(machine_a, seconds=6)
+    async with aiohttp.ClientSession() as session:
+        stale = await session.ws_connect(machine_a.url)
+        await bot.send(stale, 0, 25)
+        await wait_for_status(machine_a, bot.manifest_key, "live")
+        async with session.ws_connect(machine_b.url) as ws:
+            await bot.send(ws, 30, 60)
+        await machine_b.settle()
+        await stale.close()
+    await machine_a.settle()
+    check = await check_stream(machine_a.store, bot.manifest_key, key_prefix="archive/")
+    assert check.ok, check.problems
+    assert len(check.frames) == 55
+    starts = [s["start"] for s in check.manifest["segments"]]
+    assert starts == sorted(starts)
+    assert [s["seq"] for s in check.manifest["segments"]] == list(range(len(starts)))
+    assert check.manifest["status"] == "complete"

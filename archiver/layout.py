@@ -16,7 +16,6 @@ VideoType = Literal["webcam", "screenshare"]
 MediaFormat = Literal["h264", "png"]
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-VIDEO_TYPES: frozenset[str] = frozenset({"webcam", "screenshare"})
 
 
 def safe_id(field: str, value: object) -> str:

@@ -58,8 +58,6 @@ log = structlog.get_logger(__name__)
 EndReason = Literal["connection_closed", "participant_left", "idle", "shutdown"]
 _BATCH_MAX = 64
 _MERGE_ATTEMPTS = 5
-MP4_TYPE = "video/mp4"
-SEGMENT_TYPE = "video/iso.segment"
 
 
 @dataclass(frozen=True, slots=True)

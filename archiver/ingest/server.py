@@ -250,7 +250,6 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
         try:
             async with asyncio.timeout(settings.drain_deadline_s):
                 await registry.close()
-                await spool.wait_uploaded()
                 if recovery.uploads is not None:
                     await recovery.uploads
         except TimeoutError:

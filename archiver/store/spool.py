@@ -82,7 +82,6 @@ class Spool:
         self._seq = itertools.count(int(time.time() * 1000) * 1000)
         self._room = asyncio.Condition()
         self._uploads = asyncio.Semaphore(concurrency)
-        self._background: set[asyncio.Task[StoredObject]] = set()
 
     # Writing.
 
@@ -297,22 +296,6 @@ class Spool:
             if not data_path.with_suffix(_META).exists():
                 data_path.unlink(missing_ok=True)
         return found
-
-    def upload_in_background(self, spooled: SpooledObject) -> asyncio.Task[StoredObject]:
-        task = asyncio.create_task(self.confirm(spooled))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
-
-    async def wait_uploaded(self) -> None:
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-
-    async def close(self) -> None:
-        """Stop background uploads; what they had not finished stays in the spool."""
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
 
     def waiting_keys(self) -> list[str]:
         """Keys written to the spool and not yet confirmed by the store."""

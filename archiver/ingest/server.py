@@ -91,6 +91,7 @@ async def readyz(request: web.Request) -> web.Response:
         "spool": state.spool.state.value,
         "spool_pending_bytes": state.spool.pending_bytes,
         "store_reachable": state.spool.store_reachable,
+        **state.spool.counters,
     }
     if not state.ready or state.spool.state is not SpoolState.normal:
         return web.json_response({"status": "not ready", **body}, status=503)

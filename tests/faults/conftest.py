@@ -107,9 +107,12 @@ class ServiceProcess:
                 await asyncio.sleep(0.05)
 
     async def readyz(self) -> int:
+        return (await self.readiness())[0]
+
+    async def readiness(self) -> tuple[int, dict[str, Any]]:
         url = f"http://127.0.0.1:{self.port}/readyz"
         async with aiohttp.ClientSession() as session, session.get(url) as response:
-            return response.status
+            return response.status, await response.json()
 
     def worker_pid(self) -> int:
         assert self.process is not None

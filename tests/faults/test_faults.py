@@ -80,7 +80,11 @@ async def test_s3_down_for_20_seconds_mid_stream_loses_no_frame(
     for stream in sim.streams:
         await wait_for_manifest(services, manifest_key(sim, stream.participant_id), "complete")
     assert 503 in statuses
-    assert await service.readyz() == 200
+    status, readiness = await service.readiness()
+    assert status == 200
+    assert readiness["store_reachable"] is True
+    assert readiness["upload_retries"] > 0
+    assert readiness["spool_pending_bytes"] == 0
     for stream in sim.streams:
         check = await check_stream(
             services.store, manifest_key(sim, stream.participant_id), key_prefix="archive/"

@@ -27,12 +27,12 @@ from archiver.errors import StoreError
 from archiver.ingest.messages import EventMessage
 from archiver.layout import RecordingId
 from archiver.manifests import (
-    JSON_TYPE,
     EventBatchEntry,
     EventsManifest,
     WriteBudget,
     dumps,
-    read_previous,
+    parse_document,
+    write_merging,
 )
 from archiver.recovery import JOURNAL_FOLDER, JSONL_TYPE, events_header
 from archiver.segmenting.png import MICROS
@@ -130,6 +130,8 @@ class EventLog:
         self.unwritten = False
         self.task: asyncio.Task[None] | None = None
         self.journal: StreamJournal | None = None
+        self.manifest_etag = ""
+        """The stored events manifest version this log writes over ("": none yet)."""
 
     @property
     def running(self) -> bool:
@@ -264,11 +266,16 @@ class EventLog:
     async def _load_previous(self) -> dict[str, Any] | None:
         """The manifest an earlier connection or process wrote, continued rather than
         replaced."""
+        key = self.recording.events_manifest_key
         try:
-            previous = await read_previous(self.spool, self.recording.events_manifest_key)
+            fetched = await self.spool.fetch(key)
         except StoreError as exc:
             self.log.warning("previous_events_manifest_unreadable", error=str(exc))
             return None
+        if fetched is None:
+            return None
+        self.manifest_etag = fetched[1]
+        previous = parse_document(fetched[0], key)
         if previous is not None and self.latest_relative is None:
             self.latest_relative = _last_relative(previous)
         return previous
@@ -333,13 +340,21 @@ class EventLog:
         if self.refs:
             manifest.bot = self.refs.get("bot", manifest.bot)
             manifest.recording_ref = self.refs.get("recording", manifest.recording_ref)
-        body = dumps(manifest.document(self.counters))
         try:
-            await self.spool.put(self.recording.events_manifest_key, body, JSON_TYPE)
+            stored, body = await write_merging(
+                self.spool,
+                self.recording.events_manifest_key,
+                self.manifest_etag,
+                lambda: dumps(manifest.document(self.counters)),
+                lambda theirs: manifest.merge(
+                    [EventBatchEntry(**batch) for batch in theirs.get("batches", [])]
+                ),
+            )
         except StoreError as exc:
             self.counters["manifest_failures"] += 1
             self.log.error("events_manifest_write_failed", error=str(exc))
             return
+        self.manifest_etag = stored.etag
         self.budget.count_manifest(len(body), len(manifest.batches))
 
 

@@ -8,6 +8,7 @@ and bytes, so a manifest that grows over a long meeting is rewritten less and le
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import Field, asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
@@ -15,17 +16,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, Typ
 import orjson
 import structlog
 
+from archiver.errors import ObjectConflictError, StoreError
 from archiver.ingest.messages import RecordingContext
 from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.segmenting.fmp4 import TIMESCALE, MediaSegment
 from archiver.segmenting.png import MICROS, PngBatch
 
 if TYPE_CHECKING:
+    from archiver.store.base import StoredObject
     from archiver.store.spool import Spool
 
 log = structlog.get_logger(__name__)
 
 SCHEMA_VERSION = 1
+MERGE_ATTEMPTS = 5
 JSON_TYPE = "application/json"
 
 StreamStatus = Literal["live", "complete", "interrupted"]
@@ -47,12 +51,29 @@ def dumps(document: dict[str, Any]) -> bytes:
     return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
 
 
-async def read_previous(store: Spool, key: str) -> dict[str, Any] | None:
-    """A document an earlier connection or process wrote, to continue rather than replace.
-    None when there is none; a corrupt one is logged and treated as absent. Raises
-    `StoreError` when the store cannot say (the caller decides whether to wait)."""
-    raw = await store.get(key)
-    return None if raw is None else parse_document(raw, key)
+async def write_merging(
+    spool: Spool,
+    key: str,
+    version: str,
+    render: Callable[[], bytes],
+    take_in: Callable[[dict[str, Any]], object],
+) -> tuple[StoredObject, bytes]:
+    """Write a document over `version` (the ETag last read; "" for none yet). When another
+    writer changed it meanwhile (a bot reconnected to another machine while this one still
+    held it), `take_in` their document and write again: neither side's listing is lost.
+    Return what was stored and its bytes; raise `StoreError`."""
+    for _ in range(MERGE_ATTEMPTS):
+        body = render()
+        try:
+            return await spool.put(key, body, JSON_TYPE, replaces=version), body
+        except ObjectConflictError:
+            fetched = await spool.fetch(key)
+            version = "" if fetched is None else fetched[1]
+            theirs = None if fetched is None else parse_document(fetched[0], key)
+            if theirs is not None:
+                take_in(theirs)
+                log.info("document_merged", key=key)
+    raise StoreError(key, "the document kept changing under other writers")
 
 
 def parse_document(raw: bytes, key: str) -> dict[str, Any] | None:
@@ -436,12 +457,16 @@ class EventsManifest:
         return self.batches[-1].seq + 1 if self.batches else 0
 
     def merge(self, entries: list[EventBatchEntry]) -> int:
-        """Append batches a crashed process left behind, after those listed; return how many
-        were not listed yet."""
+        """Take in batches another writer or a crashed process listed, in key (time) order,
+        renumbering `seq`; return how many were not listed yet."""
         known = {batch.key for batch in self.batches}
         new = [entry for entry in entries if entry.key not in known]
-        for entry in new:
-            self.add(replace(entry, seq=self.next_seq))
+        if not new:
+            return 0
+        merged = sorted([*self.batches, *new], key=lambda batch: batch.key)
+        self.batches, self.batch_documents = [], []
+        for seq, entry in enumerate(merged):
+            self.add(replace(entry, seq=seq))
         return len(new)
 
     @property

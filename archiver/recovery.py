@@ -22,11 +22,10 @@ from typing import Any
 import orjson
 import structlog
 
-from archiver.errors import InputError, ObjectConflictError, StoreError
+from archiver.errors import InputError, StoreError
 from archiver.ingest.messages import RecordingContext
 from archiver.layout import RecordingId, StreamId
 from archiver.manifests import (
-    JSON_TYPE,
     MANIFEST_TYPES,
     EventBatchEntry,
     EventsManifest,
@@ -34,6 +33,7 @@ from archiver.manifests import (
     SegmentEntry,
     dumps,
     parse_document,
+    write_merging,
 )
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
@@ -265,11 +265,13 @@ async def _upload_then_list(
     for spooled in backlog:
         await spool.confirm(spooled)
     for manifest_key, (header, entries) in pending.items():
-        if header.get("kind") == "events":
-            previous, _ = await _read_when_reachable(spool, manifest_key)
-            await _list_events(spool, manifest_key, header, entries, previous)
-            continue
-        await _list_stream(spool, manifest_key, header, entries)
+        try:
+            if header.get("kind") == "events":
+                await _list_events(spool, manifest_key, header, entries)
+            else:
+                await _list_stream(spool, manifest_key, header, entries)
+        except StoreError as exc:
+            log.error("recovered_listing_failed", key=manifest_key, error=str(exc))
     log.info("recovery_uploaded", objects=len(backlog), manifests=len(pending))
 
 
@@ -279,18 +281,20 @@ async def _list_stream(
     """Merge recovered entries into the stored manifest, written over the version read (a
     stream continuing on another machine may be writing it too)."""
     stream, context, participant = _from_header(header)
-    while True:
-        previous, etag = await _read_when_reachable(spool, manifest_key)
-        manifest = MANIFEST_TYPES[stream.media_format](stream, context, participant, previous)
-        if not manifest.merge([manifest.entry_from(e) for e in entries]) and previous:
-            return
-        manifest.status = "interrupted"
-        body = dumps(manifest.document({}))
-        try:
-            await spool.put(manifest_key, body, JSON_TYPE, replaces=etag)
-        except ObjectConflictError:
-            continue
+    previous, etag = await _read_when_reachable(spool, manifest_key)
+    manifest = MANIFEST_TYPES[stream.media_format](stream, context, participant, previous)
+    if not manifest.merge([manifest.entry_from(e) for e in entries]) and previous:
         return
+    manifest.status = "interrupted"
+    await write_merging(
+        spool,
+        manifest_key,
+        etag,
+        lambda: dumps(manifest.document({})),
+        lambda theirs: manifest.merge(
+            [manifest.entry_from(d) for d in theirs.get(manifest.entries_name, [])]
+        ),
+    )
 
 
 async def _take_in_manifest(
@@ -383,9 +387,9 @@ async def _list_events(
     manifest_key: str,
     header: dict[str, Any],
     entries: list[dict[str, Any]],
-    previous: dict[str, Any] | None,
 ) -> None:
     recording = RecordingId(header["bot_id"], header["recording_id"])
+    previous, etag = await _read_when_reachable(spool, manifest_key)
     manifest = EventsManifest(recording, previous)
     batches = [EventBatchEntry(**entry) for entry in entries]
     added = manifest.merge(batches)
@@ -399,4 +403,12 @@ async def _list_events(
         "upload_failures": 0,
         "manifest_failures": 0,
     }
-    await spool.put(manifest_key, dumps(manifest.document(recovered)), JSON_TYPE)
+    await write_merging(
+        spool,
+        manifest_key,
+        etag,
+        lambda: dumps(manifest.document(recovered)),
+        lambda theirs: manifest.merge(
+            [EventBatchEntry(**batch) for batch in theirs.get("batches", [])]
+        ),
+    )

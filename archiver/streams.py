@@ -19,12 +19,11 @@ from typing import Any, ClassVar, Generic, Literal
 
 import structlog
 
-from archiver.errors import InputError, ObjectConflictError, StoreError
+from archiver.errors import InputError, StoreError
 from archiver.events import EventArchive
 from archiver.ingest.messages import MediaMessage
 from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.manifests import (
-    JSON_TYPE,
     ArchiveManifest,
     EntryT,
     EventsManifest,
@@ -36,7 +35,7 @@ from archiver.manifests import (
     StreamStatus,
     WriteBudget,
     parse_document,
-    read_previous,
+    write_merging,
 )
 from archiver.manifests import dumps as dump_json
 from archiver.recovery import (
@@ -57,7 +56,6 @@ log = structlog.get_logger(__name__)
 
 EndReason = Literal["connection_closed", "participant_left", "idle", "shutdown"]
 _BATCH_MAX = 64
-_MERGE_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,40 +314,26 @@ class Stream(Generic[FinishedT, EntryT]):
         return dump_json(self.manifest.document({**self.segmenter_counters, **self.counters}))
 
     async def _write_manifest(self) -> bool:
-        """Write over the version this stream last saw. When another writer changed it
-        meanwhile (the bot reconnected elsewhere while this machine still held the stream),
-        take in what that writer listed and write again: neither side's objects drop out."""
         assert self.manifest is not None
-        for _ in range(_MERGE_ATTEMPTS):
-            body = self._manifest_body()
-            try:
-                stored = await self.spool.put(
-                    self.id.manifest_key, body, JSON_TYPE, replaces=self.manifest_etag
-                )
-            except ObjectConflictError:
-                try:
-                    await self._merge_stored()
-                except StoreError as exc:
-                    self.log.error("manifest_merge_failed", error=str(exc))
-                    break
-                continue
-            except StoreError as exc:
-                self.log.error("manifest_write_failed", error=str(exc))
-                break
-            self.manifest_etag = stored.etag
-            self.budget.count_manifest(len(body), len(self.manifest.entries))
-            return True
-        self.counters["manifest_failures"] += 1
-        return False
+        try:
+            stored, body = await write_merging(
+                self.spool,
+                self.id.manifest_key,
+                self.manifest_etag,
+                self._manifest_body,
+                self._take_in,
+            )
+        except StoreError as exc:
+            self.counters["manifest_failures"] += 1
+            self.log.error("manifest_write_failed", error=str(exc))
+            return False
+        self.manifest_etag = stored.etag
+        self.budget.count_manifest(len(body), len(self.manifest.entries))
+        return True
 
-    async def _merge_stored(self) -> None:
+    def _take_in(self, theirs: dict[str, Any]) -> None:
+        """Another machine wrote this stream's manifest too: list its objects as well."""
         assert self.manifest is not None
-        fetched = await self.spool.fetch(self.id.manifest_key)
-        if fetched is None:
-            self.manifest_etag = ""
-            return
-        body, self.manifest_etag = fetched
-        theirs = parse_document(body, self.id.manifest_key) or {}
         documents = theirs.get(self.manifest.entries_name, [])
         added = self.manifest.merge([self.manifest.entry_from(d) for d in documents])
         self.log.warning("manifest_merged", added=added, listed=len(self.manifest.entries))
@@ -431,15 +415,15 @@ _STREAM_TYPES: dict[MediaFormat, type[Stream[Any, Any]]] = {
 
 
 class SessionWriter:
-    """Keeps each recording's `session.json` current, coalescing bursts of changes. The first
-    write of a recording keeps what an earlier connection or process listed in it."""
+    """Keeps each recording's `session.json` current, coalescing bursts of changes. Writes
+    are conditional: what another connection, process or machine listed is kept."""
 
     def __init__(self, store: Spool) -> None:
         self.store = store
         self.indexes: dict[RecordingId, SessionIndex] = {}
         self.locks: dict[RecordingId, asyncio.Lock] = {}
         self.versions: dict[RecordingId, tuple[int, int]] = {}
-        self.resumed: set[RecordingId] = set()
+        self.etags: dict[RecordingId, str] = {}
         self.writes: set[asyncio.Task[None]] = set()
 
     def record(
@@ -485,28 +469,20 @@ class SessionWriter:
             wanted, written = self.versions[recording]
             if written == wanted:
                 return
-            if recording not in self.resumed:
-                await self._resume(recording)
-            body = dump_json(self.indexes[recording].document())
+            index = self.indexes[recording]
             try:
-                await self.store.put(recording.session_key, body, JSON_TYPE)
+                stored, _ = await write_merging(
+                    self.store,
+                    recording.session_key,
+                    self.etags.get(recording, ""),
+                    lambda: dump_json(index.document()),
+                    index.resume,
+                )
             except StoreError as exc:
                 log.error("session_write_failed", recording=recording.prefix, error=str(exc))
                 return
+            self.etags[recording] = stored.etag
             self.versions[recording] = (self.versions[recording][0], wanted)
-
-    async def _resume(self, recording: RecordingId) -> None:
-        """Merge the index an earlier connection or process stored. When it cannot be read,
-        this write goes ahead (what this process knows must not wait for an outage to end)
-        and the next one tries again."""
-        try:
-            previous = await read_previous(self.store, recording.session_key)
-        except StoreError as exc:
-            log.warning("previous_session_unreadable", recording=recording.prefix, error=str(exc))
-            return
-        self.resumed.add(recording)
-        if previous is not None:
-            self.indexes[recording].resume(previous)
 
     async def flush(self) -> None:
         """Wait for every write already asked for."""

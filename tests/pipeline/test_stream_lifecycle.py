@@ -9,7 +9,8 @@ import aiohttp
 import orjson
 
 from archiver.simulator import Simulation, encode_stream, media_message, participant_event
-from archiver.verify import check_stream
+from archiver.layout import RecordingId
+from archiver.verify import check_events, check_stream
 from tests.conftest import RunningService, ServiceFactory
 
 
@@ -107,13 +108,25 @@ async def test_two_machines_writing_one_stream_both_end_up_in_its_manifest(
     bot = Bot(machine_a, seconds=6)
     async with aiohttp.ClientSession() as session:
         stale = await session.ws_connect(machine_a.url)
+        joined = orjson.dumps(participant_event("join", 100, 0.0, bot.start, **bot.ids))
+        await stale.send_str(joined.decode())
         await bot.send(stale, 0, 25)
         await wait_for_status(machine_a, bot.manifest_key, "live")
         async with session.ws_connect(machine_b.url) as ws:
             await bot.send(ws, 30, 60)
+            left = orjson.dumps(participant_event("leave", 100, 6.0, bot.start, **bot.ids))
+            await ws.send_str(left.decode())
         await machine_b.settle()
         await stale.close()
     await machine_a.settle()
+    recording = RecordingId(bot.sim.bot_id, bot.sim.recording_id)
+    events = await check_events(machine_a.store, recording, key_prefix="archive/")
+    assert events.ok, events.problems
+    assert sorted(events.lines) == sorted([joined, left])
+    session_index = await machine_a.json(recording.session_key)
+    (person,) = session_index["participants"]
+    assert [t["relative"] for t in person["joins"]] == [0.0]
+    assert [t["relative"] for t in person["leaves"]] == [6.0]
     check = await check_stream(machine_a.store, bot.manifest_key, key_prefix="archive/")
     assert check.ok, check.problems
     assert len(check.frames) == 55

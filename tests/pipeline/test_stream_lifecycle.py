@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import aiohttp
 import orjson
 
-from archiver.simulator import Simulation, encode_stream, media_message, participant_event
 from archiver.layout import RecordingId
+from archiver.simulator import Simulation, encode_stream, media_message, participant_event
 from archiver.verify import check_events, check_stream
 from tests.conftest import RunningService, ServiceFactory
 

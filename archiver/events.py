@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,8 @@ log = structlog.get_logger(__name__)
 
 AUDIO_EVENTS = frozenset({"audio_mixed_raw.data", "audio_separate_raw.data"})
 
+WRITER = secrets.token_hex(4)
+"""This process, in the names of the events batches it writes."""
 _JOURNAL_TIME = datetime.fromtimestamp(0, UTC)
 """Events keep their own timestamps inside the line; the journal's is not used."""
 _JOIN = "participant_events.join"
@@ -290,7 +293,7 @@ class EventLog:
         anchor = batch.first_relative
         if anchor is None:
             anchor = self.latest_relative if self.latest_relative is not None else 0.0
-        key = self.recording.events_batch_key(max(0, round(anchor * MICROS)), seq)
+        key = self.recording.events_batch_key(max(0, round(anchor * MICROS)), seq, WRITER)
         entry = EventBatchEntry(
             key=self.spool.location(key),
             seq=seq,

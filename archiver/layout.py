@@ -48,10 +48,11 @@ class RecordingId:
     def events_manifest_key(self) -> str:
         return f"{self.prefix}/events/manifest.json"
 
-    def events_batch_key(self, first_micros: int, seq: int) -> str:
-        """Events batches are named by their first event's relative time (microseconds) and
-        their place in the recording's sequence: time-ordered and unique across reconnects."""
-        return f"{self.prefix}/events/{first_micros:013d}-{seq:06d}.jsonl"
+    def events_batch_key(self, first_micros: int, seq: int, writer: str) -> str:
+        """Events batches are named by their first event's relative time (microseconds),
+        their place in the recording's sequence and the process that wrote them: time-ordered,
+        and unique even when two machines hold the recording at once."""
+        return f"{self.prefix}/events/{first_micros:013d}-{seq:06d}-{writer}.jsonl"
 
     def recovered_events_batch_key(self, first_micros: int, journal_name: str) -> str:
         """A batch rebuilt after a crash, before its place in the sequence is known."""

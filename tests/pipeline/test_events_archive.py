@@ -15,6 +15,7 @@ import jsonschema
 import orjson
 import pytest
 
+from archiver.events import WRITER
 from archiver.layout import RecordingId
 from archiver.simulator import (
     SimulatedStream,
@@ -108,7 +109,7 @@ async def test_join_leave_and_transcript_events_come_back_in_order_unchanged(
     }
     (batch,) = manifest["batches"]
     assert (batch["first_relative"], batch["last_relative"]) == (0.0, 5.0)
-    assert batch["key"].endswith("/events/0000000000000-000000.jsonl")
+    assert batch["key"].endswith(f"/events/0000000000000-000000-{WRITER}.jsonl")
 
     session = await running.json(meeting.recording.session_key)
     assert session["events"]["manifest_key"] == meeting.recording.events_manifest_key
@@ -147,9 +148,9 @@ async def test_events_batches_close_on_count_on_time_and_at_connection_end(
     ]
     keys = [b["key"].rsplit("/", 1)[1] for b in batches]
     assert keys == [
-        "0000000000000-000000.jsonl",
-        "0000003000000-000001.jsonl",
-        "0000020000000-000002.jsonl",
+        f"0000000000000-000000-{WRITER}.jsonl",
+        f"0000003000000-000001-{WRITER}.jsonl",
+        f"0000020000000-000002-{WRITER}.jsonl",
     ]
 
 

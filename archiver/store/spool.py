@@ -10,6 +10,7 @@ spool's size cap, at which `write` waits, and the wait travels back to the webso
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import os
@@ -82,6 +83,7 @@ class Spool:
         self._seq = itertools.count(int(time.time() * 1000) * 1000)
         self._room = asyncio.Condition()
         self._uploads = asyncio.Semaphore(concurrency)
+        self._reachable_again = asyncio.Event()
 
     # Writing.
 
@@ -203,7 +205,7 @@ class Spool:
                 self.counters["upload_retries"] += 1
                 self._mark_store(reachable=False, error=str(exc))
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** min(attempt, 16))
-                await asyncio.sleep(random.uniform(0, delay))
+                await self._back_off(random.uniform(0, delay))
                 continue
             self._mark_store(reachable=True)
             self.counters["uploaded"] += 1
@@ -320,11 +322,20 @@ class Spool:
             )
             self.state = state
 
+    async def _back_off(self, delay_s: float) -> None:
+        """Wait before the next try, or less: the first upload that gets through after an
+        outage wakes every waiting one, so the backlog does not sit out its backoff."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay_s):
+                await self._reachable_again.wait()
+
     def _mark_store(self, reachable: bool, error: str = "") -> None:
         if reachable == self.store_reachable:
             return
         self.store_reachable = reachable
         if reachable:
+            self._reachable_again.set()
+            self._reachable_again = asyncio.Event()
             log.warning("store_reachable_again", pending_bytes=self.pending_bytes)
         else:
             log.error("store_unreachable", error=error, pending_bytes=self.pending_bytes)

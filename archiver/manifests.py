@@ -8,6 +8,7 @@ and bytes, so a manifest that grows over a long meeting is rewritten less and le
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import Field, asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -259,7 +260,7 @@ class ManifestEntry(Protocol):
 EntryT = TypeVar("EntryT", bound=ManifestEntry)
 
 
-class ArchiveManifest(Generic[EntryT]):
+class ArchiveManifest(ABC, Generic[EntryT]):
     """What the manifests of every format share: ids and metadata, the participant, status,
     counters, and the stored objects in order. Owned by its stream's publisher."""
 
@@ -286,13 +287,13 @@ class ArchiveManifest(Generic[EntryT]):
         if previous is not None:
             self._resume(previous)
 
+    @abstractmethod
     def entry_from(self, document: dict[str, Any]) -> EntryT:
         """An entry back from its JSON form (a previous manifest, a spooled object's record)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def format_fields(self) -> dict[str, Any]:
         """The document's fields that only this format has."""
-        raise NotImplementedError
 
     def _resume(self, previous: dict[str, Any]) -> None:
         """Continue a manifest a previous connection or process wrote."""

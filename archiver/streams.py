@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+from abc import ABC, abstractmethod
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ class _BatchResult(Generic[FinishedT]):
     counters: dict[str, int]
 
 
-class Stream(Generic[FinishedT, EntryT]):
+class Stream(ABC, Generic[FinishedT, EntryT]):
     """One stream's worker. Its segmenter lives on one thread at a time, its manifest on
     the event loop; nothing else touches either. Subclasses say how to start the manifest
     and segmenter of their format and how to spool what it finishes."""
@@ -263,15 +264,15 @@ class Stream(Generic[FinishedT, EntryT]):
         if seen == 1 or seen % 100 == 0:
             self.log.warning("frame_dropped", reason=error.reason, detail=error.detail, seen=seen)
 
+    @abstractmethod
     def _begin(
         self, first: MediaMessage, previous: dict[str, Any] | None
     ) -> tuple[ArchiveManifest[EntryT], Segmenter[FinishedT]]:
         """The manifest (continuing `previous`) and the segmenter that carries on from it."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def _spool(self, finished: FinishedT) -> tuple[EntryT, list[SpooledObject]]:
         """Put a finished object in the spool; return its entry and what is to be confirmed."""
-        raise NotImplementedError
 
     async def _hand_over(
         self,

@@ -8,7 +8,7 @@ import io
 import tarfile
 from dataclasses import dataclass, field
 from itertools import groupby, pairwise
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import av
 import orjson
@@ -26,17 +26,31 @@ class DecodedFrame:
     height: int
 
 
+FrameT = TypeVar("FrameT")
+
+
 @dataclass(slots=True)
-class StreamCheck:
-    """What a stream's manifest promised and what decoding its objects delivered."""
+class Check(Generic[FrameT]):
+    """What a manifest promised and what its objects delivered, frame by frame."""
 
     manifest: dict[str, Any]
-    frames: list[DecodedFrame] = field(default_factory=list)
+    frames: list[FrameT] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def order_problems(entries: list[dict[str, Any]]) -> list[str]:
+    """A manifest lists its objects with strictly increasing `seq`."""
+    seqs = [entry["seq"] for entry in entries]
+    if seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
+        return ["listed out of order"]
+    return []
+
+
+StreamCheck = Check[DecodedFrame]
 
 
 async def check_stream(store: ObjectStore, manifest_key: str, key_prefix: str = "") -> StreamCheck:
@@ -47,9 +61,7 @@ async def check_stream(store: ObjectStore, manifest_key: str, key_prefix: str = 
         return StreamCheck({}, problems=[f"no manifest at {manifest_key}"])
     check = StreamCheck(orjson.loads(raw))
     segments = check.manifest["segments"]
-    seqs = [s["seq"] for s in segments]
-    if seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
-        check.problems.append("segments out of order")
+    check.problems += order_problems(segments)
     for init_key, run in groupby(segments, key=lambda s: s["init_key"]):
         init = await store.get(init_key.removeprefix(key_prefix))
         if init is None:
@@ -95,17 +107,7 @@ class ArchivedPng:
     data: bytes
 
 
-@dataclass(slots=True)
-class PngStreamCheck:
-    """What a PNG stream's manifest promised and what its batches hold."""
-
-    manifest: dict[str, Any]
-    frames: list[ArchivedPng] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
+PngStreamCheck = Check[ArchivedPng]
 
 
 async def check_png_stream(
@@ -118,9 +120,7 @@ async def check_png_stream(
         return PngStreamCheck({}, problems=[f"no manifest at {manifest_key}"])
     check = PngStreamCheck(orjson.loads(raw))
     batches = check.manifest["batches"]
-    seqs = [b["seq"] for b in batches]
-    if seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
-        check.problems.append("batches out of order")
+    check.problems += order_problems(batches)
     for batch in batches:
         data = await store.get(batch["key"].removeprefix(key_prefix))
         if data is None:
@@ -201,9 +201,7 @@ async def check_events(
         return EventsCheck({}, problems=[f"no manifest at {recording.events_manifest_key}"])
     check = EventsCheck(orjson.loads(raw))
     batches = check.manifest["batches"]
-    seqs = [b["seq"] for b in batches]
-    if seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
-        check.problems.append("batches out of order")
+    check.problems += order_problems(batches)
     for batch in batches:
         data = await store.get(batch["key"].removeprefix(key_prefix))
         if data is None:

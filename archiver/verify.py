@@ -42,6 +42,19 @@ class Check(Generic[FrameT]):
         return not self.problems
 
 
+async def fetch_listed(
+    store: ObjectStore, entry: dict[str, Any], key_prefix: str, problems: list[str]
+) -> bytes | None:
+    """Fetch an object a manifest lists and check it against its entry's size and SHA-256;
+    what is wrong goes into `problems`."""
+    data = await store.get(entry["key"].removeprefix(key_prefix))
+    if data is None:
+        problems.append(f"missing {entry['key']}")
+    elif len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        problems.append(f"size or checksum mismatch in {entry['key']}")
+    return data
+
+
 def order_problems(entries: list[dict[str, Any]]) -> list[str]:
     """A manifest lists its objects with strictly increasing `seq`."""
     seqs = [entry["seq"] for entry in entries]
@@ -69,13 +82,9 @@ async def check_stream(store: ObjectStore, manifest_key: str, key_prefix: str = 
             continue
         body = bytearray(init)
         for segment in run:
-            data = await store.get(segment["key"].removeprefix(key_prefix))
-            if data is None:
-                check.problems.append(f"missing segment {segment['key']}")
-                continue
-            if hashlib.sha256(data).hexdigest() != segment["sha256"]:
-                check.problems.append(f"checksum mismatch in {segment['key']}")
-            body += data
+            data = await fetch_listed(store, segment, key_prefix, check.problems)
+            if data is not None:
+                body += data
         check.frames.extend(decode(bytes(body)))
     frames_listed = sum(s["frames"] for s in segments)
     if frames_listed != len(check.frames):
@@ -122,12 +131,9 @@ async def check_png_stream(
     batches = check.manifest["batches"]
     check.problems += order_problems(batches)
     for batch in batches:
-        data = await store.get(batch["key"].removeprefix(key_prefix))
+        data = await fetch_listed(store, batch, key_prefix, check.problems)
         if data is None:
-            check.problems.append(f"missing batch {batch['key']}")
             continue
-        if len(data) != batch["bytes"] or hashlib.sha256(data).hexdigest() != batch["sha256"]:
-            check.problems.append(f"size or checksum mismatch in {batch['key']}")
         check.frames.extend(_check_batch(batch, data, check.problems))
     times = [frame.relative_s for frame in check.frames]
     if any(later <= earlier for earlier, later in pairwise(times)):
@@ -203,12 +209,9 @@ async def check_events(
     batches = check.manifest["batches"]
     check.problems += order_problems(batches)
     for batch in batches:
-        data = await store.get(batch["key"].removeprefix(key_prefix))
+        data = await fetch_listed(store, batch, key_prefix, check.problems)
         if data is None:
-            check.problems.append(f"missing batch {batch['key']}")
             continue
-        if hashlib.sha256(data).hexdigest() != batch["sha256"]:
-            check.problems.append(f"checksum mismatch in {batch['key']}")
         lines = [line for line in data.splitlines() if line]
         if len(lines) != batch["count"]:
             check.problems.append(f"{batch['key']} holds {len(lines)} events, not {batch['count']}")

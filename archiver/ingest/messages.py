@@ -2,12 +2,16 @@
 
 Parsing happens on the receive loop, so it does only what routing needs: JSON, envelope
 shape and ids. The base64 payload stays a string here; it is decoded off the loop.
+
+Whatever the bytes, parsing either returns a message or raises `InputError`: a message
+that passes holds ids safe for object keys, an `absolute` time in UTC, and nothing nested
+deeper than the archive's own JSON writers can serialise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -20,20 +24,46 @@ MEDIA_EVENTS: dict[str, MediaFormat] = {
     "video_separate_h264.data": "h264",
     "video_separate_png.data": "png",
 }
+MAX_DEPTH = 64
+"""Deepest nesting of objects and arrays accepted in a message. Recall's messages nest about
+six levels, customer metadata a few more; the JSON writers of manifests and journals stop at
+254, and a message they cannot write back must not get as far as a worker."""
+
+_Id = pydantic.StrictInt | pydantic.StrictStr
 
 
 class _Ref(pydantic.BaseModel):
-    id: str | int
+    id: _Id
     metadata: dict[str, Any] | None = None
 
 
 class _Timestamp(pydantic.BaseModel):
-    relative: float = pydantic.Field(allow_inf_nan=False)
+    relative: float = pydantic.Field(allow_inf_nan=False, strict=True)
+    """Any finite number: whether it is a plausible time is the stream's to judge and count."""
     absolute: datetime
+
+    @pydantic.field_validator("absolute", mode="before")
+    @classmethod
+    def _iso_text(cls, value: object) -> object:
+        if not isinstance(value, str):
+            raise ValueError("expected an ISO-8601 string")
+        return value
+
+    @pydantic.field_validator("absolute")
+    @classmethod
+    def _in_utc(cls, value: datetime) -> datetime:
+        """Naive times are taken as UTC; every time leaves here in UTC, so no later
+        conversion can step outside the calendar (year 1 at +01:00, year 9999 at -05:00)."""
+        if value.tzinfo is None or value.utcoffset() is None:
+            return value.replace(tzinfo=UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError as exc:
+            raise ValueError("outside the representable range in UTC") from exc
 
 
 class _Participant(pydantic.BaseModel):
-    id: int | str
+    id: _Id
     name: str | None = None
     is_host: bool | None = None
     platform: str | None = None
@@ -102,6 +132,8 @@ def parse_message(raw: str | bytes) -> MediaMessage | EventMessage:
         raise InputError("bad_json", str(exc)) from exc
     if not isinstance(body, dict) or not isinstance(body.get("event"), str):
         raise InputError("bad_envelope", "expected an object with a string 'event'")
+    if _deeper_than(body, MAX_DEPTH):
+        raise InputError("too_deep", f"nested deeper than {MAX_DEPTH} levels")
     event: str = body["event"]
     media_format = MEDIA_EVENTS.get(event)
     if media_format is None:
@@ -138,12 +170,31 @@ def parse_message(raw: str | bytes) -> MediaMessage | EventMessage:
     )
 
 
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` levels (iterative: JSON may nest
+    deeper than Python's recursion limit)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 def _dump(ref: _Ref | None) -> dict[str, Any] | None:
     return None if ref is None else ref.model_dump()
 
 
 def _parse_event(event: str, body: dict[str, Any], raw: bytes) -> EventMessage:
-    """Other events are never refused; ids are used for routing only when they are safe."""
+    """Other events are never refused for their shape; ids are used for routing only when
+    they are safe."""
     data = body.get("data")
     data = data if isinstance(data, dict) else {}
     recording = participant_id = None

@@ -1,7 +1,8 @@
 """What the segmenter needs to know about an H.264 access unit, read from its NAL headers.
 
 Only NAL unit types are inspected (start-code scanning, one byte per NAL); the picture
-size comes from decoding the key frame once per new configuration, with FFmpeg.
+size comes from decoding the key frame once per new configuration, with FFmpeg. Whatever the
+bytes, both raise `MediaError` and nothing else, in time bounded by the buffer's size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ NAL_SPS = 7
 NAL_PPS = 8
 _VCL = frozenset(range(1, 6))
 _START = b"\x00\x00\x01"
+MAX_NAL_UNITS = 1024
+"""More NAL units than any encoder puts in one picture (a slice per macroblock row of a 4K
+frame is 135): a buffer of nothing but start codes would otherwise cost seconds of scanning
+and hundreds of megabytes of copies."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +46,11 @@ def analyse(data: bytes) -> AccessUnit:
     params: list[bytes] = []
     sps = b""
     pos = data.find(_START)
+    units = 0
     while pos >= 0:
+        units += 1
+        if units > MAX_NAL_UNITS:
+            raise MediaError("too_many_nal_units", f"more than {MAX_NAL_UNITS} NAL units")
         begin = pos + 3
         nxt = data.find(_START, begin)
         if begin >= len(data):
@@ -101,21 +110,31 @@ def probe_config(keyframe: AccessUnit) -> StreamConfig:
     if len(sps) < 4:
         raise MediaError("no_parameter_sets", "key frame without a usable SPS")
     codec = f"avc1.{sps[1]:02X}{sps[2]:02X}{sps[3]:02X}"
-    decoder = av.CodecContext.create("h264", "r")
-    decoder.thread_count = 1
     try:
-        packet = av.Packet(keyframe.data)
-        packet.pts = packet.dts = 0
-        packet.time_base = Fraction(1, 90000)
-        frames = list(decoder.decode(packet)) or list(decoder.decode(None))
-    except av.FFmpegError as exc:
-        raise MediaError("undecodable_keyframe", str(exc)) from exc
-    if not frames:
-        raise MediaError("undecodable_keyframe", "the decoder returned no picture")
-    frame = frames[0]
+        width, height = _decoded_size(keyframe.data)
+    except MediaError:
+        raise
+    except Exception as exc:
+        # FFmpeg is decoding the sender's bytes: whatever PyAV raises for them is theirs.
+        raise MediaError("undecodable_keyframe", f"{type(exc).__name__}: {exc}") from exc
+    if width <= 0 or height <= 0:
+        raise MediaError("undecodable_keyframe", f"decoded to an empty picture {width}x{height}")
     return StreamConfig(
         parameter_sets=keyframe.parameter_sets,
-        width=frame.width,
-        height=frame.height,
+        width=width,
+        height=height,
         codec=codec,
     )
+
+
+def _decoded_size(data: bytes) -> tuple[int, int]:
+    """Decode one access unit on the calling thread; the size of its first picture."""
+    decoder = av.CodecContext.create("h264", "r")
+    decoder.thread_count = 1
+    packet = av.Packet(data)
+    packet.pts = packet.dts = 0
+    packet.time_base = Fraction(1, 90000)
+    frames = list(decoder.decode(packet)) or list(decoder.decode(None))
+    if not frames:
+        raise MediaError("undecodable_keyframe", "the decoder returned no picture")
+    return frames[0].width, frames[0].height

@@ -22,6 +22,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IHDR = struct.Struct(">I4sII")
 _IHDR_END = 8 + 8 + 13
 _MAX_DIMENSION = 2**31 - 1
+PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+"""The IEND chunk, always the same 12 bytes: the last thing a whole PNG holds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,8 +33,9 @@ class PngHeader:
 
 
 def read_header(data: bytes) -> PngHeader:
-    """Check the signature and the IHDR chunk (length, type, CRC, size); raise `MediaError`
-    naming what is wrong."""
+    """Check the signature, the IHDR chunk (length, type, CRC, size) and that the buffer ends
+    with the IEND chunk (an image cut short does not); raise `MediaError` naming what is
+    wrong. Nothing is decoded."""
     if not data.startswith(PNG_SIGNATURE):
         raise MediaError("not_png", "buffer does not start with the PNG signature")
     if len(data) < _IHDR_END + 4:
@@ -45,6 +48,8 @@ def read_header(data: bytes) -> PngHeader:
         raise MediaError("bad_png_header", "IHDR checksum mismatch")
     if not 0 < width <= _MAX_DIMENSION or not 0 < height <= _MAX_DIMENSION:
         raise MediaError("bad_png_header", f"impossible size {width}x{height}")
+    if len(data) < _IHDR_END + 4 + len(PNG_TRAILER) or not data.endswith(PNG_TRAILER):
+        raise MediaError("truncated_png", "the buffer does not end with the IEND chunk")
     return PngHeader(width, height)
 
 

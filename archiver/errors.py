@@ -7,6 +7,8 @@ bug of ours.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ArchiverError(Exception):
     """Base of the errors this package raises on purpose."""
@@ -34,6 +36,16 @@ class InvalidIdError(InputError):
 
 class MediaError(InputError):
     """Raised when a media buffer cannot be archived (bad base64, not H.264 or PNG)."""
+
+
+class SegmenterFailure(MediaError):
+    """Raised when a segmenter failed on a frame for a reason of ours, not the frame's: the
+    frame is dropped, whatever the open segment or batch held is closed and handed back in
+    `salvaged`, and the segmenter starts afresh (at the next key frame, for H.264)."""
+
+    def __init__(self, detail: str, salvaged: list[Any]) -> None:
+        super().__init__("segmenter_error", detail)
+        self.salvaged = salvaged
 
 
 class StoreError(ArchiverError):

@@ -256,13 +256,21 @@ class ManifestEntry(Protocol):
     @property
     def recovered(self) -> bool: ...
 
+    @property
+    def start_wallclock(self) -> str: ...
+
 
 EntryT = TypeVar("EntryT", bound=ManifestEntry)
 
 
 class ArchiveManifest(ABC, Generic[EntryT]):
     """What the manifests of every format share: ids and metadata, the participant, status,
-    counters, and the stored objects in order. Owned by its stream's publisher."""
+    counters, and the stored objects in order. Owned by its stream's publisher.
+
+    The counters account for every frame: `received` = `archived` (the frames of the listed
+    objects) + `pending` (held, queued or uploading; 0 once complete) + every `dropped_*`.
+    Objects taken in from another writer or a crashed process count as received there.
+    """
 
     entries_name: ClassVar[str]
     """The document's key for the list of stored objects."""
@@ -282,6 +290,9 @@ class ArchiveManifest(ABC, Generic[EntryT]):
         self.entry_documents: list[dict[str, Any]] = []
         self.carried_counters: dict[str, int] = {}
         self.recovered_ranges: list[dict[str, float]] = []
+        self.gaps: list[dict[str, Any]] = []
+        self.taken_in_frames = 0
+        """Frames of objects listed by another writer or a crashed process."""
         self.created_at = _now()
         self.status: StreamStatus = "live"
         if previous is not None:
@@ -290,6 +301,11 @@ class ArchiveManifest(ABC, Generic[EntryT]):
     @abstractmethod
     def entry_from(self, document: dict[str, Any]) -> EntryT:
         """An entry back from its JSON form (a previous manifest, a spooled object's record)."""
+
+    @staticmethod
+    @abstractmethod
+    def frames_of(entry: EntryT) -> int:
+        """How many frames a listed object holds."""
 
     @abstractmethod
     def format_fields(self) -> dict[str, Any]:
@@ -300,30 +316,44 @@ class ArchiveManifest(ABC, Generic[EntryT]):
         self.created_at = previous.get("created_at", self.created_at)
         self.participant_changes = list(previous.get("participant_changes", []))
         self.recovered_ranges = list(previous.get("recovered_ranges", []))
+        self.gaps = list(previous.get("gaps", []))
         for document in previous.get(self.entries_name, []):
             self.add(self.entry_from(document))
         counters = previous.get("counters", {})
-        self.carried_counters = {k: v for k, v in counters.items() if isinstance(v, int)}
+        carried = {k: v for k, v in counters.items() if isinstance(v, int)}
+        listed = sum(self.frames_of(entry) for entry in self.entries)
+        # What the previous writer still held is either recovered (and taken in as such) or
+        # lost with it; either way it no longer counts as received here.
+        pending = carried.pop("pending", 0)
+        carried.pop("archived", None)
+        if "received" in carried:
+            carried["received"] -= pending
+        else:
+            dropped = sum(v for k, v in carried.items() if k.startswith("dropped_"))
+            carried["received"] = listed + dropped
+        self.carried_counters = carried
 
     def add(self, entry: EntryT) -> None:
         """List a stored object after those listed, numbered next; its document is built
         once, not at every write. One that starts earlier than the last listed (another
         writer's objects were merged in) takes its place in time order instead."""
         if self.entries and entry.start < self.entries[-1].start:
-            self.merge([entry])
+            self.merge([entry], taken_in=False)
             return
         if entry.seq != self.next_seq:
             entry = replace(entry, seq=self.next_seq)
         self.entries.append(entry)
         self.entry_documents.append(asdict(entry))
 
-    def merge(self, entries: list[EntryT]) -> int:
-        """Add objects a crashed process left behind, in time order, renumbering `seq`;
-        return how many were not listed yet."""
+    def merge(self, entries: list[EntryT], taken_in: bool = True) -> int:
+        """Add objects another writer or a crashed process listed, in time order,
+        renumbering `seq`; return how many were not listed yet."""
         known = {entry.key for entry in self.entries}
         new = [entry for entry in entries if entry.key not in known]
         if not new:
             return 0
+        if taken_in:
+            self.taken_in_frames += sum(self.frames_of(entry) for entry in new)
         merged = sorted([*self.entries, *new], key=lambda entry: entry.start)
         self.entries, self.entry_documents = [], []
         for seq, entry in enumerate(merged):
@@ -347,6 +377,9 @@ class ArchiveManifest(ABC, Generic[EntryT]):
         merged = dict(self.carried_counters)
         for name, value in counters.items():
             merged[name] = merged.get(name, 0) + value
+        merged["received"] = merged.get("received", 0) + self.taken_in_frames
+        merged["archived"] = sum(self.frames_of(entry) for entry in self.entries)
+        merged.setdefault("pending", 0)
         return {
             "schema_version": SCHEMA_VERSION,
             "status": self.status,
@@ -362,6 +395,7 @@ class ArchiveManifest(ABC, Generic[EntryT]):
             "format": self.stream.media_format,
             "counters": merged,
             "recovered_ranges": self.recovered_ranges,
+            "gaps": self.gaps,
             **self.format_fields(),
             self.entries_name: self.entry_documents,
         }
@@ -383,6 +417,10 @@ class StreamManifest(ArchiveManifest[SegmentEntry]):
     def entry_from(self, document: dict[str, Any]) -> SegmentEntry:
         return SegmentEntry(**document)
 
+    @staticmethod
+    def frames_of(entry: SegmentEntry) -> int:
+        return entry.frames
+
     def format_fields(self) -> dict[str, Any]:
         return {
             "codec": self.entries[-1].codec if self.entries else None,
@@ -401,6 +439,10 @@ class PngManifest(ArchiveManifest[PngBatchEntry]):
 
     def entry_from(self, document: dict[str, Any]) -> PngBatchEntry:
         return PngBatchEntry.from_document(document)
+
+    @staticmethod
+    def frames_of(entry: PngBatchEntry) -> int:
+        return entry.frame_count
 
     def format_fields(self) -> dict[str, Any]:
         return {"frames": sum(entry.frame_count for entry in self.entries)}

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import structlog
 
-from archiver.errors import InputError, StoreError
+from archiver.errors import InputError, SegmenterFailure, StoreError
 from archiver.ingest.messages import RecordingContext
 from archiver.layout import RecordingId, StreamId
 from archiver.manifests import (
@@ -223,22 +223,37 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
 def _replay(
     folder: Path, start: Callable[[dict[str, Any] | None], Segmenter[FinishedT]]
 ) -> tuple[list[FinishedT], int]:
-    """Turn each journal file of a stream back into the segment or batch it was becoming."""
+    """Turn each journal file of a stream back into the segment or batch it was becoming. A
+    frame that fails is skipped and counted, a file that cannot be read is skipped whole:
+    replay never fails the same way twice, so a crash cannot turn into a crash loop."""
     finished: list[FinishedT] = []
-    frames = 0
+    skipped: Counter[str] = Counter()
     for path in sorted(folder.glob("*.jnl")):
-        journaled = read_segment(path)
-        if not journaled.frames:
+        try:
+            journaled = read_segment(path)
+            segmenter = start(journaled.config)
+        except Exception as exc:  # noqa: BLE001 (this file only, logged)
+            log.error("journal_unreadable", file=path.name, error=repr(exc))
+            skipped["unreadable_file"] += 1
             continue
-        segmenter = start(journaled.config)
         for frame in journaled.frames:
             try:
                 finished.extend(segmenter.push(frame.data, frame.relative_s, frame.absolute))
-            except InputError:
-                continue
-        finished.extend(segmenter.flush())
-        frames += segmenter.snapshot()["archived"]
-    return finished, frames
+            except SegmenterFailure as exc:
+                finished.extend(exc.salvaged)
+                skipped[exc.reason] += 1
+            except InputError as exc:
+                skipped[exc.reason] += 1
+            except Exception:  # noqa: BLE001 (this frame only, counted)
+                skipped["replay_error"] += 1
+        try:
+            finished.extend(segmenter.flush())
+        except Exception as exc:  # noqa: BLE001 (this file's open segment only, logged)
+            log.error("journal_replay_failed", file=path.name, error=repr(exc))
+            skipped["replay_error"] += 1
+    if skipped:
+        log.warning("journal_frames_skipped", stream=folder.name, **skipped)
+    return finished, sum(item.frame_count for item in finished)
 
 
 def _segmenter_for_replay(target_s: float, config: dict[str, Any] | None) -> H264Segmenter:

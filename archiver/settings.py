@@ -97,10 +97,31 @@ class Settings(BaseSettings):
         default=16 * 1024 * 1024, ge=1024, description="Largest websocket message accepted."
     )
     max_streams_per_connection: int = Field(
-        default=64, ge=1, description="Distinct streams one connection may open."
+        default=64,
+        ge=1,
+        description="Streams one connection may hold open at once (ended ones do not count): "
+        "a bot sends at most 16 participants' webcams plus screenshares, so 64 leaves a "
+        "margin of two.",
     )
     stream_queue_messages: int = Field(
         default=256, ge=1, description="Messages buffered per stream before reading pauses."
+    )
+    stream_stall_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="A stream whose worker takes nothing from its full queue for this long "
+        "sheds new frames (counted) instead of stalling the connection's other streams.",
+    )
+    timestamp_tolerance_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="How far a frame's relative and absolute timestamps may disagree with "
+        "the stream's start before the frame counts as an outlier.",
+    )
+    timestamp_max_relative_s: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="Largest relative timestamp (seconds into the recording) accepted.",
     )
     heartbeat_s: float = Field(
         default=30.0, gt=0, description="Websocket ping interval, keeps proxies from idling out."

@@ -12,15 +12,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import time
+import traceback
 from abc import ABC, abstractmethod
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal
 
 import structlog
 
-from archiver.errors import InputError, StoreError
+from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
 from archiver.events import EventArchive
 from archiver.ingest.messages import MediaMessage
 from archiver.layout import MediaFormat, RecordingId, StreamId
@@ -49,6 +53,7 @@ from archiver.recovery import (
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.png import PngBatch, PngBatcher
+from archiver.segmenting.timestamps import TimestampGuard
 from archiver.settings import Settings
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
@@ -57,11 +62,21 @@ log = structlog.get_logger(__name__)
 
 EndReason = Literal["connection_closed", "participant_left", "idle", "shutdown"]
 _BATCH_MAX = 64
+_OUR_FAILURES = frozenset({"segmenter_error", "worker_error"})
 
 
-@dataclass(frozen=True, slots=True)
-class _End:
-    reason: EndReason
+def _decode(buffer_b64: str) -> bytes:
+    try:
+        return base64.b64decode(buffer_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise MediaError("bad_base64", str(exc)) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception and where it was raised, for a log line that must lead to the bug."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"{exc!r}{where}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +84,31 @@ class _BatchResult(Generic[FinishedT]):
     finished: list[FinishedT]
     rejected: list[InputError]
     counters: dict[str, int]
+    held_frames: int
+    gaps: list[dict[str, Any]]
+
+
+_Upload = tuple["asyncio.Task[EntryT]", int]
+"""An object's upload, and how many frames it carries."""
 
 
 class Stream(ABC, Generic[FinishedT, EntryT]):
     """One stream's worker. Its segmenter lives on one thread at a time, its manifest on
     the event loop; nothing else touches either. Subclasses say how to start the manifest
-    and segmenter of their format and how to spool what it finishes."""
+    and segmenter of their format and how to spool what it finishes.
+
+    What happens when something fails, so that the code can be held to it:
+    - a frame that cannot be archived (bad base64, not H.264, an outlier timestamp) is
+      dropped and counted by reason; the stream goes on;
+    - a failure of the segmenter itself drops that frame, publishes what the open segment
+      held, starts afresh at the next key frame, and puts the gap in the manifest;
+    - a failure anywhere else in a run (a bug of ours) is logged with its traceback and
+      counted (`worker_failures`); the frames in hand are counted as dropped, and whatever
+      is queued starts the next run: the worker never ends with frames behind it;
+    - a worker that takes nothing from its full queue for `stream_stall_s` sheds new frames
+      (`dropped_backlog`) instead of stalling the connection's other streams, except while
+      the spool is full or recovery holds the stream: that wait is the backpressure.
+    """
 
     published_counter: ClassVar[str]
     """The manifest counter of stored objects ("segments", "batches")."""
@@ -104,15 +138,40 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             participant=stream_id.participant_id,
             stream=f"{stream_id.video_type}/{stream_id.media_format}",
         )
-        self.queue: asyncio.Queue[MediaMessage | _End] = asyncio.Queue(
-            settings.stream_queue_messages
-        )
+        self.queue: asyncio.Queue[MediaMessage] = asyncio.Queue(settings.stream_queue_messages)
+        self.wake = asyncio.Event()
+        """Set when a frame is queued or the stream is asked to end."""
+        self.ending: EndReason | None = None
+        self.finishing = False
+        self.users = 0
+        """Connections feeding this stream; the last one to close ends it."""
+        self.last_progress = time.monotonic()
+        self.held_by_recovery = False
         self.segmenter: Segmenter[FinishedT] | None = None
         self.manifest: ArchiveManifest[EntryT] | None = None
+        self.guard = TimestampGuard(
+            settings.timestamp_tolerance_s, settings.timestamp_max_relative_s
+        )
         self.budget = WriteBudget(settings.manifest_overhead_ratio)
-        self.counters = {self.published_counter: 0, "upload_failures": 0, "manifest_failures": 0}
+        self.received = 0
+        self.in_hand_frames = 0
+        """Taken from the queue, on a thread being segmented."""
+        self.held_frames = 0
+        """In the segmenter's open segment or batch."""
+        self.in_flight_frames = 0
+        """In finished segments or batches, not yet listed."""
+        self.counters = {
+            self.published_counter: 0,
+            "dropped_backlog": 0,
+            "dropped_unstored": 0,
+            "dropped_worker_error": 0,
+            "worker_failures": 0,
+            "upload_failures": 0,
+            "manifest_failures": 0,
+        }
         self.segmenter_counters: dict[str, int] = {}
         self.logged_rejects: dict[str, int] = {}
+        self.journal_failures_logged = 0
         self.task: asyncio.Task[None] | None = None
 
     @property
@@ -120,83 +179,164 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         return self.task is not None and not self.task.done()
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"stream {self.id}")
+        self.last_progress = time.monotonic()
+        self.task = asyncio.create_task(self._supervise(), name=f"stream {self.id}")
 
     async def feed(self, message: MediaMessage) -> None:
-        """Enqueue; waits (so the socket stops being read) while the queue is full."""
-        await self.queue.put(message)
+        """Enqueue. While the queue is full this waits (so the socket stops being read),
+        unless the worker has stalled for reasons of its own: then the frame is shed."""
+        self.received += 1
+        stall_s = self.settings.stream_stall_s
+        while True:
+            try:
+                self.queue.put_nowait(message)
+            except asyncio.QueueFull:
+                pass
+            else:
+                self.wake.set()
+                return
+            legitimate_wait = self.spool.backpressure or self.held_by_recovery
+            stalled_s = time.monotonic() - self.last_progress
+            if not legitimate_wait and stalled_s >= stall_s:
+                self.counters["dropped_backlog"] += 1
+                self._log_reject(
+                    InputError("backlog", f"the stream's worker took nothing for {stalled_s:.1f} s")
+                )
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.05, stall_s - stalled_s)):
+                    await self.queue.put(message)
+                    self.wake.set()
+                    return
 
-    async def end(self, reason: EndReason) -> None:
-        if self.running:
-            await self.queue.put(_End(reason))
+    def end(self, reason: EndReason) -> None:
+        """Ask the worker to finish once it has processed everything queued so far; frames
+        that arrive later start a new run."""
+        if self.running and not self.finishing and self.ending is None:
+            self.ending = reason
+            self.wake.set()
+
+    def pending_frames(self) -> int:
+        return self.queue.qsize() + self.in_hand_frames + self.held_frames + self.in_flight_frames
+
+    async def _supervise(self) -> None:
+        """Run until the stream has ended with nothing queued. A failed run is logged and
+        counted; what is queued behind it starts the next one (each run takes at least one
+        frame, so this cannot loop without progress)."""
+        while True:
+            try:
+                await self._run()
+            except Exception:
+                self.counters["worker_failures"] += 1
+                self._count_lost_in_hand()
+                self.log.exception("stream_worker_failed", queued=self.queue.qsize())
+            if self.queue.empty():
+                return
+            self.log.info("stream_continues", queued=self.queue.qsize())
+
+    def _count_lost_in_hand(self) -> None:
+        self.counters["dropped_worker_error"] += self.in_hand_frames
+        self.in_hand_frames = 0
 
     async def _run(self) -> None:
-        first = await self.queue.get()
-        if isinstance(first, _End):
+        self.finishing = False
+        pending = self._take_queued()
+        if not pending:
             return
-        publish: asyncio.Queue[asyncio.Task[EntryT | None] | None] = asyncio.Queue()
+        publish: asyncio.Queue[_Upload[EntryT] | None] = asyncio.Queue()
         publisher = asyncio.create_task(self._publish_in_order(publish))
         reason: EndReason = "shutdown"
         try:
-            await self._open(first)
-            pending: list[MediaMessage] = [first]
+            await self._open(pending[0])
             while True:
-                ended = self._drain(pending)
+                await self._segment(pending, publish)
+                pending = self._take_queued()
                 if pending:
-                    await self._segment(pending, publish)
-                    pending = []
-                if ended is not None:
-                    reason = ended.reason
+                    continue
+                if self.ending is not None:
+                    reason = self.ending
                     break
+                self.wake.clear()
                 try:
                     async with asyncio.timeout(self.settings.idle_timeout_s):
-                        item = await self.queue.get()
+                        await self.wake.wait()
                 except TimeoutError:
                     reason = "idle"
                     break
-                if isinstance(item, _End):
-                    reason = item.reason
-                    break
-                pending.append(item)
+                pending = self._take_queued()
+            self.finishing = True
             await self._flush(publish)
+        except Exception:
+            self._count_lost_in_hand()
+            raise
         finally:
+            self.finishing = True
+            self.ending = None
             await publish.put(None)
             await publisher
             if self.manifest is not None:
                 await self._finish(reason)
-        if not self.queue.empty():
-            # Frames that arrived while this run was ending continue the stream.
-            self.start()
 
-    def _drain(self, pending: list[MediaMessage]) -> _End | None:
-        """Take what is already queued, up to a batch; stop at an end marker."""
-        while len(pending) < _BATCH_MAX:
+    def _take_queued(self) -> list[MediaMessage]:
+        """Take what is already queued, up to a batch."""
+        taken: list[MediaMessage] = []
+        while len(taken) < _BATCH_MAX:
             try:
-                item = self.queue.get_nowait()
+                taken.append(self.queue.get_nowait())
             except asyncio.QueueEmpty:
-                return None
-            if isinstance(item, _End):
-                return item
-            pending.append(item)
-        return None
+                break
+        if taken:
+            self.last_progress = time.monotonic()
+        self.in_hand_frames = len(taken)
+        return taken
 
     async def _open(self, first: MediaMessage) -> None:
         """Start or resume the stream: a manifest already in the store is continued."""
-        await self.recovery.wait_for(self.id.manifest_key)
+        self.held_by_recovery = True
+        try:
+            await self.recovery.wait_for(self.id.manifest_key)
+        except Exception:
+            self.log.exception("recovery_failed_before_resume")
+        finally:
+            self.held_by_recovery = False
+            self.last_progress = time.monotonic()
         if self.manifest is None or self.segmenter is None:
             previous = await self._load_previous()
-            self.manifest, self.segmenter = self._begin(first, previous)
+            try:
+                self.manifest, self.segmenter = self._begin(first, previous)
+            except Exception:
+                # A stored manifest this version cannot continue: start afresh beside it
+                # (its objects stay in the store; the next write merges what it lists).
+                self.log.exception("previous_manifest_unusable")
+                self.manifest, self.segmenter = self._begin(first, None)
             if previous is not None:
                 self.log.info(
                     "stream_resumed", **{self.published_counter: len(self.manifest.entries)}
                 )
+            self._seed_guard(self.manifest)
         self.manifest.status = "live"
         self.header = stream_header(self.id, first.context, first.participant)
         folder = Path(self.settings.spool_dir) / JOURNAL_FOLDER / self.id.journal_name
-        self.journal = await asyncio.to_thread(StreamJournal, folder, self.header)
+        try:
+            self.journal = await asyncio.to_thread(StreamJournal, folder, self.header)
+        except OSError as exc:
+            # Frames are still archived, only not safe from a crash of this process.
+            self.journal = None
+            self.log.error("journal_unavailable", error=str(exc))
         self.segmenter.journal = self.journal
         self.sessions.record(self.id, self.manifest, "live")
         self.log.info("stream_started", relative=first.relative_s)
+
+    def _seed_guard(self, manifest: ArchiveManifest[EntryT]) -> None:
+        """The recording's start is known from what is already archived."""
+        if not manifest.entries:
+            return
+        last = manifest.entries[-1]
+        with contextlib.suppress(ValueError, OverflowError):
+            wallclock = datetime.fromisoformat(last.start_wallclock)
+            if wallclock.tzinfo is None:
+                wallclock = wallclock.replace(tzinfo=UTC)
+            self.guard.seed(wallclock.timestamp() - last.start, last.end)
 
     async def _load_previous(self) -> dict[str, Any] | None:
         """The stored manifest, and its version, which this stream's writes then replace."""
@@ -211,58 +351,105 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         return parse_document(body, self.id.manifest_key)
 
     async def _segment(
-        self,
-        batch: list[MediaMessage],
-        publish: asyncio.Queue[asyncio.Task[EntryT | None] | None],
+        self, batch: list[MediaMessage], publish: asyncio.Queue[_Upload[EntryT] | None]
     ) -> None:
         assert self.manifest is not None
         for message in batch:
             self.manifest.update_participant(message.relative_s, message.participant)
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.executor, self._segment_batch, batch)
-        self.segmenter_counters = result.counters
-        for error in result.rejected:
-            self._log_reject(error)
+        self._take_result(result)
         for finished in result.finished:
             await self._hand_over(finished, publish)
 
+    def _take_result(self, result: _BatchResult[FinishedT]) -> None:
+        """Account for a batch the thread is done with, before anything can wait."""
+        assert self.manifest is not None
+        self.in_hand_frames = 0
+        self.held_frames = result.held_frames
+        self.in_flight_frames += sum(finished.frame_count for finished in result.finished)
+        self.segmenter_counters = result.counters
+        self.manifest.gaps.extend(result.gaps)
+        for error in result.rejected:
+            self._log_reject(error)
+        journal = self.journal
+        if journal is not None and journal.failures > self.journal_failures_logged:
+            self.log.error(
+                "journal_write_failed", failures=journal.failures, error=journal.last_error
+            )
+            self.journal_failures_logged = journal.failures
+
     def _segment_batch(self, batch: list[MediaMessage]) -> _BatchResult[FinishedT]:
-        """Runs on a worker thread: base64 and segmenting for a batch of one stream."""
+        """Runs on a worker thread: base64, timestamp checks and segmenting for a batch of
+        one stream. Nothing raised here escapes: each frame's fate is counted."""
         segmenter = self.segmenter
         assert segmenter is not None
         finished: list[FinishedT] = []
         rejected: list[InputError] = []
         for message in batch:
             try:
-                data = base64.b64decode(message.buffer_b64, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                segmenter.reject("bad_base64")
-                rejected.append(InputError("bad_base64", str(exc)))
+                data = _decode(message.buffer_b64)
+                absolute = self.guard.check(message.relative_s, message.absolute)
+            except InputError as exc:
+                segmenter.reject(exc.reason)
+                rejected.append(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 (a bug of ours: this frame only)
+                segmenter.reject("worker_error")
+                rejected.append(InputError("worker_error", _describe(exc)))
                 continue
             try:
-                finished.extend(segmenter.push(data, message.relative_s, message.absolute))
-            except InputError as exc:
+                finished.extend(segmenter.push(data, message.relative_s, absolute))
+            except SegmenterFailure as exc:
+                finished.extend(exc.salvaged)
                 rejected.append(exc)
+            except InputError as exc:  # counted by the segmenter
+                rejected.append(exc)
+            except Exception as exc:  # noqa: BLE001 (a bug of ours: this frame only)
+                segmenter.reject("worker_error")
+                rejected.append(InputError("worker_error", _describe(exc)))
         if self.journal is not None:
             self.journal.sync_if_due()
-        return _BatchResult(finished, rejected, segmenter.snapshot())
+        return self._result(segmenter, finished, rejected)
 
-    async def _flush(self, publish: asyncio.Queue[asyncio.Task[EntryT | None] | None]) -> None:
+    def _flush_segmenter(self) -> _BatchResult[FinishedT]:
+        """Runs on a worker thread: close what is open, at the end of a run."""
         segmenter = self.segmenter
-        if segmenter is None:
+        assert segmenter is not None
+        return self._result(segmenter, segmenter.flush(), [])
+
+    def _result(
+        self,
+        segmenter: Segmenter[FinishedT],
+        finished: list[FinishedT],
+        rejected: list[InputError],
+    ) -> _BatchResult[FinishedT]:
+        gaps = list(segmenter.gaps)
+        segmenter.gaps.clear()
+        counters = {
+            **segmenter.snapshot(),
+            "absolute_repaired": self.guard.absolute_repaired,
+            "timestamp_reanchors": self.guard.reanchors,
+        }
+        return _BatchResult(finished, rejected, counters, segmenter.held_frames, gaps)
+
+    async def _flush(self, publish: asyncio.Queue[_Upload[EntryT] | None]) -> None:
+        if self.segmenter is None:
             return
         loop = asyncio.get_running_loop()
-        closed = await loop.run_in_executor(self.executor, segmenter.flush)
-        self.segmenter_counters = segmenter.snapshot()
-        for finished in closed:
+        result = await loop.run_in_executor(self.executor, self._flush_segmenter)
+        self._take_result(result)
+        for finished in result.finished:
             await self._hand_over(finished, publish)
 
     def _log_reject(self, error: InputError) -> None:
-        """Log the first of each reason, then every hundredth: counted always, never a flood."""
+        """Log the first of each reason, then every hundredth: counted always, never a flood.
+        Failures of ours are errors, with what raised."""
         seen = self.logged_rejects.get(error.reason, 0) + 1
         self.logged_rejects[error.reason] = seen
         if seen == 1 or seen % 100 == 0:
-            self.log.warning("frame_dropped", reason=error.reason, detail=error.detail, seen=seen)
+            level = self.log.error if error.reason in _OUR_FAILURES else self.log.warning
+            level("frame_dropped", reason=error.reason, detail=error.detail, seen=seen)
 
     @abstractmethod
     def _begin(
@@ -275,22 +462,28 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         """Put a finished object in the spool; return its entry and what is to be confirmed."""
 
     async def _hand_over(
-        self,
-        finished: FinishedT,
-        publish: asyncio.Queue[asyncio.Task[EntryT | None] | None],
+        self, finished: FinishedT, publish: asyncio.Queue[_Upload[EntryT] | None]
     ) -> None:
         """Spool a finished segment or batch (waiting for room when the spool is full: that
         wait is the backpressure), forget its journal, and queue its upload for in-order
         publishing."""
         try:
             entry, spooled = await self._spool(finished)
-        except StoreError as exc:
+        except Exception as exc:  # noqa: BLE001 (this segment's frames only, counted)
+            self.in_flight_frames -= finished.frame_count
+            self.counters["dropped_unstored"] += finished.frame_count
             self.counters["upload_failures"] += 1
-            self.log.error("segment_spool_failed", seq=finished.seq, error=str(exc))
+            self.log.error(
+                "segment_spool_failed",
+                seq=finished.seq,
+                frames=finished.frame_count,
+                error=_describe(exc),
+            )
             return
         if self.journal is not None:
             self.journal.discard(finished.name)
-        await publish.put(asyncio.create_task(self._confirm(entry, spooled)))
+        upload = asyncio.create_task(self._confirm(entry, spooled))
+        await publish.put((upload, finished.frame_count))
 
     async def _confirm(self, entry: EntryT, spooled: list[SpooledObject]) -> EntryT:
         for spooled_object in spooled:
@@ -298,12 +491,20 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             self.budget.count_media(spooled_object.size)
         return entry
 
-    async def _publish_in_order(
-        self, publish: asyncio.Queue[asyncio.Task[EntryT | None] | None]
-    ) -> None:
-        while (upload := await publish.get()) is not None:
-            entry = await upload
-            if entry is None or self.manifest is None:
+    async def _publish_in_order(self, publish: asyncio.Queue[_Upload[EntryT] | None]) -> None:
+        """List each object once the store has it, in order; an upload that failed for a
+        reason of ours costs its own frames, counted, never the publisher."""
+        while (item := await publish.get()) is not None:
+            upload, frames = item
+            self.in_flight_frames -= frames
+            try:
+                entry = await upload
+            except Exception as exc:  # noqa: BLE001 (this segment's frames only, counted)
+                self.counters["dropped_unstored"] += frames
+                self.counters["upload_failures"] += 1
+                self.log.error("segment_upload_failed", frames=frames, error=_describe(exc))
+                continue
+            if self.manifest is None:
                 continue
             self.manifest.add(entry)
             self.counters[self.published_counter] += 1
@@ -312,7 +513,13 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
 
     def _manifest_body(self) -> bytes:
         assert self.manifest is not None
-        return dump_json(self.manifest.document({**self.segmenter_counters, **self.counters}))
+        counters = {
+            **self.segmenter_counters,
+            **self.counters,
+            "received": self.received,
+            "pending": self.pending_frames(),
+        }
+        return dump_json(self.manifest.document(counters))
 
     async def _write_manifest(self) -> bool:
         assert self.manifest is not None
@@ -328,6 +535,10 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             self.counters["manifest_failures"] += 1
             self.log.error("manifest_write_failed", error=str(exc))
             return False
+        except Exception:
+            self.counters["manifest_failures"] += 1
+            self.log.exception("manifest_write_failed")
+            return False
         self.manifest_etag = stored.etag
         self.budget.count_manifest(len(body), len(self.manifest.entries))
         return True
@@ -341,7 +552,12 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
 
     async def _finish(self, reason: EndReason) -> None:
         assert self.manifest is not None
-        self.manifest.status = "complete"
+        unlisted = self.held_frames + self.in_flight_frames + self.in_hand_frames
+        # Complete only when every frame received is listed or counted as dropped; frames
+        # already queued again are the next run's, which continues this manifest.
+        self.manifest.status = "complete" if not unlisted else "interrupted"
+        if unlisted:
+            self.log.error("stream_ended_with_unlisted_frames", frames=unlisted)
         await self._write_manifest()
         if self.journal is not None:
             await asyncio.to_thread(self.journal.close, True)
@@ -507,34 +723,58 @@ class StreamRegistry:
         self.streams: dict[StreamId, Stream[Any, Any]] = {}
 
     async def dispatch(self, message: MediaMessage) -> None:
-        stream = self.streams.get(message.stream)
+        stream = self._stream(message.stream)
+        if not stream.running:
+            stream.start()
+        await stream.feed(message)
+
+    def _stream(self, stream_id: StreamId) -> Stream[Any, Any]:
+        stream = self.streams.get(stream_id)
         if stream is None:
-            stream_type = _STREAM_TYPES[message.stream.media_format]
-            stream = self.streams[message.stream] = stream_type(
-                message.stream,
+            stream_type = _STREAM_TYPES[stream_id.media_format]
+            stream = self.streams[stream_id] = stream_type(
+                stream_id,
                 self.settings,
                 self.spool,
                 self.executor,
                 self.sessions,
                 self.recovery,
             )
-        if not stream.running:
-            stream.start()
-        await stream.feed(message)
+        return stream
 
-    async def end(self, stream_ids: set[StreamId], reason: EndReason) -> None:
+    def is_open(self, stream_id: StreamId) -> bool:
+        """Whether the stream's worker is running (ended streams are not open)."""
+        stream = self.streams.get(stream_id)
+        return stream is not None and stream.running
+
+    def attach(self, stream_id: StreamId) -> None:
+        """A connection feeds this stream; it ends when the last such connection closes."""
+        self._stream(stream_id).users += 1
+
+    def detach(self, stream_ids: set[StreamId], reason: EndReason | None) -> None:
+        """Connections no longer feed these streams; with a reason, streams no connection
+        feeds any more end."""
+        for stream_id in stream_ids:
+            stream = self.streams.get(stream_id)
+            if stream is None:
+                continue
+            stream.users = max(0, stream.users - 1)
+            if reason is not None and not stream.users:
+                stream.end(reason)
+
+    def end(self, stream_ids: set[StreamId], reason: EndReason) -> None:
         for stream_id in stream_ids:
             stream = self.streams.get(stream_id)
             if stream is not None:
-                await stream.end(reason)
+                stream.end(reason)
 
-    async def end_participant(self, recording: RecordingId, participant_id: str) -> None:
+    def end_participant(self, recording: RecordingId, participant_id: str) -> None:
         ids = {
             s
             for s in self.streams
             if s.recording == recording and s.participant_id == participant_id
         }
-        await self.end(ids, "participant_left")
+        self.end(ids, "participant_left")
 
     async def wait_idle(self) -> None:
         """Wait until every stream's worker and every events log has finished and every
@@ -545,7 +785,7 @@ class StreamRegistry:
         await self.sessions.flush()
 
     async def close(self) -> None:
-        await self.end(set(self.streams), "shutdown")
+        self.end(set(self.streams), "shutdown")
         self.events.end_all()
         await self.wait_idle()
 

@@ -163,16 +163,27 @@ class Connection:
 
     async def route_media(self, message: MediaMessage) -> None:
         stream = message.stream
+        registry = self.state.registry
         if stream not in self.streams:
-            if len(self.streams) >= self.state.settings.max_streams_per_connection:
-                # Far beyond any meeting platform's limit: protect the other connections.
+            if self._open_streams() >= self.state.settings.max_streams_per_connection:
+                # Beyond any meeting platform's limit at once: refuse this stream's frames,
+                # never the connection (everyone else on it keeps being archived).
                 self.refuse(InputError("too_many_streams", str(stream)))
-                await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many streams")
                 return
             self.streams.add(stream)
+            registry.attach(stream)
             self.log = self.log.bind(bot=stream.recording.bot_id)
         self.counts[f"media_{stream.media_format}"] += 1
-        await self.state.registry.dispatch(message)
+        await registry.dispatch(message)
+
+    def _open_streams(self) -> int:
+        """Streams of this connection still open; ended ones (a leave, idle) stop counting,
+        and come back as new ones if their participant returns."""
+        registry = self.state.registry
+        ended = {stream for stream in self.streams if not registry.is_open(stream)}
+        registry.detach(ended, reason=None)
+        self.streams -= ended
+        return len(self.streams)
 
     async def route_event(self, message: EventMessage) -> None:
         """Archive the event beside its recording's video (audio is only counted); a leave
@@ -193,7 +204,7 @@ class Connection:
             return
         events.append(recording, message)
         if message.event == _LEAVE_EVENT and message.participant_id is not None:
-            await self.state.registry.end_participant(recording, message.participant_id)
+            self.state.registry.end_participant(recording, message.participant_id)
 
     def refuse(self, error: InputError) -> None:
         """Count and log a refused message; the connection goes on."""
@@ -204,7 +215,7 @@ class Connection:
             self.log.warning("message_refused", reason=error.reason, detail=error.detail, seen=seen)
 
     async def close(self) -> None:
-        await self.state.registry.end(self.streams, "connection_closed")
+        self.state.registry.detach(self.streams, "connection_closed")
         self.state.registry.events.release(self.event_recordings)
         self.log.info(
             "connection_closed",

@@ -11,19 +11,22 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
+from typing import Any
 
 import av
 
-from archiver.errors import MediaError
-from archiver.segmenting.base import SegmentJournal
+from archiver.errors import MediaError, SegmenterFailure
+from archiver.segmenting.base import DropCounters, SegmentJournal
 from archiver.segmenting.h264 import AccessUnit, StreamConfig, analyse, probe_config
 
 TIMESCALE = 90_000
 _TIME_BASE = Fraction(1, TIMESCALE)
 _DEFAULT_DURATION = TIMESCALE // 30
+_MAX_TICKS = 2**53
+"""Far beyond any meeting, and well inside what the muxer's 64-bit timestamps hold."""
 _MUXER_OPTIONS = {
     # One fragment per key frame, timeline from our own timestamps, no index at the end.
     "movflags": "frag_keyframe+empty_moov+default_base_moof+frag_discont+skip_trailer",
@@ -56,25 +59,19 @@ class MediaSegment:
     def name(self) -> str:
         return segment_name(self.start_ticks)
 
+    @property
+    def frame_count(self) -> int:
+        return self.frames
+
 
 @dataclass(slots=True)
-class SegmenterCounters:
-    """What the segmenter did with what it was given; all of it goes into the manifest."""
+class SegmenterCounters(DropCounters):
+    """What the H.264 segmenter did with what it was given; all of it goes into the
+    manifest."""
 
-    access_units: int = 0
-    archived: int = 0
     dropped_before_keyframe: int = 0
-    dropped_invalid: int = 0
-    timestamps_adjusted: int = 0
     configurations: int = 0
     forced_cuts: int = 0
-    drop_reasons: dict[str, int] = field(default_factory=dict)
-
-    def snapshot(self) -> dict[str, int]:
-        """Flat copy for the manifest: one `invalid_<reason>` entry per drop reason."""
-        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "drop_reasons"}
-        flat.update({f"invalid_{reason}": n for reason, n in self.drop_reasons.items()})
-        return flat
 
 
 @dataclass(slots=True)
@@ -114,6 +111,14 @@ class _SegmentMuxer:
         data = self.buffer.getvalue()
         split = _first_box_offset(data, b"moof")
         return data[:split], data[split:]
+
+
+def _gap(start_ticks: int, end_ticks: int) -> dict[str, Any]:
+    return {
+        "start": round(start_ticks / TIMESCALE, 6),
+        "end": round(end_ticks / TIMESCALE, 6),
+        "reason": "segmenter_error",
+    }
 
 
 def _first_box_offset(data: bytes, box_type: bytes) -> int:
@@ -156,6 +161,9 @@ class H264Segmenter:
         self._segment_wallclock: datetime | None = None
         self._segment_frames = 0
         self._segment_keyframe_start = False
+        self.gaps: list[dict[str, Any]] = []
+        """Time ranges lost to a failure of ours, for the manifest (the stream takes them)."""
+        self._gap_start: int | None = None
 
     @property
     def last_ticks(self) -> int:
@@ -164,20 +172,41 @@ class H264Segmenter:
     def snapshot(self) -> dict[str, int]:
         return self.counters.snapshot()
 
+    @property
+    def held_frames(self) -> int:
+        """Frames taken into the open segment, not yet in a finished one."""
+        return self._segment_frames if self._muxer is not None else 0
+
     def push(self, data: bytes, relative_s: float, absolute: datetime) -> list[MediaSegment]:
-        """Add one access unit; return the segments it closed (zero or one, rarely two)."""
+        """Add one access unit; return the segments it closed (zero or one, rarely two).
+        Raise `MediaError` for a unit that is not archived; `SegmenterFailure` when the
+        segmenter itself failed (what it held is salvaged, the unit is dropped)."""
         try:
             unit = analyse(data)
+            ticks = round(relative_s * TIMESCALE)
+            if not 0 <= ticks < _MAX_TICKS:
+                raise MediaError("timestamp", f"relative {relative_s!r} out of range")
+            new_config = self._new_config(unit)
         except MediaError as exc:
             self.reject(exc.reason)
             raise
-        self.counters.access_units += 1
-        ticks = round(relative_s * TIMESCALE)
+        try:
+            return self._take(unit, new_config, ticks, relative_s, absolute)
+        except Exception as exc:  # any failure of ours costs this unit only
+            raise SegmenterFailure(repr(exc), self._salvage(unit, ticks)) from exc
+
+    def _take(
+        self,
+        unit: AccessUnit,
+        new_config: StreamConfig | None,
+        ticks: int,
+        relative_s: float,
+        absolute: datetime,
+    ) -> list[MediaSegment]:
         if ticks <= self._last_ticks:
             ticks = self._last_ticks + 1
             self.counters.timestamps_adjusted += 1
 
-        new_config = self._new_config(unit)
         if self._config is None and new_config is None:
             self.counters.dropped_before_keyframe += 1
             return []
@@ -200,13 +229,37 @@ class H264Segmenter:
         elif self._pending is not None:
             self._mux_pending(ticks - self._pending.ticks)
         self._pending = _Pending(unit, ticks)
-        if self.journal is not None:
-            self.journal.record(relative_s, absolute, data)
         self._segment_frames += 1
+        if self.journal is not None:
+            self.journal.record(relative_s, absolute, unit.data)
         return closed
+
+    def _salvage(self, unit: AccessUnit, ticks: int) -> list[MediaSegment]:
+        """After a failure of ours: close what the open segment holds (it is published),
+        count what cannot be saved, and wait for the next key frame to start afresh."""
+        if self._pending is None or self._pending.unit is not unit:
+            self.counters.drop("segmenter_error")
+        salvaged: list[MediaSegment] = []
+        if self._muxer is not None and self._pending is not None:
+            try:
+                salvaged.append(self._close(self._pending.ticks + self._last_duration))
+            except Exception:  # noqa: BLE001 (the segment is lost; say how many frames)
+                self.counters.drop("segmenter_error", self._segment_frames)
+        self._muxer = None
+        self._pending = None
+        self._segment_frames = 0
+        self._config = None
+        self._last_ticks = max(self._last_ticks, ticks)
+        self.counters.segmenter_resets += 1
+        if self._gap_start is None:
+            self._gap_start = ticks
+        return salvaged
 
     def flush(self) -> list[MediaSegment]:
         """Close the open segment at stream end; the last frame keeps the previous duration."""
+        if self._gap_start is not None:
+            self.gaps.append(_gap(self._gap_start, max(self._gap_start, self._last_ticks)))
+            self._gap_start = None
         if self._muxer is None or self._pending is None:
             return []
         return [self._close(self._pending.ticks + self._last_duration)]
@@ -217,20 +270,11 @@ class H264Segmenter:
             return None
         if self._config is not None and unit.parameter_sets == self._config.parameter_sets:
             return None
-        try:
-            return probe_config(unit)
-        except MediaError as exc:
-            self._count_drop(exc.reason)
-            raise
+        return probe_config(unit)
 
     def reject(self, reason: str) -> None:
         """Count an access unit that never reached the muxer, by why."""
-        self.counters.access_units += 1
-        self._count_drop(reason)
-
-    def _count_drop(self, reason: str) -> None:
-        self.counters.dropped_invalid += 1
-        self.counters.drop_reasons[reason] = self.counters.drop_reasons.get(reason, 0) + 1
+        self.counters.drop(reason)
 
     def resume(self, config: StreamConfig) -> None:
         """Continue with a known configuration, so frames before the next key frame are kept
@@ -240,6 +284,9 @@ class H264Segmenter:
     def _open(self, ticks: int, absolute: datetime, keyframe: bool) -> None:
         assert self._config is not None
         self._muxer = _SegmentMuxer(self._config, self._next_seq)
+        if self._gap_start is not None:
+            self.gaps.append(_gap(self._gap_start, ticks))
+            self._gap_start = None
         if self.journal is not None:
             self.journal.begin(segment_name(ticks), self._config.as_record())
         self._segment_start = ticks
@@ -253,10 +300,8 @@ class H264Segmenter:
         try:
             self._muxer.mux(self._pending.unit, self._pending.ticks, duration)
         except MediaError as exc:
-            self._count_drop(exc.reason)
+            self.counters.drop(exc.reason)
             self._segment_frames -= 1
-        else:
-            self.counters.archived += 1
         self._last_duration = duration
         self._pending = None
 

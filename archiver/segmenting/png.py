@@ -11,11 +11,12 @@ import io
 import struct
 import tarfile
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from archiver.errors import MediaError
-from archiver.segmenting.base import SegmentJournal
+from archiver.errors import MediaError, SegmenterFailure
+from archiver.segmenting.base import DropCounters, SegmentJournal
 
 MICROS = 1_000_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -24,6 +25,8 @@ _IHDR_END = 8 + 8 + 13
 _MAX_DIMENSION = 2**31 - 1
 PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 """The IEND chunk, always the same 12 bytes: the last thing a whole PNG holds."""
+_MAX_MICROS = 10**13
+"""Thirteen digits of microseconds in batch names: 115 days, far beyond any meeting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,22 +96,9 @@ class PngBatch:
     def name(self) -> str:
         return batch_name(self.start_micros)
 
-
-@dataclass(slots=True)
-class PngCounters:
-    """What the batcher did with what it was given; all of it goes into the manifest."""
-
-    frames_received: int = 0
-    archived: int = 0
-    dropped_invalid: int = 0
-    timestamps_adjusted: int = 0
-    drop_reasons: dict[str, int] = field(default_factory=dict)
-
-    def snapshot(self) -> dict[str, int]:
-        """Flat copy for the manifest: one `invalid_<reason>` entry per drop reason."""
-        flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "drop_reasons"}
-        flat.update({f"invalid_{reason}": n for reason, n in self.drop_reasons.items()})
-        return flat
+    @property
+    def frame_count(self) -> int:
+        return len(self.frames)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,20 +128,35 @@ class PngBatcher:
         self.max_frames = max_frames
         self.max_micros = round(max_s * MICROS)
         self.journal = journal
-        self.counters = PngCounters()
+        self.counters = DropCounters()
+        self.gaps: list[dict[str, Any]] = []
         self._next_seq = first_seq
         self._last_micros = last_micros
         self._pending: list[_Pending] = []
+
+    @property
+    def held_frames(self) -> int:
+        return len(self._pending)
 
     def push(self, data: bytes, relative_s: float, absolute: datetime) -> list[PngBatch]:
         """Add one PNG; return the batches it closed (zero, one, or two)."""
         try:
             header = read_header(data)
+            micros = round(relative_s * MICROS)
+            if not 0 <= micros < _MAX_MICROS:
+                raise MediaError("timestamp", f"relative {relative_s!r} out of range")
         except MediaError as exc:
             self.reject(exc.reason)
             raise
-        self.counters.frames_received += 1
-        micros = round(relative_s * MICROS)
+        held = len(self._pending)
+        try:
+            return self._take(header, data, micros, absolute)
+        except Exception as exc:  # any failure of ours costs this frame only
+            raise SegmenterFailure(repr(exc), self._salvage(held, micros)) from exc
+
+    def _take(
+        self, header: PngHeader, data: bytes, micros: int, absolute: datetime
+    ) -> list[PngBatch]:
         if micros <= self._last_micros:
             micros = self._last_micros + 1
             self.counters.timestamps_adjusted += 1
@@ -175,15 +180,32 @@ class PngBatcher:
 
     def reject(self, reason: str) -> None:
         """Count a frame that was not archived, by why."""
-        self.counters.frames_received += 1
-        self.counters.dropped_invalid += 1
-        self.counters.drop_reasons[reason] = self.counters.drop_reasons.get(reason, 0) + 1
+        self.counters.drop(reason)
+
+    def _salvage(self, held: int, micros: int) -> list[PngBatch]:
+        """After a failure of ours: close the frames the batch held before this one (they are
+        published); count what cannot be saved, and the failed frame, as dropped."""
+        self._pending = self._pending[:held]
+        self.counters.drop("segmenter_error")
+        self.counters.segmenter_resets += 1
+        salvaged: list[PngBatch] = []
+        if self._pending:
+            try:
+                salvaged.append(self._close())
+            except Exception:  # noqa: BLE001 (the batch is lost; say how many frames)
+                self.counters.drop("segmenter_error", len(self._pending))
+                self._pending = []
+        self._last_micros = max(self._last_micros, micros)
+        self.gaps.append(
+            {"start": micros / MICROS, "end": micros / MICROS, "reason": "segmenter_error"}
+        )
+        return salvaged
 
     def snapshot(self) -> dict[str, int]:
         return self.counters.snapshot()
 
     def _close(self) -> PngBatch:
-        pending, self._pending = self._pending, []
+        pending = self._pending
         body, offsets = build_tar([(member_name(p.micros), p.absolute, p.data) for p in pending])
         frames = tuple(
             PngFrame(
@@ -206,7 +228,7 @@ class PngBatcher:
             body=body,
         )
         self._next_seq += 1
-        self.counters.archived += len(frames)
+        self._pending = []
         return batch
 
 

@@ -9,6 +9,7 @@ deleted once its segment is safely in the spool.
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import time
 from collections.abc import Iterator
@@ -55,29 +56,50 @@ class StreamJournal:
         self._fd: int | None = None
         self._name: str | None = None
         self._synced_at = time.monotonic()
+        self.failures = 0
+        """Writes that failed (disk full, no file descriptors): those frames are still
+        segmented and uploaded, only not safe from a crash of this process."""
+        self.last_error = ""
 
     def begin(self, name: str, config: dict[str, Any] | None) -> None:
         """Start the file of a new open segment, named like its segment."""
         self._close_file()
         self._name = name
-        self._fd = os.open(self.folder / f"{name}.jnl", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        if config is not None:
-            body = orjson.dumps(config)
-            os.write(self._fd, _FRAME.pack(_CONFIG, 0.0, 0, len(body)) + body)
+        try:
+            self._fd = os.open(
+                self.folder / f"{name}.jnl", os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            )
+            if config is not None:
+                body = orjson.dumps(config)
+                os.write(self._fd, _FRAME.pack(_CONFIG, 0.0, 0, len(body)) + body)
+        except OSError as exc:
+            self._failed(exc)
 
     def record(self, relative_s: float, absolute: datetime, data: bytes) -> None:
         if self._fd is None:
             return
         stamp = absolute.isoformat().encode()
-        os.write(self._fd, _FRAME.pack(_DATA, relative_s, len(stamp), len(data)) + stamp + data)
+        try:
+            os.write(
+                self._fd, _FRAME.pack(_DATA, relative_s, len(stamp), len(data)) + stamp + data
+            )
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.failures += 1
+        self.last_error = str(exc)
 
     def sync_if_due(self) -> None:
         """fsync at most once a second: a process crash loses nothing already written, a
         machine crash at most the last second."""
         now = time.monotonic()
         if self._fd is not None and now - self._synced_at >= SYNC_INTERVAL_S:
-            os.fsync(self._fd)
             self._synced_at = now
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._failed(exc)
 
     def discard(self, name: str) -> None:
         """Forget a segment's frames: it is in the spool now."""
@@ -87,9 +109,7 @@ class StreamJournal:
         """Close the open file; with `remove`, the stream ended cleanly: drop the folder."""
         self._close_file()
         if remove:
-            for path in self.folder.glob("*"):
-                path.unlink(missing_ok=True)
-            self.folder.rmdir()
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def _close_file(self) -> None:
         if self._fd is not None:

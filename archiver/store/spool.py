@@ -82,6 +82,7 @@ class Spool:
         self._latest: dict[str, int] = {}
         self._seq = itertools.count(int(time.time() * 1000) * 1000)
         self._room = asyncio.Condition()
+        self._waiting_for_room = 0
         self._uploads = asyncio.Semaphore(concurrency)
         self._reachable_again = asyncio.Event()
 
@@ -100,11 +101,16 @@ class Spool:
         async with self._room:
             if self.pending_bytes + len(body) > self.cap_bytes and self.pending_bytes > 0:
                 self.counters["waits_for_room"] += 1
-                await self._room.wait_for(
-                    lambda: (
-                        self.pending_bytes + len(body) <= self.cap_bytes or self.pending_bytes == 0
+                self._waiting_for_room += 1
+                try:
+                    await self._room.wait_for(
+                        lambda: (
+                            self.pending_bytes + len(body) <= self.cap_bytes
+                            or self.pending_bytes == 0
+                        )
                     )
-                )
+                finally:
+                    self._waiting_for_room -= 1
             self.pending_bytes += len(body)
             self._update_state()
         seq = next(self._seq)
@@ -304,6 +310,11 @@ class Spool:
         return sorted(self._latest)
 
     # State.
+
+    @property
+    def backpressure(self) -> bool:
+        """Whether writers are waiting for room: the senders should be slowed, not shed."""
+        return self._waiting_for_room > 0 or self.state is SpoolState.full
 
     def _update_state(self) -> None:
         if self.pending_bytes >= self.cap_bytes:

@@ -225,7 +225,8 @@ async def test_a_buffer_that_is_not_a_png_is_counted_and_skipped_and_the_stream_
     assert counters["invalid_not_png"] == 1
     assert counters["invalid_bad_png_header"] == 2
     assert counters["dropped_invalid"] == 3
-    assert counters["frames_received"] == 7
+    assert counters["received"] == 7
+    assert counters["pending"] == 0
     assert counters["archived"] == 4
     logged = [orjson.loads(line) for line in capsys.readouterr().out.splitlines() if line]
     dropped = [line for line in logged if line.get("event") == "frame_dropped"]

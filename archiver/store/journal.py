@@ -66,9 +66,7 @@ class StreamJournal:
         self._close_file()
         self._name = name
         try:
-            self._fd = os.open(
-                self.folder / f"{name}.jnl", os.O_WRONLY | os.O_CREAT | os.O_APPEND
-            )
+            self._fd = os.open(self.folder / f"{name}.jnl", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             if config is not None:
                 body = orjson.dumps(config)
                 os.write(self._fd, _FRAME.pack(_CONFIG, 0.0, 0, len(body)) + body)
@@ -80,9 +78,7 @@ class StreamJournal:
             return
         stamp = absolute.isoformat().encode()
         try:
-            os.write(
-                self._fd, _FRAME.pack(_DATA, relative_s, len(stamp), len(data)) + stamp + data
-            )
+            os.write(self._fd, _FRAME.pack(_DATA, relative_s, len(stamp), len(data)) + stamp + data)
         except OSError as exc:
             self._failed(exc)
 

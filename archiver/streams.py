@@ -178,6 +178,11 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     def running(self) -> bool:
         return self.task is not None and not self.task.done()
 
+    @property
+    def open(self) -> bool:
+        """Running and not asked to end: what counts against a connection's stream limit."""
+        return self.running and self.ending is None and not self.finishing
+
     def start(self) -> None:
         self.last_progress = time.monotonic()
         self.task = asyncio.create_task(self._supervise(), name=f"stream {self.id}")
@@ -743,9 +748,9 @@ class StreamRegistry:
         return stream
 
     def is_open(self, stream_id: StreamId) -> bool:
-        """Whether the stream's worker is running (ended streams are not open)."""
+        """Whether the stream is running and not ending (a leave, an idle end)."""
         stream = self.streams.get(stream_id)
-        return stream is not None and stream.running
+        return stream is not None and stream.open
 
     def attach(self, stream_id: StreamId) -> None:
         """A connection feeds this stream; it ends when the last such connection closes."""

@@ -63,6 +63,34 @@ def order_problems(entries: list[dict[str, Any]]) -> list[str]:
     return []
 
 
+def counter_problems(manifest: dict[str, Any], listed_frames: int) -> list[str]:
+    """Every frame a stream was given is accounted for once: `received` = `archived` (the
+    frames of the listed objects) + `pending` (0 once complete) + every `dropped_*`, and the
+    `invalid_<reason>` counters add up to `dropped_invalid`. Manifests without `received`
+    (written before these counters existed) are not checked."""
+    counters = manifest.get("counters", {})
+    if "received" not in counters:
+        return []
+    problems = []
+    if counters.get("archived") != listed_frames:
+        problems.append(f"counters say {counters.get('archived')} archived, {listed_frames} listed")
+    pending = counters.get("pending", 0)
+    if manifest.get("status") == "complete" and pending:
+        problems.append(f"complete with {pending} frames pending")
+    dropped = sum(n for name, n in counters.items() if name.startswith("dropped_"))
+    if counters["received"] != listed_frames + pending + dropped:
+        problems.append(
+            f"{counters['received']} received but {listed_frames} archived + {pending} "
+            f"pending + {dropped} dropped"
+        )
+    reasons = sum(n for name, n in counters.items() if name.startswith("invalid_"))
+    if counters.get("dropped_invalid", 0) != reasons:
+        problems.append(
+            f"dropped_invalid is {counters.get('dropped_invalid', 0)}, reasons {reasons}"
+        )
+    return problems
+
+
 StreamCheck = Check[DecodedFrame]
 
 
@@ -89,6 +117,7 @@ async def check_stream(store: ObjectStore, manifest_key: str, key_prefix: str = 
     frames_listed = sum(s["frames"] for s in segments)
     if frames_listed != len(check.frames):
         check.problems.append(f"manifest lists {frames_listed} frames, {len(check.frames)} decode")
+    check.problems += counter_problems(check.manifest, frames_listed)
     return check
 
 
@@ -141,6 +170,7 @@ async def check_png_stream(
     listed = sum(b["frame_count"] for b in batches)
     if listed != len(check.frames):
         check.problems.append(f"manifest lists {listed} frames, {len(check.frames)} read back")
+    check.problems += counter_problems(check.manifest, listed)
     return check
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from datetime import UTC, datetime
 
 import aiohttp
 import orjson
+import pytest
 
+from archiver.ingest.server import STATE
 from archiver.layout import RecordingId
 from archiver.simulator import Simulation, encode_stream, media_message, participant_event
+from archiver.streams import H264Stream
 from archiver.verify import check_events, check_stream
 from tests.conftest import RunningService, ServiceFactory
 
@@ -134,3 +139,139 @@ async def test_two_machines_writing_one_stream_both_end_up_in_its_manifest(
     assert starts == sorted(starts)
     assert [s["seq"] for s in check.manifest["segments"]] == list(range(len(starts)))
     assert check.manifest["status"] == "complete"
+
+
+async def test_frames_after_a_repeated_leave_are_archived_too(service: ServiceFactory) -> None:
+    running = await service()
+    bot = Bot(running)
+    leave = orjson.dumps(participant_event("leave", 100, 3.0, bot.start, **bot.ids)).decode()
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        await bot.send(ws, 0, 30)
+        await ws.send_str(leave)
+        await ws.send_str(leave)
+        await bot.send(ws, 30, 40)
+    await running.settle()
+    check = await check_stream(running.store, bot.manifest_key, key_prefix="archive/")
+    assert check.ok, check.problems
+    assert check.manifest["status"] == "complete"
+    assert [round(f.time_s, 3) for f in check.frames] == [round(u[0], 3) for u in bot.units[:40]]
+    assert check.manifest["counters"]["received"] == 40
+
+
+async def test_a_reconnect_overlapping_the_old_socket_loses_nothing(
+    service: ServiceFactory,
+) -> None:
+    running = await service()
+    bot = Bot(running)
+    leave = orjson.dumps(participant_event("leave", 100, 3.0, bot.start, **bot.ids)).decode()
+    async with aiohttp.ClientSession() as session:
+        old = await session.ws_connect(running.url)
+        await bot.send(old, 0, 20)
+        async with session.ws_connect(running.url) as new:
+            await bot.send(new, 20, 30)
+            await new.send_str(leave)
+            await old.close()
+            await bot.send(new, 30, 40)
+    await running.settle()
+    check = await check_stream(running.store, bot.manifest_key, key_prefix="archive/")
+    assert check.ok, check.problems
+    assert check.manifest["status"] == "complete"
+    assert len(check.frames) == 40
+    assert check.manifest["counters"]["received"] == 40
+
+
+async def test_hundreds_of_participants_coming_and_going_on_one_connection_are_all_archived(
+    service: ServiceFactory,
+) -> None:
+    """A webinar with rotating speakers: far more participants over the meeting than the
+    per-connection limit, never more than a few at once."""
+    running = await service(max_streams_per_connection=4)
+    bot = Bot(running, seconds=0.3)
+    participants = range(1000, 1240)
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        for n, pid in enumerate(participants):
+            base = n * 0.5
+            for relative, data, _ in bot.units:
+                message = media_message(data, base + relative, bot.start, "webcam", pid, **bot.ids)
+                await ws.send_str(orjson.dumps(message).decode())
+            leave = participant_event("leave", pid, base + 0.4, bot.start, **bot.ids)
+            await ws.send_str(orjson.dumps(leave).decode())
+            if n % 40 == 39:
+                await asyncio.sleep(0.2)  # let the ended streams finish, as in a real meeting
+        assert not ws.closed
+    await running.settle(timeout_s=120)
+    prefix = f"{bot.sim.bot_id}/{bot.sim.recording_id}/participants"
+    session_index = await running.json(f"{prefix.rsplit('/', 1)[0]}/session.json")
+    assert len(session_index["streams"]) == len(participants)
+    for pid in (participants[0], participants[len(participants) // 2], participants[-1]):
+        key = f"{prefix}/{pid}/webcam/h264/manifest.json"
+        check = await check_stream(running.store, key, key_prefix="archive/")
+        assert check.ok, check.problems
+        assert len(check.frames) == len(bot.units)
+    assert running.app[STATE].totals["refused_too_many_streams"] == 0
+
+
+async def test_too_many_streams_at_once_refuses_only_the_extra_stream(
+    service: ServiceFactory,
+) -> None:
+    running = await service(max_streams_per_connection=2)
+    bot = Bot(running, seconds=1)
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        for relative, data, _ in bot.units:
+            for pid in (1, 2, 3):
+                message = media_message(data, relative, bot.start, "webcam", pid, **bot.ids)
+                await ws.send_str(orjson.dumps(message).decode())
+        assert not ws.closed
+    await running.settle()
+    prefix = f"{bot.sim.bot_id}/{bot.sim.recording_id}/participants"
+    for pid in (1, 2):
+        check = await check_stream(
+            running.store, f"{prefix}/{pid}/webcam/h264/manifest.json", key_prefix="archive/"
+        )
+        assert check.ok, check.problems
+        assert len(check.frames) == len(bot.units)
+    assert await running.store.get(f"{prefix}/3/webcam/h264/manifest.json") is None
+    assert running.app[STATE].totals["refused_too_many_streams"] == len(bot.units)
+
+
+async def test_a_stalled_stream_sheds_its_own_frames_and_never_blocks_its_neighbour(
+    service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One stream's worker hangs on a thread (as a bug or a stuck disk would make it); the
+    other participant on the same connection goes on being read and archived."""
+    running = await service(stream_queue_messages=4, stream_stall_s=0.3)
+    bot = Bot(running)
+    stuck, release = 100, threading.Event()
+    segment_batch = H264Stream._segment_batch
+
+    def hang_for_the_stuck_stream(self: H264Stream, batch: list) -> object:
+        if self.id.participant_id == str(stuck):
+            release.wait(timeout=30)
+        return segment_batch(self, batch)
+
+    monkeypatch.setattr(H264Stream, "_segment_batch", hang_for_the_stuck_stream)
+    sending_started = time.monotonic()
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        for relative, data, _ in bot.units:
+            for pid in (stuck, 101):
+                message = media_message(data, relative, bot.start, "webcam", pid, **bot.ids)
+                await ws.send_str(orjson.dumps(message).decode())
+        prefix = f"{bot.sim.bot_id}/{bot.sim.recording_id}/participants"
+        neighbour = f"{prefix}/101/webcam/h264/manifest.json"
+        leave = participant_event("leave", 101, 4.0, bot.start, **bot.ids)
+        await ws.send_str(orjson.dumps(leave).decode())
+        manifest = await wait_for_status(running, neighbour, "complete")
+        held_up_s = time.monotonic() - sending_started
+        release.set()
+    await running.settle()
+    assert held_up_s < 10
+    assert sum(s["frames"] for s in manifest["segments"]) == len(bot.units)
+    check = await check_stream(running.store, neighbour, key_prefix="archive/")
+    assert check.ok, check.problems
+    stuck_check = await check_stream(
+        running.store, f"{prefix}/{stuck}/webcam/h264/manifest.json", key_prefix="archive/"
+    )
+    assert stuck_check.ok, stuck_check.problems
+    shed = stuck_check.manifest["counters"]["dropped_backlog"]
+    assert shed > 0
+    assert len(stuck_check.frames) + shed == len(bot.units)

@@ -183,9 +183,9 @@ class H264Segmenter:
         segmenter itself failed (what it held is salvaged, the unit is dropped)."""
         try:
             unit = analyse(data)
-            ticks = round(relative_s * TIMESCALE)
-            if not 0 <= ticks < _MAX_TICKS:
+            if not 0 <= relative_s < _MAX_TICKS / TIMESCALE:  # also false for NaN
                 raise MediaError("timestamp", f"relative {relative_s!r} out of range")
+            ticks = round(relative_s * TIMESCALE)
             new_config = self._new_config(unit)
         except MediaError as exc:
             self.reject(exc.reason)

@@ -26,6 +26,7 @@ _MAX_DIMENSION = 2**31 - 1
 PNG_TRAILER = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 """The IEND chunk, always the same 12 bytes: the last thing a whole PNG holds."""
 _MAX_MICROS = 10**13
+_USTAR_MAX_MTIME = 8**11 - 1
 """Thirteen digits of microseconds in batch names: 115 days, far beyond any meeting."""
 
 
@@ -142,9 +143,9 @@ class PngBatcher:
         """Add one PNG; return the batches it closed (zero, one, or two)."""
         try:
             header = read_header(data)
-            micros = round(relative_s * MICROS)
-            if not 0 <= micros < _MAX_MICROS:
+            if not 0 <= relative_s < _MAX_MICROS / MICROS:  # also false for NaN
                 raise MediaError("timestamp", f"relative {relative_s!r} out of range")
+            micros = round(relative_s * MICROS)
         except MediaError as exc:
             self.reject(exc.reason)
             raise
@@ -240,7 +241,9 @@ def build_tar(members: list[tuple[str, datetime, bytes]]) -> tuple[bytes, list[i
         for name, modified, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
-            info.mtime = int(modified.timestamp())
+            # ustar holds 11 octal digits of non-negative seconds; the time of record is in
+            # the member's name and the manifest, this is only what `tar -tv` shows.
+            info.mtime = min(max(0, int(modified.timestamp())), _USTAR_MAX_MTIME)
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
     body = buffer.getvalue()

@@ -6,6 +6,7 @@ against a strict character set first, so no message can steer a write outside it
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -16,6 +17,18 @@ VideoType = Literal["webcam", "screenshare"]
 MediaFormat = Literal["h264", "png"]
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_MAX_LOCAL_NAME = 200
+"""Bytes of a local file or folder name built from ids; filesystems allow 255."""
+
+
+def local_name(prefix: str) -> str:
+    """A flat, collision-free local name for an object prefix. Ids may be 128 characters
+    each, so a long prefix keeps a readable start and ends in a hash of the whole."""
+    flat = prefix.replace("/", "~")
+    if len(flat) <= _MAX_LOCAL_NAME:
+        return flat
+    digest = hashlib.sha256(flat.encode()).hexdigest()[:32]
+    return f"{flat[: _MAX_LOCAL_NAME - len(digest) - 1]}~{digest}"
 
 
 def safe_id(field: str, value: object) -> str:
@@ -61,7 +74,7 @@ class RecordingId:
     @property
     def journal_name(self) -> str:
         """A flat, collision-free folder name for this recording's events journal."""
-        return f"{self.prefix.replace('/', '~')}~events"
+        return local_name(f"{self.prefix}/events")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +113,7 @@ class StreamId:
     @property
     def journal_name(self) -> str:
         """A flat, collision-free folder name for this stream's journal."""
-        return self.prefix.replace("/", "~")
+        return local_name(self.prefix)
 
     def __str__(self) -> str:
         return self.prefix

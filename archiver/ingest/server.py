@@ -143,7 +143,14 @@ class Connection:
     async def receive(self) -> None:
         async for message in self.ws:
             if message.type is WSMsgType.TEXT:
-                await self.handle(message.data)
+                try:
+                    await self.handle(message.data)
+                except Exception as exc:
+                    # A bug of ours met by one message: that message only, never the
+                    # connection (the bot's other streams ride on it).
+                    self.refuse(InputError("internal_error", repr(exc)))
+                    if self.counts["refused_internal_error"] == 1:
+                        self.log.exception("message_failed")
             elif message.type is WSMsgType.BINARY:
                 self.refuse(InputError("binary_message", "the protocol sends JSON text only"))
             elif message.type is WSMsgType.ERROR:

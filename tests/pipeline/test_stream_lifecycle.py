@@ -275,3 +275,25 @@ async def test_a_stalled_stream_sheds_its_own_frames_and_never_blocks_its_neighb
     shed = stuck_check.manifest["counters"]["dropped_backlog"]
     assert shed > 0
     assert len(stuck_check.frames) + shed == len(bot.units)
+
+
+async def test_the_longest_ids_accepted_still_fit_local_file_names(
+    service: ServiceFactory,
+) -> None:
+    running = await service()
+    bot = Bot(running, seconds=1)
+    bot.ids = {"bot_id": "b" * 128, "recording_id": "r" * 128}
+    recording = RecordingId(bot.ids["bot_id"], bot.ids["recording_id"])
+    manifest_key = f"{recording.prefix}/participants/100/webcam/h264/manifest.json"
+    join = participant_event("join", 100, 0.0, bot.start, **bot.ids)
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        await ws.send_str(orjson.dumps(join).decode())
+        await bot.send(ws, 0, len(bot.units))
+        assert not ws.closed
+    await running.settle()
+    check = await check_stream(running.store, manifest_key, key_prefix="archive/")
+    assert check.ok, check.problems
+    assert len(check.frames) == len(bot.units)
+    events = await check_events(running.store, recording, key_prefix="archive/")
+    assert events.ok, events.problems
+    assert len(events.lines) == 1

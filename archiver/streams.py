@@ -323,7 +323,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.header = stream_header(self.id, first.context, first.participant)
         folder = Path(self.settings.spool_dir) / JOURNAL_FOLDER / self.id.journal_name
         try:
-            self.journal = await asyncio.to_thread(StreamJournal, folder, self.header)
+            self.journal = await asyncio.to_thread(StreamJournal, folder, self.header, True)
         except OSError as exc:
             # Frames are still archived, only not safe from a crash of this process.
             self.journal = None
@@ -414,7 +414,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
                 segmenter.reject("worker_error")
                 rejected.append(InputError("worker_error", _describe(exc)))
         if self.journal is not None:
-            self.journal.sync_if_due()
+            self.journal.flush()
         return self._result(segmenter, finished, rejected)
 
     def _flush_segmenter(self) -> _BatchResult[FinishedT]:

@@ -43,19 +43,28 @@ class JournaledSegment:
 
 
 class StreamJournal:
-    """Appends one stream's accepted frames; used by whichever thread segments the stream."""
+    """Appends one stream's accepted frames; used by whichever thread segments the stream.
 
-    def __init__(self, folder: Path, header: dict[str, Any]) -> None:
+    It holds no file open between writes: a process serving a thousand streams would
+    otherwise hold a thousand descriptors. A buffered journal (media) collects a batch's
+    records and writes them in one open-write-close at `flush`, fsyncing at most once a
+    second; an unbuffered one (events, on the receive loop) writes each record at once to
+    the page cache."""
+
+    def __init__(self, folder: Path, header: dict[str, Any], buffered: bool = False) -> None:
         self.folder = folder
+        self.buffered = buffered
         folder.mkdir(parents=True, exist_ok=True)
         header_path = folder / "stream.json"
         if not header_path.exists():
             tmp = folder / "stream.json.tmp"
             tmp.write_bytes(orjson.dumps(header))
             os.replace(tmp, header_path)
-        self._fd: int | None = None
         self._name: str | None = None
+        self._records: list[bytes] = []
         self._synced_at = time.monotonic()
+        self.bytes_written = 0
+        """Bytes this journal put on disk so far (its files are removed as segments close)."""
         self.failures = 0
         """Writes that failed (disk full, no file descriptors): those frames are still
         segmented and uploaded, only not safe from a crash of this process."""
@@ -63,54 +72,56 @@ class StreamJournal:
 
     def begin(self, name: str, config: dict[str, Any] | None) -> None:
         """Start the file of a new open segment, named like its segment."""
-        self._close_file()
+        self.flush()
         self._name = name
-        try:
-            self._fd = os.open(self.folder / f"{name}.jnl", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-            if config is not None:
-                body = orjson.dumps(config)
-                os.write(self._fd, _FRAME.pack(_CONFIG, 0.0, 0, len(body)) + body)
-        except OSError as exc:
-            self._failed(exc)
+        if config is not None:
+            body = orjson.dumps(config)
+            self._add(_FRAME.pack(_CONFIG, 0.0, 0, len(body)) + body)
 
     def record(self, relative_s: float, absolute: datetime, data: bytes) -> None:
-        if self._fd is None:
-            return
         stamp = absolute.isoformat().encode()
-        try:
-            os.write(self._fd, _FRAME.pack(_DATA, relative_s, len(stamp), len(data)) + stamp + data)
-        except OSError as exc:
-            self._failed(exc)
+        self._add(_FRAME.pack(_DATA, relative_s, len(stamp), len(data)) + stamp + data)
 
-    def _failed(self, exc: OSError) -> None:
-        self.failures += 1
-        self.last_error = str(exc)
+    def _add(self, record: bytes) -> None:
+        if self._name is None:
+            return
+        self._records.append(record)
+        if not self.buffered:
+            self.flush()
 
-    def sync_if_due(self) -> None:
-        """fsync at most once a second: a process crash loses nothing already written, a
-        machine crash at most the last second."""
+    def flush(self) -> None:
+        """Write what is buffered to the open segment's file; fsync at most once a second,
+        so a process crash loses nothing written, a machine crash at most the last second."""
+        if not self._records or self._name is None:
+            return
+        body = b"".join(self._records)
+        self._records = []
         now = time.monotonic()
-        if self._fd is not None and now - self._synced_at >= SYNC_INTERVAL_S:
-            self._synced_at = now
+        sync = self.buffered and now - self._synced_at >= SYNC_INTERVAL_S
+        try:
+            fd = os.open(self.folder / f"{self._name}.jnl", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             try:
-                os.fsync(self._fd)
-            except OSError as exc:
-                self._failed(exc)
+                os.write(fd, body)
+                if sync:
+                    self._synced_at = now
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.failures += 1
+            self.last_error = str(exc)
+            return
+        self.bytes_written += len(body)
 
     def discard(self, name: str) -> None:
         """Forget a segment's frames: it is in the spool now."""
         (self.folder / f"{name}.jnl").unlink(missing_ok=True)
 
     def close(self, remove: bool) -> None:
-        """Close the open file; with `remove`, the stream ended cleanly: drop the folder."""
-        self._close_file()
+        """Write what is buffered; with `remove`, the stream ended cleanly: drop the folder."""
+        self.flush()
         if remove:
             shutil.rmtree(self.folder, ignore_errors=True)
-
-    def _close_file(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 def read_segment(path: Path) -> JournaledSegment:

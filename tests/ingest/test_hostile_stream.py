@@ -32,24 +32,25 @@ def message(data: bytes, relative_s: float, participant_id: int = A, **changes: 
     return orjson.dumps(body).decode()
 
 
-def with_timestamp(data: bytes, relative_s: float, absolute_at_s: float) -> str:
+def with_timestamp(data: bytes, relative_s: float, absolute_at_s: float, to: int) -> str:
     """A real unit whose `relative` is absurd while `absolute` is right."""
     absolute = (START + timedelta(seconds=absolute_at_s)).isoformat()
-    return message(data, 0, timestamp={"relative": relative_s, "absolute": absolute})
+    return message(data, 0, to, timestamp={"relative": relative_s, "absolute": absolute})
 
 
-def stream_level_bad(units: list[tuple[float, bytes]], at: int) -> dict[str, str]:
-    """Messages that parse but must be dropped by A's stream, by the reason it counts."""
+def stream_level_bad(units: list[tuple[float, bytes]], at: int, to: int = A) -> dict[str, str]:
+    """Messages that parse but must be dropped by the stream of participant `to`, by the
+    reason it counts."""
     t, data = units[at]
     _, key = units[0]
     slice_at = key.find(b"\x00\x00\x01\x65")
     return {
-        "timestamp_1e300": with_timestamp(data, 1e300, t),
-        "timestamp_1e12": with_timestamp(data, 1e12, t),
-        "timestamp_negative": with_timestamp(data, -5.0, t),
-        "bad_base64": message(data, t, buffer="!!not base64!!"),
-        "not_annexb": message(data.lstrip(b"\x00")[1:], t),
-        "no_slice": message(key[: slice_at - 1], t),
+        "timestamp_1e300": with_timestamp(data, 1e300, t, to),
+        "timestamp_1e12": with_timestamp(data, 1e12, t, to),
+        "timestamp_negative": with_timestamp(data, -5.0, t, to),
+        "bad_base64": message(data, t, to, buffer="!!not base64!!"),
+        "not_annexb": message(data.lstrip(b"\x00")[1:], t, to),
+        "no_slice": message(key[: slice_at - 1], t, to),
     }
 
 

@@ -94,7 +94,10 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="A stream with no frames for this long ends."
     )
     max_message_bytes: int = Field(
-        default=16 * 1024 * 1024, ge=1024, description="Largest websocket message accepted."
+        default=4 * 1024 * 1024,
+        ge=1024,
+        description="Largest websocket message accepted: Recall's key frames and 360p PNGs "
+        "are a few hundred KB, base64 in JSON adds a third.",
     )
     max_streams_per_connection: int = Field(
         default=64,
@@ -105,6 +108,18 @@ class Settings(BaseSettings):
     )
     stream_queue_messages: int = Field(
         default=256, ge=1, description="Messages buffered per stream before reading pauses."
+    )
+    stream_queue_bytes: int = Field(
+        default=8 * 1024**2,
+        ge=1024,
+        description="Payload bytes (base64) buffered per stream before reading pauses: "
+        "seconds of 720p video, a dozen key frames or 360p PNGs.",
+    )
+    queued_bytes_total: int = Field(
+        default=256 * 1024**2,
+        ge=1024**2,
+        description="Payload bytes buffered in all stream queues of a process before reading "
+        "pauses: bounds memory whatever the connections send.",
     )
     stream_stall_s: float = Field(
         default=5.0,

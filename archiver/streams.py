@@ -16,6 +16,7 @@ import contextlib
 import time
 import traceback
 from abc import ABC, abstractmethod
+from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -92,6 +93,27 @@ _Upload = tuple["asyncio.Task[EntryT]", int]
 """An object's upload, and how many frames it carries."""
 
 
+class QueuedBytes:
+    """Payload bytes waiting in every stream queue of this process: the cap that keeps a
+    process's memory bounded whatever its connections send. Owned by the registry."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used = 0
+        self.freed = asyncio.Event()
+        """Set whenever bytes leave a queue, for feeders waiting for room."""
+
+    def fits(self, size: int) -> bool:
+        return self.used == 0 or self.used + size <= self.limit_bytes
+
+    def add(self, size: int) -> None:
+        self.used += size
+
+    def free(self, size: int) -> None:
+        self.used -= size
+        self.freed.set()
+
+
 class Stream(ABC, Generic[FinishedT, EntryT]):
     """One stream's worker. Its segmenter lives on one thread at a time, its manifest on
     the event loop; nothing else touches either. Subclasses say how to start the manifest
@@ -121,6 +143,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         executor: Executor,
         sessions: SessionWriter,
         recovery: Recovery,
+        queued_everywhere: QueuedBytes,
     ) -> None:
         self.id = stream_id
         self.settings = settings
@@ -138,10 +161,13 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             participant=stream_id.participant_id,
             stream=f"{stream_id.video_type}/{stream_id.media_format}",
         )
-        self.queue: asyncio.Queue[MediaMessage] = asyncio.Queue(settings.stream_queue_messages)
+        self.queue: deque[MediaMessage] = deque()
+        self.queued_bytes = 0
+        self.queued_everywhere = queued_everywhere
         self.wake = asyncio.Event()
         """Set when a frame is queued or the stream is asked to end."""
         self.ending: EndReason | None = None
+        self.next_ending: EndReason | None = None
         self.finishing = False
         self.users = 0
         """Connections feeding this stream; the last one to close ends it."""
@@ -188,41 +214,63 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.task = asyncio.create_task(self._supervise(), name=f"stream {self.id}")
 
     async def feed(self, message: MediaMessage) -> None:
-        """Enqueue. While the queue is full this waits (so the socket stops being read),
-        unless the worker has stalled for reasons of its own: then the frame is shed."""
+        """Enqueue. While the queue is full (in messages or bytes, this stream's or the
+        process's) this waits, so the socket stops being read; unless the wait is not the
+        spool's backpressure and lasts `stream_stall_s`: then the frame is shed, counted."""
         self.received += 1
+        size = len(message.buffer_b64)
         stall_s = self.settings.stream_stall_s
-        while True:
-            try:
-                self.queue.put_nowait(message)
-            except asyncio.QueueFull:
-                pass
-            else:
-                self.wake.set()
-                return
+        waiting_since = time.monotonic()
+        while not self._room_for(size):
+            now = time.monotonic()
             legitimate_wait = self.spool.backpressure or self.held_by_recovery
-            stalled_s = time.monotonic() - self.last_progress
-            if not legitimate_wait and stalled_s >= stall_s:
+            stalled = bool(self.queue) and now - self.last_progress >= stall_s
+            if not legitimate_wait and (stalled or now - waiting_since >= stall_s):
                 self.counters["dropped_backlog"] += 1
                 self._log_reject(
-                    InputError("backlog", f"the stream's worker took nothing for {stalled_s:.1f} s")
+                    InputError(
+                        "backlog",
+                        f"no room for {size} bytes for {now - waiting_since:.1f} s; the "
+                        f"stream's worker last took a frame {now - self.last_progress:.1f} s ago",
+                    )
                 )
                 return
+            freed = self.queued_everywhere.freed
+            freed.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.05, stall_s - stalled_s)):
-                    await self.queue.put(message)
-                    self.wake.set()
-                    return
+                async with asyncio.timeout(0.05 + max(0.0, stall_s - (now - waiting_since))):
+                    await freed.wait()
+        if not self.queue:
+            self.last_progress = time.monotonic()  # an idle worker is not a stalled one
+        self.queue.append(message)
+        self.queued_bytes += size
+        self.queued_everywhere.add(size)
+        self.wake.set()
+
+    def _room_for(self, size: int) -> bool:
+        """One message always fits an empty queue; more while under both budgets."""
+        if not self.queue:
+            return self.queued_everywhere.fits(size)
+        return (
+            len(self.queue) < self.settings.stream_queue_messages
+            and self.queued_bytes + size <= self.settings.stream_queue_bytes
+            and self.queued_everywhere.fits(size)
+        )
 
     def end(self, reason: EndReason) -> None:
-        """Ask the worker to finish once it has processed everything queued so far; frames
-        that arrive later start a new run."""
-        if self.running and not self.finishing and self.ending is None:
+        """Ask the worker to finish once it has processed everything queued so far. Asked
+        while a run is already finishing, it ends the run that frames queued meanwhile
+        start; frames that arrive after the end start a new run of their own."""
+        if not self.running:
+            return
+        if self.finishing:
+            self.next_ending = self.next_ending or reason
+        elif self.ending is None or reason == "shutdown":
             self.ending = reason
             self.wake.set()
 
     def pending_frames(self) -> int:
-        return self.queue.qsize() + self.in_hand_frames + self.held_frames + self.in_flight_frames
+        return len(self.queue) + self.in_hand_frames + self.held_frames + self.in_flight_frames
 
     async def _supervise(self) -> None:
         """Run until the stream has ended with nothing queued. A failed run is logged and
@@ -234,10 +282,10 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             except Exception:
                 self.counters["worker_failures"] += 1
                 self._count_lost_in_hand()
-                self.log.exception("stream_worker_failed", queued=self.queue.qsize())
-            if self.queue.empty():
+                self.log.exception("stream_worker_failed", queued=len(self.queue))
+            if not self.queue:
                 return
-            self.log.info("stream_continues", queued=self.queue.qsize())
+            self.log.info("stream_continues", queued=len(self.queue))
 
     def _count_lost_in_hand(self) -> None:
         self.counters["dropped_worker_error"] += self.in_hand_frames
@@ -245,6 +293,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
 
     async def _run(self) -> None:
         self.finishing = False
+        if self.next_ending is not None:
+            self.ending, self.next_ending = self.next_ending, None
         pending = self._take_queued()
         if not pending:
             return
@@ -285,11 +335,12 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     def _take_queued(self) -> list[MediaMessage]:
         """Take what is already queued, up to a batch."""
         taken: list[MediaMessage] = []
-        while len(taken) < _BATCH_MAX:
-            try:
-                taken.append(self.queue.get_nowait())
-            except asyncio.QueueEmpty:
-                break
+        while self.queue and len(taken) < _BATCH_MAX:
+            message = self.queue.popleft()
+            size = len(message.buffer_b64)
+            self.queued_bytes -= size
+            self.queued_everywhere.free(size)
+            taken.append(message)
         if taken:
             self.last_progress = time.monotonic()
         self.in_hand_frames = len(taken)
@@ -726,6 +777,7 @@ class StreamRegistry:
         self.sessions = SessionWriter(spool)
         self.events = EventArchive(settings, spool, self.sessions)
         self.streams: dict[StreamId, Stream[Any, Any]] = {}
+        self.queued = QueuedBytes(settings.queued_bytes_total)
 
     async def dispatch(self, message: MediaMessage) -> None:
         stream = self._stream(message.stream)
@@ -744,8 +796,13 @@ class StreamRegistry:
                 self.executor,
                 self.sessions,
                 self.recovery,
+                self.queued,
             )
         return stream
+
+    def is_running(self, stream_id: StreamId) -> bool:
+        stream = self.streams.get(stream_id)
+        return stream is not None and stream.running
 
     def is_open(self, stream_id: StreamId) -> bool:
         """Whether the stream is running and not ending (a leave, an idle end)."""

@@ -184,13 +184,14 @@ class Connection:
         await registry.dispatch(message)
 
     def _open_streams(self) -> int:
-        """Streams of this connection still open; ended ones (a leave, idle) stop counting,
-        and come back as new ones if their participant returns."""
+        """Streams of this connection still open: ended ones (a leave, idle) stop counting.
+        Streams no longer running are let go; one still finishing stays attached, since
+        frames queued meanwhile continue it and this connection's close must end it."""
         registry = self.state.registry
-        ended = {stream for stream in self.streams if not registry.is_open(stream)}
-        registry.detach(ended, reason=None)
-        self.streams -= ended
-        return len(self.streams)
+        gone = {stream for stream in self.streams if not registry.is_running(stream)}
+        registry.detach(gone, reason=None)
+        self.streams -= gone
+        return sum(1 for stream in self.streams if registry.is_open(stream))
 
     async def route_event(self, message: EventMessage) -> None:
         """Archive the event beside its recording's video (audio is only counted); a leave

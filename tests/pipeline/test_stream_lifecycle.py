@@ -239,7 +239,7 @@ async def test_a_stalled_stream_sheds_its_own_frames_and_never_blocks_its_neighb
 ) -> None:
     """One stream's worker hangs on a thread (as a bug or a stuck disk would make it); the
     other participant on the same connection goes on being read and archived."""
-    running = await service(stream_queue_messages=4, stream_stall_s=0.3)
+    running = await service(stream_queue_messages=4, stream_stall_s=1.0)
     bot = Bot(running)
     stuck, release = 100, threading.Event()
     segment_batch = H264Stream._segment_batch

@@ -373,10 +373,13 @@ class Spool:
             if found[-1].uploaded:
                 # Stopped between marking the record and removing the bytes.
                 meta_path.with_suffix(_DATA).unlink(missing_ok=True)
-        # Data files without metadata were never completely written: nothing refers to them.
+        # Data files without metadata were never completely written: nothing refers to them;
+        # nor to a file a crash caught before its rename.
         for data_path in self.folder.glob(f"*{_DATA}"):
             if not data_path.with_suffix(_META).exists():
                 data_path.unlink(missing_ok=True)
+        for tmp_path in self.folder.glob("*.tmp"):
+            tmp_path.unlink(missing_ok=True)
         return found
 
     def waiting_keys(self) -> list[str]:

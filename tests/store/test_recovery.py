@@ -128,6 +128,33 @@ async def test_an_uploaded_object_keeps_its_record_not_its_bytes_until_listed(
     assert spool_files(tmp_path) == []
 
 
+async def test_a_crash_while_a_record_is_rewritten_leaves_a_record_or_an_upload(
+    tmp_path: Path,
+) -> None:
+    """Killed between marking a record uploaded and deleting its bytes, or in the middle of
+    the rename: either way the object is listed once, and the spool ends empty."""
+    store = LocalFolderStore(tmp_path / "archive")
+    spool = Spool(tmp_path / "spool", store, cap_bytes=1024**2)
+    bodies = [b"marked" * 10, b"renaming" * 10]
+    entries = [segment_entry(i, body) for i, body in enumerate(bodies)]
+    for entry, body in zip(entries, bodies, strict=True):
+        extra = {"manifest_key": STREAM.manifest_key, "entry": asdict(entry), **HEADER}
+        spooled = await spool.write(entry.key, body, SEGMENT_TYPE, extra, write_once=True)
+        await store.put(entry.key, body, SEGMENT_TYPE, write_once=True)
+        meta = spooled.path.with_suffix(".meta")
+        marked = {**orjson.loads(meta.read_bytes()), "uploaded": True}
+        if entry is entries[0]:
+            meta.write_bytes(orjson.dumps(marked))  # Its bytes are still there.
+        else:
+            meta.with_name(meta.name + ".tmp").write_bytes(orjson.dumps(marked)[:20])
+
+    spool = await restart(tmp_path, store)
+    manifest = await stored_json(store, STREAM.manifest_key)
+    assert [s["key"] for s in manifest["segments"]] == [e.key for e in entries]
+    assert spool.pending_bytes == 0
+    assert spool_files(tmp_path) == []
+
+
 async def test_uploaded_but_unlisted_objects_are_listed_after_a_crash(tmp_path: Path) -> None:
     store = LocalFolderStore(tmp_path / "archive")
     spool = Spool(tmp_path / "spool", store, cap_bytes=1024**2)

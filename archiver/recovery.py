@@ -481,15 +481,16 @@ async def _list_events(spool: Spool, manifest_key: str, listing: _Listing) -> se
     manifest = EventsManifest(recording, listing.document or stored)
     if listing.document is not None and stored is not None:
         manifest.merge([EventBatchEntry(**batch) for batch in stored.get("batches", [])])
-    before = manifest.listed_keys()
-    batches = [EventBatchEntry(**entry) for entry in listing.entries]
-    added = manifest.merge(batches)
+    added = manifest.merge([EventBatchEntry(**entry) for entry in listing.entries])
     if not added and listing.document is None and stored is not None:
         return manifest.listed_keys()
     manifest.status = _status(listing, added)
+    # Every event a crashed process received was journaled, so it is listed now: the
+    # counters cover at least what is listed.
+    carried = manifest.carried_counters
     recovered = {
-        "events": sum(b.count for b in batches if b.recovered and b.key not in before),
-        "batches": added,
+        "events": max(0, sum(b.count for b in manifest.batches) - carried.get("events", 0)),
+        "batches": max(0, len(manifest.batches) - carried.get("batches", 0)),
         "audio_buffers_skipped": 0,
         "upload_failures": 0,
         "manifest_failures": 0,

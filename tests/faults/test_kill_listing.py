@@ -301,7 +301,9 @@ async def test_killed_twice_during_a_long_stream_every_stored_object_is_listed(
     pngs = len(batches.frames), len(meeting.sent["png"])
     print(
         f"\nkilled at {kills} s: h264 frames listed {frames[0]}/{frames[1]} "
-        f"({len(segments)} segments), png frames {pngs[0]}/{pngs[1]} "
+        f"({len(segments)} segments, "
+        f"{video.manifest['counters'].get('dropped_before_keyframe', 0)} dropped before a "
+        f"key frame), png frames {pngs[0]}/{pngs[1]} "
         f"({len(batches.manifest['batches'])} batches), events {len(events.lines)}/"
         f"{len(meeting.sent_events)} ({len(events_manifest['batches'])} batches)"
     )

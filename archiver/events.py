@@ -35,7 +35,7 @@ from archiver.manifests import (
     parse_document,
     write_merging,
 )
-from archiver.recovery import JOURNAL_FOLDER, JSONL_TYPE, events_header
+from archiver.recovery import JOURNAL_FOLDER, JSONL_TYPE, Recovery, events_header
 from archiver.segmenting.png import MICROS
 from archiver.settings import Settings
 from archiver.store.base import sha256_digest
@@ -107,11 +107,13 @@ class EventLog:
         settings: Settings,
         spool: Spool,
         sessions: SessionWriter,
+        recovery: Recovery | None = None,
     ) -> None:
         self.recording = recording
         self.settings = settings
         self.spool = spool
         self.sessions = sessions
+        self.recovery = recovery
         self.log = log.bind(bot=recording.bot_id, recording=recording.recording_id)
         self.users = 0
         self.open = _OpenBatch()
@@ -243,6 +245,8 @@ class EventLog:
 
     async def _run(self) -> None:
         if self.manifest is None:
+            if self.recovery is not None:
+                await self.recovery.wait_for(self.recording.events_manifest_key)
             self.manifest = EventsManifest(self.recording, await self._load_previous())
             self.next_seq = self.manifest.next_seq
         self.manifest.status = "live"
@@ -359,6 +363,7 @@ class EventLog:
             return
         self.manifest_etag = stored.etag
         self.budget.count_manifest(len(body), len(manifest.batches))
+        await self.spool.listed(self.recording.events_manifest_key, manifest.listed_keys())
 
 
 def _last_relative(previous: dict[str, Any]) -> float | None:
@@ -373,17 +378,24 @@ def _last_relative(previous: dict[str, Any]) -> float | None:
 class EventArchive:
     """Every recording's events log in this process; the receive loop's only door to them."""
 
-    def __init__(self, settings: Settings, spool: Spool, sessions: SessionWriter) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        sessions: SessionWriter,
+        recovery: Recovery | None = None,
+    ) -> None:
         self.settings = settings
         self.spool = spool
         self.sessions = sessions
+        self.recovery = recovery
         self.logs: dict[RecordingId, EventLog] = {}
 
     def _log(self, recording: RecordingId) -> EventLog:
         event_log = self.logs.get(recording)
         if event_log is None:
             event_log = self.logs[recording] = EventLog(
-                recording, self.settings, self.spool, self.sessions
+                recording, self.settings, self.spool, self.sessions, self.recovery
             )
         return event_log
 

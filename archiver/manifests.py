@@ -62,18 +62,20 @@ async def write_merging(
     """Write a document over `version` (the ETag last read; "" for none yet). When another
     writer changed it meanwhile (a bot reconnected to another machine while this one still
     held it), `take_in` their document and write again: neither side's listing is lost.
-    Return what was stored and its bytes; raise `StoreError`."""
-    for _ in range(MERGE_ATTEMPTS):
-        body = render()
-        try:
-            return await spool.put(key, body, JSON_TYPE, replaces=version), body
-        except ObjectConflictError:
-            fetched = await spool.fetch(key)
-            version = "" if fetched is None else fetched[1]
-            theirs = None if fetched is None else parse_document(fetched[0], key)
-            if theirs is not None:
-                take_in(theirs)
-                log.info("document_merged", key=key)
+    Return what was stored and its bytes; raise `StoreError`. Writers of one document in
+    this process (a stream and the recovery of its manifest) take turns."""
+    async with spool.document_lock(key):
+        for _ in range(MERGE_ATTEMPTS):
+            body = render()
+            try:
+                return await spool.put(key, body, JSON_TYPE, replaces=version), body
+            except ObjectConflictError:
+                fetched = await spool.fetch(key)
+                version = "" if fetched is None else fetched[1]
+                theirs = None if fetched is None else parse_document(fetched[0], key)
+                if theirs is not None:
+                    take_in(theirs)
+                    log.info("document_merged", key=key)
     raise StoreError(key, "the document kept changing under other writers")
 
 
@@ -199,6 +201,24 @@ class PngBatchEntry:
     def from_document(cls, document: dict[str, Any]) -> PngBatchEntry:
         frames = tuple(PngFrameEntry(**frame) for frame in document["frames"])
         return cls(**{**document, "frames": frames})
+
+
+class _Keyed(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+_KeyedT = TypeVar("_KeyedT", bound=_Keyed)
+
+
+def _unknown(entries: list[_KeyedT], known: set[str]) -> list[_KeyedT]:
+    """The entries whose keys are not in `known`, each key once (the first)."""
+    new = []
+    for entry in entries:
+        if entry.key not in known:
+            known.add(entry.key)
+            new.append(entry)
+    return new
 
 
 class WriteBudget:
@@ -348,8 +368,7 @@ class ArchiveManifest(ABC, Generic[EntryT]):
     def merge(self, entries: list[EntryT], taken_in: bool = True) -> int:
         """Add objects another writer or a crashed process listed, in time order,
         renumbering `seq`; return how many were not listed yet."""
-        known = {entry.key for entry in self.entries}
-        new = [entry for entry in entries if entry.key not in known]
+        new = _unknown(entries, {entry.key for entry in self.entries})
         if not new:
             return 0
         if taken_in:
@@ -367,6 +386,10 @@ class ArchiveManifest(ABC, Generic[EntryT]):
     @property
     def next_seq(self) -> int:
         return self.entries[-1].seq + 1 if self.entries else 0
+
+    def listed_keys(self) -> set[str]:
+        """The keys of every listed object (as `Spool.listed` takes them)."""
+        return {entry.key for entry in self.entries}
 
     def update_participant(self, relative_s: float, participant: dict[str, Any]) -> None:
         if participant != self.participant:
@@ -486,6 +509,8 @@ class EventsManifest:
         self.status: StreamStatus = "live"
         if previous is not None:
             self.created_at = previous.get("created_at", self.created_at)
+            self.bot = previous.get("bot", self.bot)
+            self.recording_ref = previous.get("recording", self.recording_ref)
             for document in previous.get("batches", []):
                 self.add(EventBatchEntry(**document))
             counters = previous.get("counters", {})
@@ -499,11 +524,14 @@ class EventsManifest:
     def next_seq(self) -> int:
         return self.batches[-1].seq + 1 if self.batches else 0
 
+    def listed_keys(self) -> set[str]:
+        """The keys of every listed batch (as `Spool.listed` takes them)."""
+        return {batch.key for batch in self.batches}
+
     def merge(self, entries: list[EventBatchEntry]) -> int:
         """Take in batches another writer or a crashed process listed, in key (time) order,
         renumbering `seq`; return how many were not listed yet."""
-        known = {batch.key for batch in self.batches}
-        new = [entry for entry in entries if entry.key not in known]
+        new = _unknown(entries, {batch.key for batch in self.batches})
         if not new:
             return 0
         merged = sorted([*self.batches, *new], key=lambda batch: batch.key)

@@ -31,6 +31,8 @@ from archiver.manifests import (
     EventsManifest,
     PngBatchEntry,
     SegmentEntry,
+    SessionIndex,
+    StreamStatus,
     dumps,
     parse_document,
     write_merging,
@@ -145,6 +147,8 @@ class Recovery:
     replayed_segments: int = 0
     replayed_event_batches: int = 0
     leftover_objects: int = 0
+    unlisted_objects: int = 0
+    """Objects the store already held that no confirmed manifest listed."""
     manifests: set[str] = field(default_factory=set)
     uploads: asyncio.Task[None] | None = None
 
@@ -154,64 +158,91 @@ class Recovery:
             await asyncio.shield(self.uploads)
 
 
+@dataclass(slots=True)
+class _Listing:
+    """What recovery writes into one document: the entries to add, and the newest version
+    of the document itself that a previous process spooled but never saw stored."""
+
+    header: dict[str, Any]
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    document: dict[str, Any] | None = None
+    spooled: list[SpooledObject] = field(default_factory=list)
+    """Spooled versions of the document: dropped once the merged version is stored."""
+
+    def knows(self, key: str, sha256: str | None = None) -> bool:
+        """Whether an entry with this key (or these bytes) is already to be listed: a
+        journal replayed after its segment reached the spool must not list it twice."""
+        return any(e["key"] == key or e["sha256"] == sha256 for e in self.entries)
+
+
 async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
     """Replay journals and leftovers into the spool now; upload them in the background."""
     journal_root = spool_dir / JOURNAL_FOLDER
     recovery = Recovery()
     leftovers = await spool.leftovers()
-    recovery.leftover_objects = len(leftovers)
-    pending: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    recovery.leftover_objects = sum(not spooled.uploaded for spooled in leftovers)
+    recovery.unlisted_objects = sum(spooled.uploaded for spooled in leftovers)
+    listings: dict[str, _Listing] = {}
     for spooled in leftovers:
         extra = spooled.extra or {}
         if spooled.replaces is not None:
-            # A stream manifest version never confirmed: another machine may have written
-            # since, so its listing is merged into what is stored rather than sent as is.
-            await _take_in_manifest(spool, spooled, pending)
+            # A document version never confirmed: another machine may have written since,
+            # so it is merged into what is stored rather than sent as is.
+            await _take_in_document(spool, spooled, listings)
             continue
-        if "entry" in extra:
-            _, entries = pending.setdefault(extra["manifest_key"], (extra, []))
-            entries.append(extra["entry"])
+        if spooled.listing is not None:
+            listings.setdefault(extra["manifest_key"], _Listing(extra)).entries.append(
+                extra["entry"]
+            )
 
     replayed: list[SpooledObject] = []
     for folder, header in await asyncio.to_thread(lambda: list(stream_folders(journal_root))):
         if header.get("kind") == "events":
             recording = RecordingId(header["bot_id"], header["recording_id"])
+            listing = listings.setdefault(recording.events_manifest_key, _Listing(header))
             for batch_entry, spooled in await _spool_journaled_events(
-                spool, recording, folder, header
+                spool, recording, folder, header, listing
             ):
                 replayed.append(spooled)
-                pending.setdefault(recording.events_manifest_key, (header, []))[1].append(
-                    asdict(batch_entry)
-                )
+                listing.entries.append(asdict(batch_entry))
                 recovery.replayed_event_batches += 1
             await asyncio.to_thread(shutil.rmtree, folder, True)
             continue
         stream, _, _ = _from_header(header)
+        listing = listings.setdefault(stream.manifest_key, _Listing(header))
         stored: list[tuple[SegmentEntry | PngBatchEntry, list[SpooledObject]]] = []
         if stream.media_format == "png":
             batches, frames = await asyncio.to_thread(_replay, folder, _batcher_for_replay)
             for batch in batches:
-                stored.append(await spool_batch(spool, stream, batch, header, recovered=True))
+                if not listing.knows(spool.location(stream.batch_key(batch.start_micros))):
+                    stored.append(await spool_batch(spool, stream, batch, header, recovered=True))
         else:
             start = functools.partial(_segmenter_for_replay, target_s)
             segments, frames = await asyncio.to_thread(_replay, folder, start)
             for segment in segments:
-                stored.append(await spool_segment(spool, stream, segment, header, recovered=True))
+                if not listing.knows(spool.location(stream.segment_key(segment.start_ticks))):
+                    stored.append(
+                        await spool_segment(spool, stream, segment, header, recovered=True)
+                    )
         recovery.replayed_frames += frames
         for entry, objects in stored:
             replayed.extend(objects)
-            pending.setdefault(stream.manifest_key, (header, []))[1].append(asdict(entry))
+            listing.entries.append(asdict(entry))
         recovery.replayed_segments += len(stored)
         await asyncio.to_thread(shutil.rmtree, folder, True)
 
-    recovery.manifests = set(pending)
-    unsent = [spooled for spooled in leftovers if spooled.replaces is None]
+    listings = {
+        key: listing for key, listing in listings.items() if listing.entries or listing.spooled
+    }
+    recovery.manifests = set(listings)
+    unsent = [spooled for spooled in leftovers if spooled.replaces is None and not spooled.uploaded]
     backlog = sorted([*unsent, *replayed], key=lambda s: s.seq)
-    if backlog:
-        recovery.uploads = asyncio.create_task(_upload_then_list(spool, backlog, pending))
+    if backlog or listings:
+        recovery.uploads = asyncio.create_task(_upload_then_list(spool, backlog, listings))
         log.warning(
             "recovering",
             leftover_objects=recovery.leftover_objects,
+            unlisted_objects=recovery.unlisted_objects,
             replayed_segments=recovery.replayed_segments,
             replayed_frames=recovery.replayed_frames,
             replayed_event_batches=recovery.replayed_event_batches,
@@ -270,37 +301,63 @@ def _batcher_for_replay(config: dict[str, Any] | None) -> PngBatcher:
 
 
 async def _upload_then_list(
-    spool: Spool,
-    backlog: list[SpooledObject],
-    pending: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+    spool: Spool, backlog: list[SpooledObject], listings: dict[str, _Listing]
 ) -> None:
     """Upload in spool order, then add what was recovered to each manifest: a manifest
     never names an object before the store has it. Runs while the service takes bots;
-    through an S3 outage it simply waits."""
+    through an S3 outage it simply waits. What a previous process spooled of a document is
+    dropped, and the records of what it lists forgotten, only once the merged version is
+    stored."""
     for spooled in backlog:
         await spool.confirm(spooled)
-    for manifest_key, (header, entries) in pending.items():
+    statuses: dict[str, StreamStatus] = {}
+    sessions = [key for key, listing in listings.items() if listing.header.get("kind") == "session"]
+    for manifest_key in [*[key for key in listings if key not in sessions], *sessions]:
+        listing = listings[manifest_key]
         try:
-            if header.get("kind") == "events":
-                await _list_events(spool, manifest_key, header, entries)
+            kind = listing.header.get("kind")
+            if kind == "session":
+                await _merge_session(spool, manifest_key, listing, statuses)
+                listed: set[str] = set()
+            elif kind == "events":
+                listed = await _list_events(spool, manifest_key, listing)
             else:
-                await _list_stream(spool, manifest_key, header, entries)
+                listed, statuses[manifest_key] = await _list_stream(spool, manifest_key, listing)
         except StoreError as exc:
             log.error("recovered_listing_failed", key=manifest_key, error=str(exc))
-    log.info("recovery_uploaded", objects=len(backlog), manifests=len(pending))
+            continue
+        await spool.listed(manifest_key, listed)
+        for spooled in listing.spooled:
+            await spool.drop(spooled)
+    log.info("recovery_uploaded", objects=len(backlog), manifests=len(listings))
+
+
+def _status(listing: _Listing, added: int) -> StreamStatus:
+    """`complete` when all that was missing is the confirmation of a final manifest;
+    anything else recovery had to add means the stream was cut short."""
+    document = listing.document
+    if document is not None and document.get("status") == "complete" and not added:
+        return "complete"
+    return "interrupted"
 
 
 async def _list_stream(
-    spool: Spool, manifest_key: str, header: dict[str, Any], entries: list[dict[str, Any]]
-) -> None:
-    """Merge recovered entries into the stored manifest, written over the version read (a
-    stream continuing on another machine may be writing it too)."""
-    stream, context, participant = _from_header(header)
-    previous, etag = await _read_when_reachable(spool, manifest_key)
-    manifest = MANIFEST_TYPES[stream.media_format](stream, context, participant, previous)
-    if not manifest.merge([manifest.entry_from(e) for e in entries]) and previous:
-        return
-    manifest.status = "interrupted"
+    spool: Spool, manifest_key: str, listing: _Listing
+) -> tuple[set[str], StreamStatus]:
+    """Merge recovered entries into the stored manifest (or into the newer version this
+    machine spooled), written over the version read: a stream continuing on another machine
+    may be writing it too. Returns the keys listed and the status written."""
+    stream, context, participant = _from_header(listing.header)
+    stored, etag = await _read_when_reachable(spool, manifest_key)
+    manifest = MANIFEST_TYPES[stream.media_format](
+        stream, context, participant, listing.document or stored
+    )
+    if listing.document is not None and stored is not None:
+        manifest.merge([manifest.entry_from(d) for d in stored.get(manifest.entries_name, [])])
+    added = manifest.merge([manifest.entry_from(e) for e in listing.entries])
+    if not added and listing.document is None and stored is not None:
+        return manifest.listed_keys(), stored.get("status", "interrupted")
+    manifest.status = _status(listing, added)
     await write_merging(
         spool,
         manifest_key,
@@ -310,34 +367,65 @@ async def _list_stream(
             [manifest.entry_from(d) for d in theirs.get(manifest.entries_name, [])]
         ),
     )
+    return manifest.listed_keys(), manifest.status
 
 
-async def _take_in_manifest(
-    spool: Spool,
-    spooled: SpooledObject,
-    pending: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]],
+async def _take_in_document(
+    spool: Spool, spooled: SpooledObject, listings: dict[str, _Listing]
 ) -> None:
+    """A stream manifest, events manifest or session index that was spooled but never
+    confirmed: what it lists is merged into the stored version."""
     body = await asyncio.to_thread(spool.read, spooled)
-    await spool.drop(spooled)
     document = parse_document(body, spooled.key) if body is not None else None
-    if document is None or document.get("format") not in MANIFEST_TYPES:
+    recording = RecordingId(*spooled.key.split("/")[:2])
+    header: dict[str, Any]
+    if document is None:
+        header = {}
+    elif spooled.key == recording.session_key:
+        header = {**events_header(recording), "kind": "session"}
+    elif spooled.key == recording.events_manifest_key:
+        header = events_header(recording)
+    elif document.get("format") in MANIFEST_TYPES:
+        header = {
+            "bot_id": document["bot"]["id"],
+            "recording_id": document["recording"]["id"],
+            "participant_id": str(document["participant"]["id"]),
+            "video_type": document["type"],
+            "media_format": document["format"],
+            "context": {
+                "bot": document["bot"],
+                "recording": document["recording"],
+                "realtime_endpoint": document.get("realtime_endpoint"),
+                "video_separate": document.get("video_separate"),
+            },
+            "participant": document["participant"],
+        }
+    else:
+        header = {}
+    if not header:
+        log.warning("spooled_document_unreadable", key=spooled.key)
+        await spool.drop(spooled)
         return
-    entries_name = MANIFEST_TYPES[document["format"]].entries_name
-    header = {
-        "bot_id": document["bot"]["id"],
-        "recording_id": document["recording"]["id"],
-        "participant_id": str(document["participant"]["id"]),
-        "video_type": document["type"],
-        "media_format": document["format"],
-        "context": {
-            "bot": document["bot"],
-            "recording": document["recording"],
-            "realtime_endpoint": document.get("realtime_endpoint"),
-            "video_separate": document.get("video_separate"),
-        },
-        "participant": document["participant"],
-    }
-    pending.setdefault(spooled.key, (header, []))[1].extend(document.get(entries_name, []))
+    listing = listings.setdefault(spooled.key, _Listing(header))
+    listing.document = document
+    listing.spooled.append(spooled)
+
+
+async def _merge_session(
+    spool: Spool, key: str, listing: _Listing, statuses: dict[str, StreamStatus]
+) -> None:
+    """A session index this machine spooled (participants, joins and leaves, streams) is
+    merged with the stored one; streams whose manifests recovery wrote carry its status."""
+    assert listing.document is not None
+    index = SessionIndex(RecordingId(listing.header["bot_id"], listing.header["recording_id"]))
+    index.resume(listing.document)
+    stored, etag = await _read_when_reachable(spool, key)
+    if stored is not None:
+        index.resume(stored)
+    for manifest_key, status in statuses.items():
+        if manifest_key in index.streams:
+            index.streams[manifest_key] = {**index.streams[manifest_key], "status": status}
+    await write_merging(spool, key, etag, lambda: dumps(index.document()), index.resume)
 
 
 async def _read_when_reachable(spool: Spool, key: str) -> tuple[dict[str, Any] | None, str]:
@@ -358,9 +446,10 @@ async def _read_when_reachable(spool: Spool, key: str) -> tuple[dict[str, Any] |
 
 
 async def _spool_journaled_events(
-    spool: Spool, recording: RecordingId, folder: Path, header: dict[str, Any]
+    spool: Spool, recording: RecordingId, folder: Path, header: dict[str, Any], known: _Listing
 ) -> list[tuple[EventBatchEntry, SpooledObject]]:
-    """Each journal file is an events batch that was still open: store it as it stood."""
+    """Each journal file is an events batch that was still open: store it as it stood,
+    unless it reached the spool before the crash (the same events, under their own key)."""
     stored = []
     for path in sorted(await asyncio.to_thread(lambda: list(folder.glob("*.jnl")))):
         journaled = await asyncio.to_thread(read_segment, path)
@@ -373,6 +462,9 @@ async def _spool_journaled_events(
         key = recording.recovered_events_batch_key(
             max(0, round((first or 0.0) * MICROS)), path.stem
         )
+        sha256 = sha256_digest(body)[0]
+        if known.knows(spool.location(key), sha256):
+            continue
         entry = EventBatchEntry(
             key=spool.location(key),
             seq=0,
@@ -380,7 +472,7 @@ async def _spool_journaled_events(
             first_relative=first,
             last_relative=times[-1] if times else None,
             bytes=len(body),
-            sha256=sha256_digest(body)[0],
+            sha256=sha256,
             event_types=dict(Counter(_event_name(line) for line in lines)),
             recovered=True,
         )
@@ -397,23 +489,23 @@ def _event_name(line: bytes) -> str:
     return event if isinstance(event, str) else "unknown"
 
 
-async def _list_events(
-    spool: Spool,
-    manifest_key: str,
-    header: dict[str, Any],
-    entries: list[dict[str, Any]],
-) -> None:
+async def _list_events(spool: Spool, manifest_key: str, listing: _Listing) -> set[str]:
+    header = listing.header
     recording = RecordingId(header["bot_id"], header["recording_id"])
-    previous, etag = await _read_when_reachable(spool, manifest_key)
-    manifest = EventsManifest(recording, previous)
-    batches = [EventBatchEntry(**entry) for entry in entries]
-    added = manifest.merge(batches)
-    if not added and previous is not None:
-        return
-    manifest.status = "interrupted"
+    stored, etag = await _read_when_reachable(spool, manifest_key)
+    manifest = EventsManifest(recording, listing.document or stored)
+    if listing.document is not None and stored is not None:
+        manifest.merge([EventBatchEntry(**batch) for batch in stored.get("batches", [])])
+    added = manifest.merge([EventBatchEntry(**entry) for entry in listing.entries])
+    if not added and listing.document is None and stored is not None:
+        return manifest.listed_keys()
+    manifest.status = _status(listing, added)
+    # Every event a crashed process received was journaled, so it is listed now: the
+    # counters cover at least what is listed.
+    carried = manifest.carried_counters
     recovered = {
-        "events": sum(b.count for b in batches if b.recovered),
-        "batches": added,
+        "events": max(0, sum(b.count for b in manifest.batches) - carried.get("events", 0)),
+        "batches": max(0, len(manifest.batches) - carried.get("batches", 0)),
         "audio_buffers_skipped": 0,
         "upload_failures": 0,
         "manifest_failures": 0,
@@ -427,3 +519,4 @@ async def _list_events(
             [EventBatchEntry(**batch) for batch in theirs.get("batches", [])]
         ),
     )
+    return manifest.listed_keys()

@@ -597,6 +597,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             return False
         self.manifest_etag = stored.etag
         self.budget.count_manifest(len(body), len(self.manifest.entries))
+        await self.spool.listed(self.id.manifest_key, self.manifest.listed_keys())
         return True
 
     def _take_in(self, theirs: dict[str, Any]) -> None:
@@ -775,7 +776,7 @@ class StreamRegistry:
         self.executor = executor
         self.recovery = recovery
         self.sessions = SessionWriter(spool)
-        self.events = EventArchive(settings, spool, self.sessions)
+        self.events = EventArchive(settings, spool, self.sessions, recovery)
         self.streams: dict[StreamId, Stream[Any, Any]] = {}
         self.queued = QueuedBytes(settings.queued_bytes_total)
 

@@ -5,6 +5,12 @@ Writing and confirming are two steps, so a stream can hand an object over, drop 
 memory and go on while the upload retries through an outage. Uploads retry with
 exponential backoff and full jitter for as long as it takes; what bounds an outage is the
 spool's size cap, at which `write` waits, and the wait travels back to the websocket.
+
+An object that a manifest is to list (its record carries the manifest entry) is not
+forgotten at once when the store confirms it: its bytes go, but its record stays on disk,
+marked uploaded, until a manifest write that lists it is confirmed in turn (`listed`).
+Manifests are rewritten on a budget, so between two writes that record is the only trace
+of a stored object outside the worker's memory; recovery lists what it finds.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import itertools
 import os
 import random
 import time
-from dataclasses import dataclass
+import weakref
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -54,6 +62,17 @@ class SpooledObject:
     write_once: bool = False
     replaces: str | None = None
     extra: dict[str, Any] | None = None
+    uploaded: bool = False
+    """The store holds it; only its record is left, until a manifest lists it."""
+
+    @property
+    def listing(self) -> tuple[str, str] | None:
+        """(manifest key, entry key) for an object a manifest is to list, else None."""
+        extra = self.extra or {}
+        entry = extra.get("entry")
+        if "manifest_key" not in extra or not isinstance(entry, dict):
+            return None
+        return extra["manifest_key"], entry["key"]
 
 
 class Spool:
@@ -80,6 +99,12 @@ class Spool:
         self.store_reachable = True
         self.counters = {"uploaded": 0, "upload_retries": 0, "waits_for_room": 0, "conflicts": 0}
         self._latest: dict[str, int] = {}
+        self._unlisted: dict[str, dict[str, SpooledObject]] = {}
+        """Records of uploaded objects no confirmed manifest lists yet, by manifest key and
+        entry key."""
+        self._documents: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._seq = itertools.count(int(time.time() * 1000) * 1000)
         self._room = asyncio.Condition()
         self._waiting_for_room = 0
@@ -137,18 +162,8 @@ class Spool:
     def _write_files(self, spooled: SpooledObject, body: bytes) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         _write_durably(spooled.path.with_suffix(_DATA), body)
-        meta = {
-            "key": spooled.key,
-            "content_type": spooled.content_type,
-            "size": spooled.size,
-            "sha256": spooled.sha256,
-            "seq": spooled.seq,
-            "write_once": spooled.write_once,
-            "replaces": spooled.replaces,
-            "extra": spooled.extra,
-        }
         # The metadata file appears last: its presence means the data is complete.
-        _write_durably(spooled.path.with_suffix(_META), orjson.dumps(meta))
+        _write_durably(spooled.path.with_suffix(_META), _meta(spooled))
 
     # Uploading.
 
@@ -161,8 +176,58 @@ class Spool:
         except ObjectConflictError:
             await self._forget(spooled)
             raise
-        await self._forget(spooled)
+        if stored is None:
+            await self._forget(spooled)
+            return StoredObject(spooled.key, spooled.size, spooled.sha256)
+        if spooled.listing is not None:
+            await self._keep_until_listed(spooled)
+        else:
+            await self._forget(spooled)
         return stored
+
+    async def _keep_until_listed(self, spooled: SpooledObject) -> None:
+        """The store has it: free its bytes, keep its record (marked uploaded) until a
+        confirmed manifest lists it. The record is rewritten before the bytes go, so a crash
+        in between leaves either an upload to repeat (same bytes, same key) or a record."""
+        record = replace(spooled, uploaded=True)
+        try:
+            await asyncio.to_thread(_mark_uploaded, record)
+        except OSError as exc:
+            # Still listed by this process's manifest; only a crash before then loses it.
+            log.error("spool_record_failed", key=spooled.key, error=str(exc))
+        listing = record.listing
+        assert listing is not None
+        self._unlisted.setdefault(listing[0], {})[listing[1]] = record
+        async with self._room:
+            self.pending_bytes -= spooled.size
+            self._update_state()
+            self._room.notify_all()
+        if self._latest.get(spooled.key) == spooled.seq:
+            del self._latest[spooled.key]
+
+    async def listed(self, manifest_key: str, entry_keys: Collection[str]) -> None:
+        """A write of `manifest_key` listing `entry_keys` is confirmed: the records of those
+        objects are no longer needed."""
+        records = self._unlisted.get(manifest_key)
+        if not records:
+            return
+        done = [records.pop(key) for key in list(records) if key in entry_keys]
+        if not records:
+            del self._unlisted[manifest_key]
+        if done:
+            await asyncio.to_thread(_remove_all, [record.path for record in done])
+
+    def unlisted(self, manifest_key: str) -> list[SpooledObject]:
+        """Records of uploaded objects that no confirmed write of `manifest_key` lists yet."""
+        return sorted(self._unlisted.get(manifest_key, {}).values(), key=lambda s: s.seq)
+
+    def document_lock(self, key: str) -> asyncio.Lock:
+        """One writer at a time per document in this process: a conditional write that a
+        second writer's version superseded in the spool would otherwise look stored."""
+        lock = self._documents.get(key)
+        if lock is None:
+            lock = self._documents[key] = asyncio.Lock()
+        return lock
 
     def read(self, spooled: SpooledObject) -> bytes | None:
         """A spooled object's bytes, from disk (blocking: call it on a thread)."""
@@ -182,11 +247,13 @@ class Spool:
 
     async def _upload_until_accepted(
         self, spooled: SpooledObject, body: bytes | None
-    ) -> StoredObject:
+    ) -> StoredObject | None:
+        """What the store confirmed; None when a newer version of the key superseded this
+        one before it was sent."""
         attempt = 0
         while True:
             if self._latest.get(spooled.key, spooled.seq) != spooled.seq:
-                return StoredObject(spooled.key, spooled.size, spooled.sha256)
+                return None
             try:
                 async with self._uploads:
                     if body is None:
@@ -259,8 +326,10 @@ class Spool:
     # Start-up.
 
     async def leftovers(self) -> list[SpooledObject]:
-        """Objects a previous process spooled but never saw confirmed, oldest first; superseded
-        versions of a key are dropped. Their bytes count against the cap again."""
+        """What a previous process left, oldest first: objects it spooled but never saw
+        confirmed (their bytes count against the cap again), and records of uploaded objects
+        (`uploaded`) that no confirmed manifest listed yet (they count nothing). Superseded
+        versions of a key are dropped."""
         found = await asyncio.to_thread(self._scan)
         newest: dict[str, SpooledObject] = {}
         for spooled in found:
@@ -268,9 +337,16 @@ class Spool:
             if older is not None:
                 await asyncio.to_thread(_remove, older.path)
             newest[spooled.key] = spooled
+        for spooled in [s for s in newest.values() if s.uploaded and s.listing is None]:
+            await asyncio.to_thread(_remove, spooled.path)  # Nothing would list it.
+            del newest[spooled.key]
         survivors = sorted(newest.values(), key=lambda s: s.seq)
         async with self._room:
             for spooled in survivors:
+                listing = spooled.listing
+                if spooled.uploaded and listing is not None:
+                    self._unlisted.setdefault(listing[0], {})[listing[1]] = spooled
+                    continue
                 self._latest[spooled.key] = spooled.seq
                 self.pending_bytes += spooled.size
             self._update_state()
@@ -297,12 +373,19 @@ class Spool:
                     write_once=meta.get("write_once", False),
                     replaces=meta.get("replaces"),
                     extra=meta.get("extra"),
+                    uploaded=meta.get("uploaded", False),
                 )
             )
-        # Data files without metadata were never completely written: nothing refers to them.
+            if found[-1].uploaded:
+                # Stopped between marking the record and removing the bytes.
+                meta_path.with_suffix(_DATA).unlink(missing_ok=True)
+        # Data files without metadata were never completely written: nothing refers to them;
+        # nor to a file a crash caught before its rename.
         for data_path in self.folder.glob(f"*{_DATA}"):
             if not data_path.with_suffix(_META).exists():
                 data_path.unlink(missing_ok=True)
+        for tmp_path in self.folder.glob("*.tmp"):
+            tmp_path.unlink(missing_ok=True)
         return found
 
     def waiting_keys(self) -> list[str]:
@@ -361,6 +444,32 @@ def _write_durably(path: Path, body: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _meta(spooled: SpooledObject) -> bytes:
+    return orjson.dumps(
+        {
+            "key": spooled.key,
+            "content_type": spooled.content_type,
+            "size": spooled.size,
+            "sha256": spooled.sha256,
+            "seq": spooled.seq,
+            "write_once": spooled.write_once,
+            "replaces": spooled.replaces,
+            "extra": spooled.extra,
+            "uploaded": spooled.uploaded,
+        }
+    )
+
+
+def _mark_uploaded(record: SpooledObject) -> None:
+    _write_durably(record.path.with_suffix(_META), _meta(record))
+    record.path.with_suffix(_DATA).unlink(missing_ok=True)
+
+
 def _remove(stem: Path) -> None:
     stem.with_suffix(_META).unlink(missing_ok=True)
     stem.with_suffix(_DATA).unlink(missing_ok=True)
+
+
+def _remove_all(stems: list[Path]) -> None:
+    for stem in stems:
+        _remove(stem)

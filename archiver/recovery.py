@@ -52,6 +52,7 @@ SEGMENT_TYPE = "video/iso.segment"
 TAR_TYPE = "application/x-tar"
 JSONL_TYPE = "application/x-ndjson"
 JOURNAL_FOLDER = "journal"
+UNRECOVERABLE_FOLDER = "journal-unrecoverable"
 
 
 def events_header(recording: RecordingId) -> dict[str, Any]:
@@ -197,39 +198,13 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
 
     replayed: list[SpooledObject] = []
     for folder, header in await asyncio.to_thread(lambda: list(stream_folders(journal_root))):
-        if header.get("kind") == "events":
-            recording = RecordingId(header["bot_id"], header["recording_id"])
-            listing = listings.setdefault(recording.events_manifest_key, _Listing(header))
-            for batch_entry, spooled in await _spool_journaled_events(
-                spool, recording, folder, header, listing
-            ):
-                replayed.append(spooled)
-                listing.entries.append(asdict(batch_entry))
-                recovery.replayed_event_batches += 1
-            await asyncio.to_thread(shutil.rmtree, folder, True)
-            continue
-        stream, _, _ = _from_header(header)
-        listing = listings.setdefault(stream.manifest_key, _Listing(header))
-        stored: list[tuple[SegmentEntry | PngBatchEntry, list[SpooledObject]]] = []
-        if stream.media_format == "png":
-            batches, frames = await asyncio.to_thread(_replay, folder, _batcher_for_replay)
-            for batch in batches:
-                if not listing.knows(spool.location(stream.batch_key(batch.start_micros))):
-                    stored.append(await spool_batch(spool, stream, batch, header, recovered=True))
-        else:
-            start = functools.partial(_segmenter_for_replay, target_s)
-            segments, frames = await asyncio.to_thread(_replay, folder, start)
-            for segment in segments:
-                if not listing.knows(spool.location(stream.segment_key(segment.start_ticks))):
-                    stored.append(
-                        await spool_segment(spool, stream, segment, header, recovered=True)
-                    )
-        recovery.replayed_frames += frames
-        for entry, objects in stored:
-            replayed.extend(objects)
-            listing.entries.append(asdict(entry))
-        recovery.replayed_segments += len(stored)
-        await asyncio.to_thread(shutil.rmtree, folder, True)
+        try:
+            await _recover_journal(spool, folder, header, target_s, listings, recovery, replayed)
+        except Exception:
+            # One stream's journal must not keep the service from starting, every time:
+            # it is set aside for a person to look at, and the rest is recovered.
+            log.exception("journal_unrecoverable", folder=folder.name)
+            await asyncio.to_thread(_set_aside, folder, spool_dir / UNRECOVERABLE_FOLDER)
 
     listings = {
         key: listing for key, listing in listings.items() if listing.entries or listing.spooled
@@ -249,6 +224,59 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
             manifests=sorted(recovery.manifests),
         )
     return recovery
+
+
+async def _recover_journal(
+    spool: Spool,
+    folder: Path,
+    header: dict[str, Any],
+    target_s: float,
+    listings: dict[str, _Listing],
+    recovery: Recovery,
+    replayed: list[SpooledObject],
+) -> None:
+    """Turn one stream's (or one recording's events) journal into spooled objects and the
+    entries that list them, then remove it."""
+    if header.get("kind") == "events":
+        recording = RecordingId(header["bot_id"], header["recording_id"])
+        listing = listings.setdefault(recording.events_manifest_key, _Listing(header))
+        for batch_entry, spooled in await _spool_journaled_events(
+            spool, recording, folder, header, listing
+        ):
+            replayed.append(spooled)
+            listing.entries.append(asdict(batch_entry))
+            recovery.replayed_event_batches += 1
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+        return
+    stream, _, _ = _from_header(header)
+    listing = listings.setdefault(stream.manifest_key, _Listing(header))
+    stored: list[tuple[SegmentEntry | PngBatchEntry, list[SpooledObject]]] = []
+    if stream.media_format == "png":
+        batches, frames = await asyncio.to_thread(_replay, folder, _batcher_for_replay)
+        for batch in batches:
+            if not listing.knows(spool.location(stream.batch_key(batch.start_micros))):
+                stored.append(await spool_batch(spool, stream, batch, header, recovered=True))
+    else:
+        start = functools.partial(_segmenter_for_replay, target_s)
+        segments, frames = await asyncio.to_thread(_replay, folder, start)
+        for segment in segments:
+            if not listing.knows(spool.location(stream.segment_key(segment.start_ticks))):
+                stored.append(await spool_segment(spool, stream, segment, header, recovered=True))
+    recovery.replayed_frames += frames
+    for entry, objects in stored:
+        replayed.extend(objects)
+        listing.entries.append(asdict(entry))
+    recovery.replayed_segments += len(stored)
+    await asyncio.to_thread(shutil.rmtree, folder, True)
+
+
+def _set_aside(folder: Path, aside: Path) -> None:
+    try:
+        aside.mkdir(parents=True, exist_ok=True)
+        folder.rename(aside / folder.name)
+    except OSError as exc:
+        log.error("journal_not_set_aside", folder=folder.name, error=str(exc))
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _replay(
@@ -325,6 +353,10 @@ async def _upload_then_list(
                 listed, statuses[manifest_key] = await _list_stream(spool, manifest_key, listing)
         except StoreError as exc:
             log.error("recovered_listing_failed", key=manifest_key, error=str(exc))
+            continue
+        except Exception:
+            # A bug of ours with one document: the others are still listed.
+            log.exception("recovered_listing_failed", key=manifest_key)
             continue
         await spool.listed(manifest_key, listed)
         for spooled in listing.spooled:

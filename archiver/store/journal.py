@@ -154,5 +154,9 @@ def stream_folders(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
         return
     for folder in sorted(root.iterdir()):
         header = folder / "stream.json"
-        if header.is_file():
+        if not header.is_file():
+            continue
+        try:
             yield folder, orjson.loads(header.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue  # a folder whose header never got written holds no frame either

@@ -318,3 +318,25 @@ async def test_events_journal_of_a_batch_already_spooled_is_not_listed_twice(
     manifest = await stored_json(store, RECORDING.events_manifest_key)
     assert [b["key"] for b in manifest["batches"]] == [batch.key]
     assert manifest["events"] == 3
+
+
+async def test_a_journal_that_breaks_recovery_is_set_aside_and_the_rest_recovered(
+    tmp_path: Path,
+) -> None:
+    """No crash loop: a journal whose header recovery cannot use must not stop every start
+    of the service; it is kept aside for a person, the healthy journals are recovered."""
+    store = LocalFolderStore(tmp_path / "archive")
+    finished = await asyncio.to_thread(two_segments_journaled, tmp_path)
+    broken = tmp_path / "spool" / JOURNAL_FOLDER / "broken-stream"
+    broken.mkdir(parents=True)
+    (broken / "stream.json").write_bytes(orjson.dumps({"bot_id": "bot-1"}))
+    (broken / "0000000000000.jnl").write_bytes(b"\x00" * 40)
+
+    await restart(tmp_path, store)
+    check = await check_stream(store, STREAM.manifest_key)
+    assert check.ok, check.problems
+    assert len(check.frames) == 25
+    assert len(finished) == 2
+    aside = tmp_path / "spool" / "journal-unrecoverable" / "broken-stream"
+    assert (aside / "stream.json").is_file()
+    assert not broken.exists()

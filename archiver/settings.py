@@ -70,6 +70,24 @@ class Settings(BaseSettings):
         description="Live manifest writes may add at most this share of a stream's "
         "requests and bytes.",
     )
+    segment_max_frames: int = Field(
+        default=3600,
+        ge=1,
+        description="An H.264 segment is cut (flagged) once it holds this many frames, "
+        "whatever its timestamps: two minutes at 30 fps.",
+    )
+    segment_max_bytes: int = Field(
+        default=32 * 1024**2,
+        ge=1024,
+        description="An H.264 segment is cut (flagged) once its frames reach this many bytes; "
+        "an open segment is held in memory.",
+    )
+    png_batch_bytes: int = Field(
+        default=16 * 1024**2,
+        ge=1024,
+        description="A PNG tar batch closes once its frames reach this many bytes (an open "
+        "batch is held in memory; 360p PNGs are a few hundred KB).",
+    )
     png_batch_frames: int = Field(
         default=60, ge=1, description="A PNG tar batch closes once it holds this many frames."
     )

@@ -644,6 +644,8 @@ class H264Stream(Stream[MediaSegment, SegmentEntry]):
             self.settings.segment_target_s,
             first_seq=manifest.next_seq,
             last_ticks=manifest.last_ticks,
+            max_frames=self.settings.segment_max_frames,
+            max_bytes=self.settings.segment_max_bytes,
         )
         self.spooled_inits = set()
         return manifest, segmenter
@@ -675,6 +677,7 @@ class PngStream(Stream[PngBatch, PngBatchEntry]):
             self.settings.png_batch_s,
             first_seq=manifest.next_seq,
             last_micros=manifest.last_micros,
+            max_bytes=self.settings.png_batch_bytes,
         )
         return manifest, batcher
 

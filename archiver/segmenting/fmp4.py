@@ -137,8 +137,9 @@ class H264Segmenter:
     """Cuts one stream into segments; owned by a single worker, never shared.
 
     Rules: cut at the first key frame at or after the target duration; with no key frame by
-    twice the target, cut anyway (the segment is flagged as not starting with a key frame);
-    a key frame with new SPS/PPS always cuts and starts a new init segment.
+    twice the target, or once the segment holds `max_frames` or `max_bytes`, cut anyway (the
+    next segment is flagged as not starting with a key frame); a key frame with new SPS/PPS
+    always cuts and starts a new init segment.
     """
 
     def __init__(
@@ -147,8 +148,13 @@ class H264Segmenter:
         first_seq: int = 0,
         last_ticks: int = -1,
         journal: SegmentJournal | None = None,
+        max_frames: int = 2**31,
+        max_bytes: int = 2**62,
     ) -> None:
         self.target_ticks = round(target_s * TIMESCALE)
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._segment_bytes = 0
         self.journal = journal
         self.counters = SegmenterCounters()
         self._next_seq = first_seq
@@ -218,7 +224,7 @@ class H264Segmenter:
             reconfigured = new_config is not None and new_config != self._config
             if reconfigured or (unit.is_keyframe and elapsed >= self.target_ticks):
                 closed.append(self._close(ticks))
-            elif elapsed >= 2 * self.target_ticks:
+            elif elapsed >= 2 * self.target_ticks or self._segment_full(len(unit.data)):
                 self.counters.forced_cuts += 1
                 closed.append(self._close(ticks))
         if new_config is not None and new_config != self._config:
@@ -230,6 +236,7 @@ class H264Segmenter:
             self._mux_pending(ticks - self._pending.ticks)
         self._pending = _Pending(unit, ticks)
         self._segment_frames += 1
+        self._segment_bytes += len(unit.data)
         if self.journal is not None:
             self.journal.record(relative_s, absolute, unit.data)
         return closed
@@ -264,6 +271,14 @@ class H264Segmenter:
             return []
         return [self._close(self._pending.ticks + self._last_duration)]
 
+    def _segment_full(self, next_unit_bytes: int) -> bool:
+        """An open segment is held in memory: cut it at a size as well as a duration, so
+        units that do not advance time (repeated timestamps) cannot grow it without end."""
+        return (
+            self._segment_frames >= self.max_frames
+            or self._segment_bytes + next_unit_bytes > self.max_bytes
+        )
+
     def _new_config(self, unit: AccessUnit) -> StreamConfig | None:
         """A key frame's configuration when it differs from the current one, else None."""
         if not unit.is_keyframe or not unit.parameter_sets:
@@ -292,6 +307,7 @@ class H264Segmenter:
         self._segment_start = ticks
         self._segment_wallclock = absolute
         self._segment_frames = 0
+        self._segment_bytes = 0
         self._segment_keyframe_start = keyframe
 
     def _mux_pending(self, duration: int) -> None:

@@ -113,7 +113,8 @@ class _Pending:
 class PngBatcher:
     """Collects one stream's PNGs into tar batches; owned by a single worker, never shared.
 
-    A batch closes once it holds `max_frames`, before a frame `max_s` or more after its first
+    A batch closes once it holds `max_frames` or `max_bytes`, before a frame `max_s` or more
+    after its first
     (relative timestamps), and at stream end. Repeated or stepped-back timestamps move 1 µs
     past the previous frame, so every member name is unique and in order.
     """
@@ -125,8 +126,11 @@ class PngBatcher:
         first_seq: int = 0,
         last_micros: int = -1,
         journal: SegmentJournal | None = None,
+        max_bytes: int = 2**62,
     ) -> None:
         self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._pending_bytes = 0
         self.max_micros = round(max_s * MICROS)
         self.journal = journal
         self.counters = DropCounters()
@@ -171,7 +175,8 @@ class PngBatcher:
         if self.journal is not None:
             # The adjusted time, so a replay names every member as this run would have.
             self.journal.record(micros / MICROS, absolute, data)
-        if len(self._pending) >= self.max_frames:
+        self._pending_bytes += len(data)
+        if len(self._pending) >= self.max_frames or self._pending_bytes >= self.max_bytes:
             closed.append(self._close())
         return closed
 
@@ -187,6 +192,7 @@ class PngBatcher:
         """After a failure of ours: close the frames the batch held before this one (they are
         published); count what cannot be saved, and the failed frame, as dropped."""
         self._pending = self._pending[:held]
+        self._pending_bytes = sum(len(p.data) for p in self._pending)
         self.counters.drop("segmenter_error")
         self.counters.segmenter_resets += 1
         salvaged: list[PngBatch] = []
@@ -230,6 +236,7 @@ class PngBatcher:
         )
         self._next_seq += 1
         self._pending = []
+        self._pending_bytes = 0
         return batch
 
 

@@ -75,3 +75,26 @@ def test_cut_waits_for_a_keyframe_after_the_target() -> None:
     assert all(s.starts_with_keyframe for s in segments)
     assert segments[-1].end_ticks == 5 * TIMESCALE
     assert len(play(segments)) == 50
+
+
+def test_units_that_never_advance_time_are_still_cut_by_count_and_by_size() -> None:
+    sent = units(seconds=3)
+    by_count = H264Segmenter(target_s=10, max_frames=8)
+    segments: list[MediaSegment] = []
+    for _, data in sent:
+        segments += by_count.push(data, 1.0, NOW)  # one timestamp for all of them
+    segments += by_count.flush()
+    assert [s.frames for s in segments] == [8, 8, 8, 6]
+    assert [s.starts_with_keyframe for s in segments] == [True, False, False, False]
+    assert by_count.counters.forced_cuts == 3
+    assert len(play(segments)) == 30
+
+    limit = 4 * max(len(data) for _, data in sent)
+    by_size = H264Segmenter(target_s=10, max_bytes=limit)
+    sized: list[MediaSegment] = []
+    for t, data in sent:
+        sized += by_size.push(data, t, NOW)
+    sized += by_size.flush()
+    assert len(sized) > 1
+    assert all(len(s.body) <= limit + 4096 for s in sized)
+    assert sum(s.frames for s in sized) == 30

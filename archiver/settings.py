@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(
         default=30.0, gt=0, description="A stream with no frames for this long ends."
     )
+    leave_grace_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="After a participant's leave, how long its stream waits for more frames "
+        "before it ends: frames within it continue the stream (no final manifest and reopen).",
+    )
     max_message_bytes: int = Field(
         default=4 * 1024 * 1024,
         ge=1024,

@@ -192,6 +192,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             "dropped_unstored": 0,
             "dropped_worker_error": 0,
             "worker_failures": 0,
+            "continued_after_leave": 0,
             "upload_failures": 0,
             "manifest_failures": 0,
         }
@@ -308,17 +309,24 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
                 pending = self._take_queued()
                 if pending:
                     continue
-                if self.ending is not None:
+                leaving = self.ending == "participant_left"
+                if self.ending is not None and not leaving:
                     reason = self.ending
                     break
+                # A leave waits out a grace period: frames of the same participant within it
+                # continue this run instead of closing the stream and reopening it.
+                wait_s = self.settings.leave_grace_s if leaving else self.settings.idle_timeout_s
                 self.wake.clear()
                 try:
-                    async with asyncio.timeout(self.settings.idle_timeout_s):
+                    async with asyncio.timeout(wait_s):
                         await self.wake.wait()
                 except TimeoutError:
-                    reason = "idle"
+                    reason = "participant_left" if leaving else "idle"
                     break
                 pending = self._take_queued()
+                if pending and leaving and self.ending == "participant_left":
+                    self.ending = None
+                    self.counters["continued_after_leave"] += 1
             self.finishing = True
             await self._flush(publish)
         except Exception:

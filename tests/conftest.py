@@ -123,6 +123,7 @@ async def service(s3_endpoint: str, bucket: str) -> AsyncIterator[ServiceFactory
             "store": f"s3://{bucket}/archive",
             "s3_endpoint_url": s3_endpoint,
             "segment_target_s": 2.0,
+            "leave_grace_s": 0.2,
             "upload_attempts": 2,
             "log_format": "json",
             **overrides,

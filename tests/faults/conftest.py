@@ -72,6 +72,7 @@ class ServiceProcess:
             "ARCHIVER_LOG_FORMAT": "json",
             "ARCHIVER_UPLOAD_ATTEMPTS": "1",
             "ARCHIVER_UPLOAD_BACKOFF_S": "0.1",
+            "ARCHIVER_LEAVE_GRACE_S": "0.2",
             **{f"ARCHIVER_{k.upper()}": str(v) for k, v in settings.items()},
         }
         self.process: asyncio.subprocess.Process | None = None

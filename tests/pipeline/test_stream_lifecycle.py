@@ -297,3 +297,28 @@ async def test_the_longest_ids_accepted_still_fit_local_file_names(
     events = await check_events(running.store, recording, key_prefix="archive/")
     assert events.ok, events.problems
     assert len(events.lines) == 1
+
+
+async def test_a_leave_after_every_frame_does_not_close_and_reopen_the_stream(
+    service: ServiceFactory,
+) -> None:
+    running = await service(leave_grace_s=2.0)
+    bot = Bot(running, seconds=10)
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        for index, (relative, data, _) in enumerate(bot.units):
+            message = media_message(data, relative, bot.start, "webcam", 100, **bot.ids)
+            await ws.send_str(orjson.dumps(message).decode())
+            leave = participant_event("leave", 100, relative, bot.start, **bot.ids)
+            await ws.send_str(orjson.dumps(leave).decode())
+            if index % 20 == 19:
+                await asyncio.sleep(0.05)
+    await running.settle()
+    check = await check_stream(running.store, bot.manifest_key, key_prefix="archive/")
+    assert check.ok, check.problems
+    assert len(check.frames) == len(bot.units) == 100
+    counters = check.manifest["counters"]
+    assert counters["continued_after_leave"] >= 1
+    spool = running.app[STATE].spool
+    # 5 segments, their init, a few manifests, the session index and the events: not one
+    # final manifest and index per frame.
+    assert spool.counters["uploaded"] < 30, spool.counters

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 SCHEMA_VERSION = 1
+MAX_PARTICIPANT_CHANGES = 100
+MAX_PARTICIPANT_CHANGES_BYTES = 256 * 1024
+"""A manifest keeps the first and the latest participant changes within these."""
 MERGE_ATTEMPTS = 5
 JSON_TYPE = "application/json"
 
@@ -306,6 +309,8 @@ class ArchiveManifest(ABC, Generic[EntryT]):
         self.context = context
         self.participant = participant
         self.participant_changes: list[dict[str, Any]] = []
+        self.participant_change_sizes: list[int] = []
+        self.participant_changes_dropped = 0
         self.entries: list[EntryT] = []
         self.entry_documents: list[dict[str, Any]] = []
         self.carried_counters: dict[str, int] = {}
@@ -334,7 +339,9 @@ class ArchiveManifest(ABC, Generic[EntryT]):
     def _resume(self, previous: dict[str, Any]) -> None:
         """Continue a manifest a previous connection or process wrote."""
         self.created_at = previous.get("created_at", self.created_at)
-        self.participant_changes = list(previous.get("participant_changes", []))
+        for change in previous.get("participant_changes", []):
+            self._note_change(change)
+        self.participant_changes_dropped += int(previous.get("participant_changes_dropped", 0))
         self.recovered_ranges = list(previous.get("recovered_ranges", []))
         self.gaps = list(previous.get("gaps", []))
         for document in previous.get(self.entries_name, []):
@@ -394,7 +401,19 @@ class ArchiveManifest(ABC, Generic[EntryT]):
     def update_participant(self, relative_s: float, participant: dict[str, Any]) -> None:
         if participant != self.participant:
             self.participant = participant
-            self.participant_changes.append({"at": relative_s, "participant": participant})
+            self._note_change({"at": relative_s, "participant": participant})
+
+    def _note_change(self, change: dict[str, Any]) -> None:
+        """Keep the first change and the latest ones within a count and a size: details
+        that flip back and forth must not grow the document without end."""
+        self.participant_changes.append(change)
+        self.participant_change_sizes.append(len(orjson.dumps(change)))
+        while len(self.participant_changes) > 2 and (
+            len(self.participant_changes) > MAX_PARTICIPANT_CHANGES
+            or sum(self.participant_change_sizes) > MAX_PARTICIPANT_CHANGES_BYTES
+        ):
+            del self.participant_changes[1], self.participant_change_sizes[1]
+            self.participant_changes_dropped += 1
 
     def document(self, counters: dict[str, int]) -> dict[str, Any]:
         merged = dict(self.carried_counters)
@@ -414,6 +433,7 @@ class ArchiveManifest(ABC, Generic[EntryT]):
             "video_separate": self.context.video_separate,
             "participant": self.participant,
             "participant_changes": self.participant_changes,
+            "participant_changes_dropped": self.participant_changes_dropped,
             "type": self.stream.video_type,
             "format": self.stream.media_format,
             "counters": merged,

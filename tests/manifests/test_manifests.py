@@ -74,3 +74,24 @@ def test_live_manifest_writes_stay_within_ten_percent_over_two_hours(kbps: int) 
     assert writes >= 10
     assert budget.manifest_requests <= 0.1 * budget.media_requests + 2
     assert budget.manifest_bytes <= 0.1 * budget.media_bytes + len(body)
+
+
+def test_participant_details_flipping_back_and_forth_keep_the_manifest_small() -> None:
+    stream = StreamId(RecordingId("bot-1", "rec-1"), "100", "webcam", "h264")
+    context = RecordingContext({"id": "bot-1"}, {"id": "rec-1"}, None, None)
+    versions = [
+        {"id": 100, "name": "Ada", "extra_data": {"blob": letter * 100_000}} for letter in "ab"
+    ]
+    manifest = StreamManifest(stream, context, {"id": 100, "name": "Ada"})
+    for n in range(3000):
+        manifest.update_participant(n / 10, versions[n % 2])
+    document = manifest.document({})
+    size = len(dumps(document))
+    assert size < 1024**2, size
+    changes = document["participant_changes"]
+    assert changes[0] == {"at": 0.0, "participant": versions[0]}
+    assert changes[-1] == {"at": 299.9, "participant": versions[1]}
+    assert document["participant_changes_dropped"] == 3000 - len(changes)
+    jsonschema.validate(document, schema())
+    resumed = StreamManifest(stream, context, versions[1], json.loads(dumps(document)))
+    assert resumed.document({})["participant_changes"] == changes

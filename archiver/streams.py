@@ -17,6 +17,7 @@ import time
 import traceback
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -200,6 +201,10 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.logged_rejects: dict[str, int] = {}
         self.journal_failures_logged = 0
         self.task: asyncio.Task[None] | None = None
+        self.final_written = False
+        """The last run's final manifest is stored: nothing of this stream is only here."""
+        self.on_ended: Callable[[Stream[Any, Any]], None] | None = None
+        """Called when the worker has finished with nothing queued."""
 
     @property
     def running(self) -> bool:
@@ -285,6 +290,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
                 self._count_lost_in_hand()
                 self.log.exception("stream_worker_failed", queued=len(self.queue))
             if not self.queue:
+                if self.on_ended is not None:
+                    self.on_ended(self)
                 return
             self.log.info("stream_continues", queued=len(self.queue))
 
@@ -294,6 +301,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
 
     async def _run(self) -> None:
         self.finishing = False
+        self.final_written = False
         if self.next_ending is not None:
             self.ending, self.next_ending = self.next_ending, None
         pending = self._take_queued()
@@ -623,7 +631,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.manifest.status = "complete" if not unlisted else "interrupted"
         if unlisted:
             self.log.error("stream_ended_with_unlisted_frames", frames=unlisted)
-        await self._write_manifest()
+        self.final_written = await self._write_manifest()
         if self.journal is not None:
             await asyncio.to_thread(self.journal.close, True)
             self.journal = None
@@ -810,6 +818,7 @@ class StreamRegistry:
                 self.recovery,
                 self.queued,
             )
+            stream.on_ended = self._forget_if_done
         return stream
 
     def is_running(self, stream_id: StreamId) -> bool:
@@ -835,6 +844,17 @@ class StreamRegistry:
             stream.users = max(0, stream.users - 1)
             if reason is not None and not stream.users:
                 stream.end(reason)
+            if not stream.running:
+                self._forget_if_done(stream)
+
+    def _forget_if_done(self, stream: Stream[Any, Any]) -> None:
+        """Let an ended stream go once its final manifest is stored and no connection holds
+        it: a later frame starts a new worker that continues the stored manifest. Memory
+        follows the live streams, not every stream the process ever saw."""
+        if stream.users or stream.queue or not stream.final_written:
+            return
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
 
     def end(self, stream_ids: set[StreamId], reason: EndReason) -> None:
         for stream_id in stream_ids:

@@ -43,7 +43,7 @@ from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
 
 if TYPE_CHECKING:
-    from archiver.streams import SessionWriter
+    from archiver.sessions import SessionWriter
 
 log = structlog.get_logger(__name__)
 

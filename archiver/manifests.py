@@ -9,7 +9,7 @@ and bytes, so a manifest that grows over a long meeting is rewritten less and le
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import Field, asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
@@ -56,15 +56,17 @@ async def write_merging(
     spool: Spool,
     key: str,
     version: str,
-    render: Callable[[], bytes],
+    render: Callable[[], bytes | Awaitable[bytes]],
     take_in: Callable[[dict[str, Any]], object],
 ) -> tuple[StoredObject, bytes]:
     """Write a document over `version` (the ETag last read; "" for none yet). When another
     writer changed it meanwhile (a bot reconnected to another machine while this one still
     held it), `take_in` their document and write again: neither side's listing is lost.
-    Return what was stored and its bytes; raise `StoreError`."""
+    `render` may be a coroutine (one that serialises on a thread). Return what was stored
+    and its bytes; raise `StoreError`."""
     for _ in range(MERGE_ATTEMPTS):
-        body = render()
+        rendered = render()
+        body = rendered if isinstance(rendered, bytes) else await rendered
         try:
             return await spool.put(key, body, JSON_TYPE, replaces=version), body
         except ObjectConflictError:
@@ -536,5 +538,6 @@ class EventsManifest:
             "counters": merged,
             "events": sum(batch.count for batch in self.batches),
             "event_types": event_types,
-            "batches": self.batch_documents,
+            # A copy: the document is serialised on a thread while the loop lists more.
+            "batches": list(self.batch_documents),
         }

@@ -88,6 +88,26 @@ class Settings(BaseSettings):
         description="An events batch closes before an event this many seconds (relative "
         "timestamp) after its first, and at the latest this long after it opened.",
     )
+    # session.json.
+    session_presence_entries: int = Field(
+        default=20,
+        ge=2,
+        description="Joins, and leaves, kept per participant in session.json: the first and "
+        "the latest; those between are counted (`joins_dropped`, `leaves_dropped`).",
+    )
+    session_participant_details_bytes: int = Field(
+        default=4096,
+        ge=256,
+        description="A participant's details (as JSON) larger than this are kept in "
+        "session.json without their nested or long fields (`details_truncated`); the events "
+        "archive has them whole.",
+    )
+    session_max_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64 * 1024,
+        description="Size session.json's participants may reach; participants first seen "
+        "beyond it are counted (`participants_omitted`), not listed.",
+    )
 
     # Streams and limits.
     idle_timeout_s: float = Field(

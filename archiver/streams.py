@@ -645,7 +645,7 @@ class StreamRegistry:
         self.spool = spool
         self.executor = executor
         self.recovery = recovery
-        self.sessions = SessionWriter(spool)
+        self.sessions = SessionWriter(spool, settings)
         self.events = EventArchive(settings, spool, self.sessions)
         self.streams: dict[StreamId, Stream[Any, Any]] = {}
 

@@ -3,10 +3,15 @@
 Every non-media event of a recording (participant events, transcripts, anything the
 provider adds later) is appended to the recording's open batch on the receive loop, where
 serialising one event is cheap; everything that touches the store runs in the log's own
-task. Batches are JSON Lines, one event per line. A batch closes at a count, before an event
-that is too far (in relative time) from its first, once it has been open that long on the
-wall clock, and when the last connection carrying the recording ends. `events/manifest.json`
-lists the batches in order, each once the store has confirmed it.
+task. Batches are JSON Lines, one event per line. A batch closes at a count or a size,
+before an event that is too far (in relative time) from its first, once it has been open
+that long on the wall clock, and when the last connection carrying the recording ends.
+`events/manifest.json` lists the batches in order, each once the store has confirmed it.
+
+Memory is bounded by construction: the open batch by its size, closed batches waiting for
+the spool by a budget per recording and one for the process (a connection that sends past
+them is not read until the spool has taken its batches), and a log leaves memory once its
+final manifest is stored; a later event continues from the stored manifest.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,7 +49,7 @@ from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
 
 if TYPE_CHECKING:
-    from archiver.streams import SessionWriter
+    from archiver.sessions import SessionWriter
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +91,7 @@ class _OpenBatch:
     first_relative: float | None = None
     last_relative: float | None = None
     event_types: Counter[str] = field(default_factory=Counter)
+    bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +102,37 @@ class _ClosedBatch:
     first_relative: float | None
     last_relative: float | None
     event_types: dict[str, int]
+
+
+class QueueBudget:
+    """Bytes of closed events batches not yet in the spool, per recording and in all; the
+    receive loop waits here rather than letting them grow."""
+
+    def __init__(self, per_recording: int, total: int) -> None:
+        self.per_recording = per_recording
+        self.total_limit = total
+        self.total = 0
+        self.room = asyncio.Condition()
+
+    def over(self, event_log: EventLog) -> bool:
+        """Whether the connections sending this log's events must wait: its own batches are
+        over its budget, or everyone's are over the process's and it has some waiting."""
+        queued = event_log.queued_bytes
+        return queued > self.per_recording or (self.total > self.total_limit and queued > 0)
+
+    def add(self, event_log: EventLog, size: int) -> None:
+        event_log.queued_bytes += size
+        self.total += size
+
+    async def remove(self, event_log: EventLog, size: int) -> None:
+        event_log.queued_bytes -= size
+        self.total -= size
+        async with self.room:
+            self.room.notify_all()
+
+    async def wait(self, event_log: EventLog) -> None:
+        async with self.room:
+            await self.room.wait_for(lambda: not self.over(event_log))
 
 
 class EventLog:
@@ -108,12 +146,23 @@ class EventLog:
         spool: Spool,
         sessions: SessionWriter,
         recovery: Recovery | None = None,
+        budget: QueueBudget | None = None,
+        on_done: Callable[[EventLog], None] | None = None,
     ) -> None:
         self.recording = recording
         self.settings = settings
         self.spool = spool
         self.sessions = sessions
         self.recovery = recovery
+        self.queue_budget = budget or QueueBudget(
+            settings.events_queued_bytes_per_recording, settings.events_queued_bytes
+        )
+        self.on_done = on_done
+        """Told when the writer task has finished and nothing is left to write."""
+        self.queued_bytes = 0
+        """Closed batches not yet in the spool."""
+        self.ending = False
+        """Asked to complete: live manifest writes would be overwritten at once."""
         self.log = log.bind(bot=recording.bot_id, recording=recording.recording_id)
         self.users = 0
         self.open = _OpenBatch()
@@ -147,6 +196,12 @@ class EventLog:
         """Nothing open, queued or being written, and no connection carrying it."""
         return not self.users and not self.open.lines and not self.running
 
+    @property
+    def quiet(self) -> bool:
+        """No open batch and no closed one waiting for the spool: a connection may let go
+        of it without keeping anything in memory (what is uploading still gets listed)."""
+        return not self.open.lines and not self.queued_bytes
+
     def append(self, message: EventMessage) -> None:
         """Add one event to the open batch; closes the batch when a rule says so."""
         relative = event_time(message.body)
@@ -158,6 +213,7 @@ class EventLog:
         ):
             self.close_batch()
             batch = self.open
+        self.ending = False
         if not batch.lines:
             loop = asyncio.get_running_loop()
             self.timer = loop.call_later(self.settings.events_batch_s, self.close_batch)
@@ -166,6 +222,7 @@ class EventLog:
         # As received; re-serialised only when the sender spread it over several lines.
         line = message.raw if b"\n" not in message.raw else orjson.dumps(message.body)
         batch.lines.append(line)
+        batch.bytes += len(line) + 1
         # Journaled at once (a write to the page cache, no fsync on the receive loop): a
         # crash of the process loses no event, a crash of the machine may.
         self._journal().record(math.nan if relative is None else relative, _JOURNAL_TIME, line)
@@ -178,7 +235,10 @@ class EventLog:
         self.counters["events"] += 1
         self.unwritten = True
         self._note(message)
-        if len(batch.lines) >= self.settings.events_batch_count:
+        if (
+            len(batch.lines) >= self.settings.events_batch_count
+            or batch.bytes >= self.settings.events_batch_bytes
+        ):
             self.close_batch()
 
     def _journal(self) -> StreamJournal:
@@ -191,6 +251,7 @@ class EventLog:
         """Count an audio buffer: not archived, but visible in the manifest."""
         self.counters["audio_buffers_skipped"] += 1
         self.unwritten = True
+        self.ending = False
 
     def _note(self, message: EventMessage) -> None:
         """Keep the ids' metadata, and tell the session index who joined or left when."""
@@ -220,11 +281,15 @@ class EventLog:
         batch, self.open = self.open, _OpenBatch()
         if not batch.lines:
             return
+        body = b"\n".join(batch.lines) + b"\n"
+        count = len(batch.lines)
+        batch.lines.clear()
+        self.queue_budget.add(self, len(body))
         self.queue.put_nowait(
             _ClosedBatch(
                 journal_name=batch.journal_name,
-                body=b"\n".join(batch.lines) + b"\n",
-                count=len(batch.lines),
+                body=body,
+                count=count,
                 first_relative=batch.first_relative,
                 last_relative=batch.last_relative,
                 event_types=dict(batch.event_types),
@@ -236,12 +301,20 @@ class EventLog:
         """Close the open batch and write the manifest as complete, if anything changed."""
         self.close_batch()
         if self.unwritten:
+            self.ending = True
             self.queue.put_nowait(None)
             self._ensure_running()
 
     def _ensure_running(self) -> None:
         if not self.running:
             self.task = asyncio.create_task(self._run(), name=f"events {self.recording.prefix}")
+            self.task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.error("events_writer_failed", error=repr(exc), exc_info=exc)
+        if self.idle and not self.unwritten and self.on_done is not None:
+            self.on_done(self)
 
     async def _run(self) -> None:
         if self.manifest is None:
@@ -250,7 +323,6 @@ class EventLog:
             self.manifest = EventsManifest(self.recording, await self._load_previous())
             self.next_seq = self.manifest.next_seq
         self.manifest.status = "live"
-        self.sessions.record_events(self.recording, self.manifest, "live")
         publish: asyncio.Queue[asyncio.Task[EventBatchEntry | None] | None] = asyncio.Queue()
         publisher = asyncio.create_task(self._publish_in_order(publish))
         try:
@@ -262,7 +334,6 @@ class EventLog:
             self.manifest.status = "complete"
             self.unwritten = False
             await self._write_manifest()
-            self.sessions.record_events(self.recording, self.manifest, "complete")
             if self.journal is not None and not self.open.lines:
                 self.journal.close(remove=True)
                 self.journal = None
@@ -319,6 +390,9 @@ class EventLog:
             self.counters["upload_failures"] += 1
             self.log.error("events_spool_failed", seq=seq, error=str(exc))
             return
+        finally:
+            # On disk (or lost, counted): it no longer weighs on memory.
+            await self.queue_budget.remove(self, len(batch.body))
         if self.journal is not None:
             self.journal.discard(batch.journal_name)
         self.next_seq += 1
@@ -338,7 +412,8 @@ class EventLog:
                 continue
             self.manifest.add(entry)
             self.counters["batches"] += 1
-            if self.budget.allows(len(self.manifest.batches)):
+            # A log that is ending writes its complete manifest next: no live one first.
+            if not self.ending and self.budget.allows(len(self.manifest.batches)):
                 await self._write_manifest()
 
     async def _write_manifest(self) -> None:
@@ -352,7 +427,7 @@ class EventLog:
                 self.spool,
                 self.recording.events_manifest_key,
                 self.manifest_etag,
-                lambda: dumps(manifest.document(self.counters)),
+                lambda: asyncio.to_thread(dumps, manifest.document(dict(self.counters))),
                 lambda theirs: manifest.merge(
                     [EventBatchEntry(**batch) for batch in theirs.get("batches", [])]
                 ),
@@ -364,6 +439,8 @@ class EventLog:
         self.manifest_etag = stored.etag
         self.budget.count_manifest(len(body), len(manifest.batches))
         await self.spool.listed(self.recording.events_manifest_key, manifest.listed_keys())
+        # session.json names the events manifest only once it is stored, and says as much.
+        self.sessions.record_events(self.recording, manifest, manifest.status)
 
 
 def _last_relative(previous: dict[str, Any]) -> float | None:
@@ -376,7 +453,8 @@ def _last_relative(previous: dict[str, Any]) -> float | None:
 
 
 class EventArchive:
-    """Every recording's events log in this process; the receive loop's only door to them."""
+    """Every recording's events log in this process; the receive loop's only door to them.
+    A log is dropped once it has nothing left to write and no connection carries it."""
 
     def __init__(
         self,
@@ -390,13 +468,23 @@ class EventArchive:
         self.sessions = sessions
         self.recovery = recovery
         self.logs: dict[RecordingId, EventLog] = {}
+        self.budget = QueueBudget(
+            settings.events_queued_bytes_per_recording, settings.events_queued_bytes
+        )
 
     def _log(self, recording: RecordingId) -> EventLog:
         event_log = self.logs.get(recording)
         if event_log is None:
             event_log = self.logs[recording] = EventLog(
-                recording, self.settings, self.spool, self.sessions, self.recovery
+                recording,
+                self.settings,
+                self.spool,
+                self.sessions,
+                self.recovery,
+                self.budget,
+                self._done,
             )
+            self.sessions.hold(recording)
         return event_log
 
     def attach(self, recording: RecordingId) -> None:
@@ -408,6 +496,20 @@ class EventArchive:
 
     def skip_audio(self, recording: RecordingId) -> None:
         self._log(recording).skip_audio()
+
+    def quiet(self, recording: RecordingId) -> bool:
+        """Whether the recording's log has no open batch and none waiting for the spool."""
+        event_log = self.logs.get(recording)
+        return event_log is None or event_log.quiet
+
+    async def room(self, recording: RecordingId) -> bool:
+        """Wait while the recording's closed batches (or everyone's) are over their budget;
+        return whether it had to."""
+        event_log = self.logs.get(recording)
+        if event_log is None or not self.budget.over(event_log):
+            return False
+        await self.budget.wait(event_log)
+        return True
 
     def release(self, recordings: set[RecordingId]) -> None:
         """Connection end: a log no connection carries any more closes its batch and
@@ -423,7 +525,7 @@ class EventArchive:
 
     def end_all(self) -> None:
         """Shutdown: close every open batch and complete every manifest."""
-        for event_log in self.logs.values():
+        for event_log in list(self.logs.values()):
             event_log.end()
 
     async def wait_idle(self) -> None:
@@ -433,10 +535,16 @@ class EventArchive:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._forget_idle()
 
+    def _done(self, event_log: EventLog) -> None:
+        """A log's writer finished with nothing left and no connection: forget it."""
+        if self.logs.get(event_log.recording) is event_log:
+            del self.logs[event_log.recording]
+            self.sessions.release(event_log.recording)
+
     def _forget_idle(self) -> None:
         """Drop logs with nothing left to write, so memory follows the live recordings."""
-        for recording in [r for r, e in self.logs.items() if e.idle and not e.unwritten]:
-            del self.logs[recording]
+        for event_log in [e for e in self.logs.values() if e.idle and not e.unwritten]:
+            self._done(event_log)
 
     def unfinished(self) -> list[str]:
         """Manifest keys of events logs still being written out."""

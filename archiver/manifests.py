@@ -9,7 +9,7 @@ and bytes, so a manifest that grows over a long meeting is rewritten less and le
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import Field, asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
@@ -59,17 +59,19 @@ async def write_merging(
     spool: Spool,
     key: str,
     version: str,
-    render: Callable[[], bytes],
+    render: Callable[[], bytes | Awaitable[bytes]],
     take_in: Callable[[dict[str, Any]], object],
 ) -> tuple[StoredObject, bytes]:
     """Write a document over `version` (the ETag last read; "" for none yet). When another
     writer changed it meanwhile (a bot reconnected to another machine while this one still
     held it), `take_in` their document and write again: neither side's listing is lost.
-    Return what was stored and its bytes; raise `StoreError`. Writers of one document in
-    this process (a stream and the recovery of its manifest) take turns."""
+    `render` may be a coroutine (one that serialises on a thread). Return what was stored
+    and its bytes; raise `StoreError`. Writers of one document in this process (a stream
+    and the recovery of its manifest) take turns."""
     async with spool.document_lock(key):
         for _ in range(MERGE_ATTEMPTS):
-            body = render()
+            rendered = render()
+            body = rendered if isinstance(rendered, bytes) else await rendered
             try:
                 return await spool.put(key, body, JSON_TYPE, replaces=version), body
             except ObjectConflictError:
@@ -440,7 +442,8 @@ class ArchiveManifest(ABC, Generic[EntryT]):
             "recovered_ranges": self.recovered_ranges,
             "gaps": self.gaps,
             **self.format_fields(),
-            self.entries_name: self.entry_documents,
+            # A copy: the document may be serialised on a thread while more are listed.
+            self.entries_name: list(self.entry_documents),
         }
 
 
@@ -584,97 +587,6 @@ class EventsManifest:
             "counters": merged,
             "events": sum(batch.count for batch in self.batches),
             "event_types": event_types,
-            "batches": self.batch_documents,
-        }
-
-
-class SessionIndex:
-    """`session.json` of one recording: its participants (with their joins and leaves as the
-    events tell them), their streams, and its events archive."""
-
-    def __init__(self, recording: RecordingId) -> None:
-        self.recording = recording
-        self.context: RecordingContext | None = None
-        self.refs: dict[str, dict[str, Any]] = {}
-        self.participants: dict[str, dict[str, Any]] = {}
-        self.presence: dict[str, dict[str, list[Any]]] = {}
-        self.streams: dict[str, dict[str, Any]] = {}
-        self.events: dict[str, Any] | None = None
-
-    def record_stream(
-        self,
-        stream: StreamId,
-        context: RecordingContext,
-        participant: dict[str, Any],
-        status: StreamStatus,
-    ) -> None:
-        self.context = context
-        self.participants[stream.participant_id] = participant
-        self.streams[stream.manifest_key] = {
-            "participant_id": stream.participant_id,
-            "type": stream.video_type,
-            "format": stream.media_format,
-            "manifest_key": stream.manifest_key,
-            "status": status,
-        }
-
-    def record_presence(
-        self, participant_id: str, participant: dict[str, Any], joined: bool, timestamp: Any
-    ) -> None:
-        """Note a join or leave, with the timestamp the event carried."""
-        self.participants[participant_id] = participant
-        presence = self.presence.setdefault(participant_id, {"joins": [], "leaves": []})
-        presence["joins" if joined else "leaves"].append(timestamp)
-
-    def record_events(self, manifest: EventsManifest, status: StreamStatus) -> None:
-        self.refs = {"bot": manifest.bot, "recording": manifest.recording_ref}
-        self.events = {
-            "manifest_key": self.recording.events_manifest_key,
-            "status": status,
-            "batches": len(manifest.batches),
-            "events": sum(batch.count for batch in manifest.batches),
-        }
-
-    def resume(self, previous: dict[str, Any]) -> None:
-        """Keep what a previous connection or process listed and this one has not seen."""
-        self.refs = self.refs or {
-            name: previous[name] for name in ("bot", "recording") if name in previous
-        }
-        for stream in previous.get("streams", []):
-            self.streams.setdefault(stream["manifest_key"], stream)
-        for entry in previous.get("participants", []):
-            participant_id = str(entry.get("id"))
-            info = {k: v for k, v in entry.items() if k not in ("joins", "leaves")}
-            self.participants.setdefault(participant_id, info)
-            presence = self.presence.setdefault(participant_id, {"joins": [], "leaves": []})
-            for kind in ("joins", "leaves"):
-                earlier = [t for t in entry.get(kind, []) if t not in presence[kind]]
-                presence[kind][:0] = earlier
-        if self.events is None:
-            self.events = previous.get("events")
-
-    def document(self) -> dict[str, Any]:
-        context = self.context
-        refs = self.refs
-        bot = context.bot if context else refs.get("bot", {"id": self.recording.bot_id})
-        recording = (
-            context.recording
-            if context
-            else refs.get("recording", {"id": self.recording.recording_id})
-        )
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "updated_at": _now(),
-            "bot": bot,
-            "recording": recording,
-            "participants": [
-                {
-                    "id": pid,
-                    **{k: v for k, v in info.items() if k != "id"},
-                    **self.presence.get(pid, {}),
-                }
-                for pid, info in sorted(self.participants.items())
-            ],
-            "streams": [self.streams[k] for k in sorted(self.streams)],
-            "events": self.events,
+            # A copy: the document is serialised on a thread while the loop lists more.
+            "batches": list(self.batch_documents),
         }

@@ -31,7 +31,6 @@ from archiver.manifests import (
     EventsManifest,
     PngBatchEntry,
     SegmentEntry,
-    SessionIndex,
     StreamStatus,
     dumps,
     parse_document,
@@ -41,6 +40,7 @@ from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
 from archiver.segmenting.png import MICROS, PngBatch, PngBatcher
+from archiver.sessions import SessionIndex
 from archiver.store.base import sha256_digest
 from archiver.store.journal import read_segment, stream_folders
 from archiver.store.spool import Spool, SpooledObject

@@ -106,6 +106,53 @@ class Settings(BaseSettings):
         description="An events batch closes before an event this many seconds (relative "
         "timestamp) after its first, and at the latest this long after it opened.",
     )
+    events_batch_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        description="An events batch closes once its lines reach this many bytes: a full "
+        "batch of 1000 ordinary events (participant events and transcripts, about 1 KiB "
+        "each) fits; a single larger event makes a batch of its own.",
+    )
+    events_queued_bytes_per_recording: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1,
+        description="Bytes of a recording's closed events batches not yet in the spool above "
+        "which the connections sending its events are slowed (not read) until they are.",
+    )
+    events_queued_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1,
+        description="The same, over every recording of the process: above it, a connection "
+        "whose recording has batches waiting is slowed.",
+    )
+    max_event_recordings_per_connection: int = Field(
+        default=4,
+        ge=1,
+        description="Recordings whose events one connection may hold open at once (a quiet "
+        "one with nothing open stops counting); a bot sends one. Events of one more are "
+        "refused and counted, the connection goes on.",
+    )
+
+    # session.json.
+    session_presence_entries: int = Field(
+        default=20,
+        ge=2,
+        description="Joins, and leaves, kept per participant in session.json: the first and "
+        "the latest; those between are counted (`joins_dropped`, `leaves_dropped`).",
+    )
+    session_participant_details_bytes: int = Field(
+        default=4096,
+        ge=256,
+        description="A participant's details (as JSON) larger than this are kept in "
+        "session.json without their nested or long fields (`details_truncated`); the events "
+        "archive has them whole.",
+    )
+    session_max_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64 * 1024,
+        description="Size session.json's participants may reach; participants first seen "
+        "beyond it are counted (`participants_omitted`), not listed.",
+    )
 
     # Streams and limits.
     idle_timeout_s: float = Field(

@@ -33,13 +33,10 @@ from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.manifests import (
     ArchiveManifest,
     EntryT,
-    EventsManifest,
     PngBatchEntry,
     PngManifest,
     SegmentEntry,
-    SessionIndex,
     StreamManifest,
-    StreamStatus,
     WriteBudget,
     parse_document,
     write_merging,
@@ -56,6 +53,7 @@ from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.png import PngBatch, PngBatcher
 from archiver.segmenting.timestamps import TimestampGuard
+from archiver.sessions import SessionWriter
 from archiver.settings import Settings
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
@@ -583,7 +581,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             if self.budget.allows(len(self.manifest.entries)):
                 await self._write_manifest()
 
-    def _manifest_body(self) -> bytes:
+    async def _manifest_body(self) -> bytes:
+        """Built on the loop, which owns the manifest; serialised on a thread."""
         assert self.manifest is not None
         counters = {
             **self.segmenter_counters,
@@ -591,7 +590,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             "received": self.received,
             "pending": self.pending_frames(),
         }
-        return dump_json(self.manifest.document(counters))
+        document = self.manifest.document(counters)
+        return await asyncio.to_thread(dump_json, document)
 
     async def _write_manifest(self) -> bool:
         assert self.manifest is not None
@@ -707,82 +707,6 @@ _STREAM_TYPES: dict[MediaFormat, type[Stream[Any, Any]]] = {
 }
 
 
-class SessionWriter:
-    """Keeps each recording's `session.json` current, coalescing bursts of changes. Writes
-    are conditional: what another connection, process or machine listed is kept."""
-
-    def __init__(self, store: Spool) -> None:
-        self.store = store
-        self.indexes: dict[RecordingId, SessionIndex] = {}
-        self.locks: dict[RecordingId, asyncio.Lock] = {}
-        self.versions: dict[RecordingId, tuple[int, int]] = {}
-        self.etags: dict[RecordingId, str] = {}
-        self.writes: set[asyncio.Task[None]] = set()
-
-    def record(
-        self, stream: StreamId, manifest: ArchiveManifest[Any], status: StreamStatus
-    ) -> None:
-        self._index(stream.recording).record_stream(
-            stream, manifest.context, manifest.participant, status
-        )
-        self._schedule(stream.recording)
-
-    def record_presence(
-        self,
-        recording: RecordingId,
-        participant_id: str,
-        participant: dict[str, Any],
-        joined: bool,
-        timestamp: Any,
-    ) -> None:
-        self._index(recording).record_presence(participant_id, participant, joined, timestamp)
-        self._schedule(recording)
-
-    def record_events(
-        self, recording: RecordingId, manifest: EventsManifest, status: StreamStatus
-    ) -> None:
-        self._index(recording).record_events(manifest, status)
-        self._schedule(recording)
-
-    def _index(self, recording: RecordingId) -> SessionIndex:
-        if recording not in self.indexes:
-            self.indexes[recording] = SessionIndex(recording)
-            self.locks[recording] = asyncio.Lock()
-        return self.indexes[recording]
-
-    def _schedule(self, recording: RecordingId) -> None:
-        wanted, written = self.versions.get(recording, (0, 0))
-        self.versions[recording] = (wanted + 1, written)
-        task = asyncio.create_task(self._write(recording))
-        self.writes.add(task)
-        task.add_done_callback(self.writes.discard)
-
-    async def _write(self, recording: RecordingId) -> None:
-        async with self.locks[recording]:
-            wanted, written = self.versions[recording]
-            if written == wanted:
-                return
-            index = self.indexes[recording]
-            try:
-                stored, _ = await write_merging(
-                    self.store,
-                    recording.session_key,
-                    self.etags.get(recording, ""),
-                    lambda: dump_json(index.document()),
-                    index.resume,
-                )
-            except StoreError as exc:
-                log.error("session_write_failed", recording=recording.prefix, error=str(exc))
-                return
-            self.etags[recording] = stored.etag
-            self.versions[recording] = (self.versions[recording][0], wanted)
-
-    async def flush(self) -> None:
-        """Wait for every write already asked for."""
-        while self.writes:
-            await asyncio.gather(*self.writes, return_exceptions=True)
-
-
 class StreamRegistry:
     """Every stream of this process, by id, and every recording's events; routes messages
     and ends streams."""
@@ -794,7 +718,7 @@ class StreamRegistry:
         self.spool = spool
         self.executor = executor
         self.recovery = recovery
-        self.sessions = SessionWriter(spool)
+        self.sessions = SessionWriter(spool, settings)
         self.events = EventArchive(settings, spool, self.sessions, recovery)
         self.streams: dict[StreamId, Stream[Any, Any]] = {}
         self.queued = QueuedBytes(settings.queued_bytes_total)

@@ -90,6 +90,9 @@ async def readyz(request: web.Request) -> web.Response:
         "connections": state.connections,
         "spool": state.spool.state.value,
         "spool_pending_bytes": state.spool.pending_bytes,
+        "events_logs": len(state.registry.events.logs),
+        "events_queued_bytes": state.registry.events.budget.total,
+        "session_indexes": len(state.registry.sessions.sessions),
         "store_reachable": state.spool.store_reachable,
         **state.spool.counters,
     }
@@ -204,6 +207,11 @@ class Connection:
             return
         events = self.state.registry.events
         if recording not in self.event_recordings:
+            limit = self.state.settings.max_event_recordings_per_connection
+            if len(self.event_recordings) >= limit and self._let_go_of_quiet() >= limit:
+                # A bot sends one recording: refuse this one's events, never the connection.
+                self.refuse(InputError("too_many_recordings", recording.prefix))
+                return
             self.event_recordings.add(recording)
             events.attach(recording)
         if message.event in AUDIO_EVENTS:
@@ -213,6 +221,20 @@ class Connection:
         events.append(recording, message)
         if message.event == _LEAVE_EVENT and message.participant_id is not None:
             self.state.registry.end_participant(recording, message.participant_id)
+        if await events.room(recording):
+            # Its closed batches are over their budget: this socket was not read until the
+            # spool took them (backpressure, nothing dropped).
+            self.counts["events_slowed"] += 1
+
+    def _let_go_of_quiet(self) -> int:
+        """Let go of the recordings with nothing open or waiting for the spool (they come
+        back if more of their events arrive); return how many this connection still holds."""
+        events = self.state.registry.events
+        quiet = {recording for recording in self.event_recordings if events.quiet(recording)}
+        if quiet:
+            events.release(quiet)
+            self.event_recordings -= quiet
+        return len(self.event_recordings)
 
     def refuse(self, error: InputError) -> None:
         """Count and log a refused message; the connection goes on."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import socket
 import sys
@@ -59,8 +60,17 @@ def outage_s3() -> Iterator[RestartableS3]:
 class ServiceProcess:
     """`archiver serve` as a real process tree: the supervisor and its worker."""
 
-    def __init__(self, workdir: Path, endpoint: str, bucket: str, **settings: Any) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        endpoint: str,
+        bucket: str,
+        open_files: int | None = None,
+        **settings: Any,
+    ) -> None:
         self.port = free_port()
+        self.open_files = open_files
+        """`ulimit -n` for the process tree (Fargate's is 1024); None keeps this one's."""
         self.workdir = workdir
         self.env = {
             **os.environ,
@@ -82,6 +92,11 @@ class ServiceProcess:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws?token={TOKEN}"
 
+    def _limit_open_files(self) -> None:
+        """Runs in the child before exec."""
+        if self.open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
+
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
@@ -93,6 +108,7 @@ class ServiceProcess:
                 cwd=self.workdir,
                 stdout=log,
                 stderr=log,
+                preexec_fn=self._limit_open_files,
             )
         await self.wait_healthy()
 
@@ -128,6 +144,9 @@ class ServiceProcess:
                 return int(line.split()[1]) * 1024
         raise AssertionError("no VmRSS")
 
+    def worker_open_files(self) -> int:
+        return len(os.listdir(f"/proc/{self.worker_pid()}/fd"))
+
     def logs(self) -> list[dict[str, Any]]:
         lines = self.log_path.read_text().splitlines()
         return [orjson.loads(line) for line in lines if line.startswith("{")]
@@ -157,8 +176,10 @@ class ServiceProcesses:
         self.store = S3Store(self.bucket, "archive", endpoint_url=s3.endpoint, attempts=2)
         self.started: list[ServiceProcess] = []
 
-    async def start(self, **settings: Any) -> ServiceProcess:
-        process = ServiceProcess(self.workdir, self.s3.endpoint, self.bucket, **settings)
+    async def start(self, open_files: int | None = None, **settings: Any) -> ServiceProcess:
+        process = ServiceProcess(
+            self.workdir, self.s3.endpoint, self.bucket, open_files=open_files, **settings
+        )
         await process.start()
         self.started.append(process)
         return process

@@ -341,7 +341,9 @@ async def test_killed_during_an_s3_outage_with_documents_in_the_spool(
                 if (await service.readiness())[1]["upload_retries"]:
                     break
                 await asyncio.sleep(0.1)
-        await kill_worker(service)
+        killed = service.worker_pid()
+        assert await asyncio.to_thread(kill_when_spooled, service, recording.session_key, 20)
+        await wait_for_new_worker(service, killed)
         await ws.receive()
     # The bot is back while S3 is still down: what it sends waits behind recovery.
     async with aiohttp.ClientSession() as session, session.ws_connect(service.url) as ws:

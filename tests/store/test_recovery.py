@@ -19,7 +19,6 @@ from archiver.manifests import (
     EventBatchEntry,
     EventsManifest,
     SegmentEntry,
-    SessionIndex,
     StreamManifest,
     dumps,
 )
@@ -33,6 +32,7 @@ from archiver.recovery import (
     stream_header,
 )
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
+from archiver.sessions import SessionIndex
 from archiver.simulator import SimulatedStream, encode_stream, participant
 from archiver.store import LocalFolderStore
 from archiver.store.base import md5_hex, sha256_digest

@@ -1,0 +1,405 @@
+"""Each recording's `session.json`: who took part (and when the events say they joined and
+left), every stream with its manifest, and the events archive.
+
+`SessionIndex` is the document; `SessionWriter` keeps one per recording current in the
+store, coalescing bursts of changes into conditional writes that keep what other writers
+listed.
+
+The document is bounded whatever the events say: a participant's details are stored once
+(the latest, without their bulky fields past a size), joins and leaves keep the first and
+the latest few with a count of those between, and participants first seen once the
+document is at its size budget are counted, not listed. The events archive keeps
+everything as received. A recording's index stays in memory only while something of it
+is live or unwritten; a later change starts a new one, which merges with the stored
+document on its first write (as a reconnect to another process does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from archiver.errors import StoreError
+from archiver.ingest.messages import RecordingContext
+from archiver.layout import RecordingId, StreamId
+from archiver.manifests import (
+    SCHEMA_VERSION,
+    ArchiveManifest,
+    EventsManifest,
+    StreamStatus,
+    write_merging,
+)
+from archiver.manifests import dumps as dump_json
+from archiver.settings import Settings
+
+if TYPE_CHECKING:
+    from archiver.store.spool import Spool
+
+log = structlog.get_logger(__name__)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+_PRESENCE = ("joins", "leaves")
+_SHORT_TEXT = 256
+"""Longest string a truncated participant's details keep."""
+_PRESENCE_ENTRY_BYTES = 100
+"""What one kept join or leave adds to the document, about (indented JSON)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """How large one recording's `session.json` may grow (see `Settings`)."""
+
+    presence_entries: int = 20
+    details_bytes: int = 4096
+    max_bytes: int = 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SessionLimits:
+        return cls(
+            presence_entries=settings.session_presence_entries,
+            details_bytes=settings.session_participant_details_bytes,
+            max_bytes=settings.session_max_bytes,
+        )
+
+
+def _short(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) <= _SHORT_TEXT
+    return value is None or isinstance(value, bool | int | float)
+
+
+def bounded_details(participant: dict[str, Any], limit: int) -> tuple[dict[str, Any], int]:
+    """The participant's details as session.json keeps them, and their size: whole when
+    small, else only their short scalar fields, marked `details_truncated`."""
+    size = len(orjson.dumps(participant))
+    if size <= limit:
+        return participant, size
+    kept: dict[str, Any] = {}
+    budget = limit - 64
+    for name, value in participant.items():
+        if isinstance(name, str) and _short(value):
+            cost = len(name) + len(str(value)) + 8
+            if cost > budget:
+                break
+            budget -= cost
+            kept[name] = value
+    kept["details_truncated"] = True
+    return kept, len(orjson.dumps(kept))
+
+
+def bounded_timestamp(timestamp: Any) -> Any:
+    """A join's or leave's timestamp as the event carried it, less anything but the
+    `relative` and `absolute` times."""
+    if isinstance(timestamp, dict):
+        return {
+            k: timestamp[k]
+            for k in ("relative", "absolute")
+            if k in timestamp and _short(timestamp[k])
+        }
+    return timestamp if _short(timestamp) else None
+
+
+class SessionIndex:
+    """`session.json` of one recording: its participants (with their joins and leaves as the
+    events tell them), their streams, and its events archive."""
+
+    def __init__(self, recording: RecordingId, limits: SessionLimits | None = None) -> None:
+        self.recording = recording
+        self.limits = limits or SessionLimits()
+        self.context: RecordingContext | None = None
+        self.refs: dict[str, dict[str, Any]] = {}
+        self.participants: dict[str, dict[str, Any]] = {}
+        self.details_bytes: dict[str, int] = {}
+        self.presence: dict[str, dict[str, list[Any]]] = {}
+        self.dropped: dict[str, dict[str, int]] = {}
+        """Joins and leaves between the first and the latest kept, per participant."""
+        self.size = 0
+        """About what the participants weigh in the document."""
+        self.omitted = 0
+        """Updates about participants not listed: the document was at its size budget."""
+        self.streams: dict[str, dict[str, Any]] = {}
+        self.events: dict[str, Any] | None = None
+
+    @property
+    def live(self) -> bool:
+        """Whether a stream or the events archive it lists is still being written."""
+        if self.events is not None and self.events.get("status") == "live":
+            return True
+        return any(stream.get("status") == "live" for stream in self.streams.values())
+
+    def _keep_participant(self, participant_id: str, participant: dict[str, Any]) -> bool:
+        """Store the participant's (bounded) details; False when the document has no room
+        left for one more participant."""
+        details, size = bounded_details(participant, self.limits.details_bytes)
+        known = participant_id in self.participants
+        if not known and self.size + size > self.limits.max_bytes:
+            self.omitted += 1
+            return False
+        self.size += size - self.details_bytes.get(participant_id, 0)
+        self.participants[participant_id] = details
+        self.details_bytes[participant_id] = size
+        return True
+
+    def record_stream(
+        self,
+        stream: StreamId,
+        context: RecordingContext,
+        participant: dict[str, Any],
+        status: StreamStatus,
+    ) -> None:
+        self.context = context
+        self._keep_participant(stream.participant_id, participant)
+        self.streams[stream.manifest_key] = {
+            "participant_id": stream.participant_id,
+            "type": stream.video_type,
+            "format": stream.media_format,
+            "manifest_key": stream.manifest_key,
+            "status": status,
+        }
+
+    def record_presence(
+        self, participant_id: str, participant: dict[str, Any], joined: bool, timestamp: Any
+    ) -> None:
+        """Note a join or leave, with the timestamp the event carried."""
+        if not self._keep_participant(participant_id, participant):
+            return
+        kind = "joins" if joined else "leaves"
+        times = self._presence(participant_id)[kind]
+        times.append(bounded_timestamp(timestamp))
+        self.size += _PRESENCE_ENTRY_BYTES
+        self._cap(participant_id, kind)
+
+    def _presence(self, participant_id: str) -> dict[str, list[Any]]:
+        presence = self.presence.get(participant_id)
+        if presence is None:
+            presence = self.presence[participant_id] = {"joins": [], "leaves": []}
+            self.dropped[participant_id] = {"joins": 0, "leaves": 0}
+        return presence
+
+    def _cap(self, participant_id: str, kind: str) -> None:
+        """Keep the first and the latest: a participant who keeps rejoining stays one line
+        of the document, with the count of what is between."""
+        times = self.presence[participant_id][kind]
+        excess = len(times) - self.limits.presence_entries
+        if excess > 0:
+            del times[1 : 1 + excess]
+            self.dropped[participant_id][kind] += excess
+            self.size -= excess * _PRESENCE_ENTRY_BYTES
+
+    def record_events(self, manifest: EventsManifest, status: StreamStatus) -> None:
+        self.refs = {"bot": manifest.bot, "recording": manifest.recording_ref}
+        self.events = {
+            "manifest_key": self.recording.events_manifest_key,
+            "status": status,
+            "batches": len(manifest.batches),
+            "events": sum(batch.count for batch in manifest.batches),
+        }
+
+    def resume(self, previous: dict[str, Any]) -> None:
+        """Keep what a previous connection or process listed and this one has not seen."""
+        self.refs = self.refs or {
+            name: previous[name] for name in ("bot", "recording") if name in previous
+        }
+        for stream in previous.get("streams", []):
+            if isinstance(stream, dict) and "manifest_key" in stream:
+                self.streams.setdefault(stream["manifest_key"], stream)
+        for entry in previous.get("participants", []):
+            if not isinstance(entry, dict):
+                continue
+            participant_id = str(entry.get("id"))
+            if participant_id not in self.participants:
+                info = {
+                    k: v
+                    for k, v in entry.items()
+                    if k not in _PRESENCE and not k.endswith("_dropped")
+                }
+                if not self._keep_participant(participant_id, info):
+                    continue
+            presence = self._presence(participant_id)
+            for kind in _PRESENCE:
+                earlier = [t for t in entry.get(kind, []) if t not in presence[kind]]
+                presence[kind][:0] = earlier
+                self.size += len(earlier) * _PRESENCE_ENTRY_BYTES
+                carried = entry.get(f"{kind}_dropped")
+                if isinstance(carried, int):
+                    self.dropped[participant_id][kind] = max(
+                        self.dropped[participant_id][kind], carried
+                    )
+                self._cap(participant_id, kind)
+        carried_omitted = previous.get("participant_updates_omitted")
+        if isinstance(carried_omitted, int):
+            self.omitted = max(self.omitted, carried_omitted)
+        if self.events is None:
+            self.events = previous.get("events")
+
+    def _participant(self, participant_id: str, info: dict[str, Any]) -> dict[str, Any]:
+        entry = {"id": participant_id, **{k: v for k, v in info.items() if k != "id"}}
+        presence = self.presence.get(participant_id)
+        if presence is not None:
+            dropped = self.dropped[participant_id]
+            for kind in _PRESENCE:
+                entry[kind] = list(presence[kind])
+                if dropped[kind]:
+                    entry[f"{kind}_dropped"] = dropped[kind]
+        return entry
+
+    def document(self) -> dict[str, Any]:
+        """The document as it stands, in fresh containers: it can be serialised on a thread
+        while the loop goes on changing the index."""
+        context = self.context
+        refs = self.refs
+        bot = context.bot if context else refs.get("bot", {"id": self.recording.bot_id})
+        recording = (
+            context.recording
+            if context
+            else refs.get("recording", {"id": self.recording.recording_id})
+        )
+        document = {
+            "schema_version": SCHEMA_VERSION,
+            "updated_at": _now(),
+            "bot": bot,
+            "recording": recording,
+            "participants": [
+                self._participant(pid, info) for pid, info in sorted(self.participants.items())
+            ],
+            "streams": [dict(self.streams[k]) for k in sorted(self.streams)],
+            "events": None if self.events is None else dict(self.events),
+        }
+        if self.omitted:
+            document["participant_updates_omitted"] = self.omitted
+        return document
+
+
+@dataclass(slots=True)
+class _Session:
+    """One recording's index in memory, and the state of its writes."""
+
+    index: SessionIndex
+    etag: str = ""
+    """The stored version the next write replaces ("": none known)."""
+    dirty: bool = False
+    failed: bool = False
+    holds: int = 0
+    """Events logs of the recording that may still add to it."""
+    task: asyncio.Task[None] | None = None
+
+
+class SessionWriter:
+    """Keeps each recording's `session.json` current, coalescing bursts of changes into one
+    write at a time per recording (serialised on a thread). Writes are conditional: what
+    another connection, process or machine listed is kept. An index is dropped from memory
+    once its last change is stored and nothing holds it or is live in it."""
+
+    def __init__(self, store: Spool, settings: Settings | None = None) -> None:
+        self.store = store
+        self.limits = SessionLimits() if settings is None else SessionLimits.from_settings(settings)
+        self.sessions: dict[RecordingId, _Session] = {}
+        self.writes: set[asyncio.Task[None]] = set()
+
+    def record(
+        self, stream: StreamId, manifest: ArchiveManifest[Any], status: StreamStatus
+    ) -> None:
+        self._session(stream.recording).index.record_stream(
+            stream, manifest.context, manifest.participant, status
+        )
+        self._schedule(stream.recording)
+
+    def record_presence(
+        self,
+        recording: RecordingId,
+        participant_id: str,
+        participant: dict[str, Any],
+        joined: bool,
+        timestamp: Any,
+    ) -> None:
+        self._session(recording).index.record_presence(
+            participant_id, participant, joined, timestamp
+        )
+        # One write at a time per recording takes in every change made meanwhile: a burst of
+        # joins costs a few writes, and the spool holds the latest even through an outage.
+        self._schedule(recording)
+
+    def record_events(
+        self, recording: RecordingId, manifest: EventsManifest, status: StreamStatus
+    ) -> None:
+        self._session(recording).index.record_events(manifest, status)
+        self._schedule(recording)
+
+    def hold(self, recording: RecordingId) -> None:
+        """An events log may add to this recording's index: keep it in memory."""
+        self._session(recording).holds += 1
+
+    def release(self, recording: RecordingId) -> None:
+        session = self.sessions.get(recording)
+        if session is not None:
+            session.holds = max(0, session.holds - 1)
+            if session.dirty and (session.task is None or session.task.done()):
+                self._schedule(recording)
+            self._forget_if_done(recording)
+
+    def _session(self, recording: RecordingId) -> _Session:
+        session = self.sessions.get(recording)
+        if session is None:
+            session = self.sessions[recording] = _Session(SessionIndex(recording, self.limits))
+        return session
+
+    def _schedule(self, recording: RecordingId) -> None:
+        session = self.sessions[recording]
+        session.dirty = True
+        if session.task is None or session.task.done():
+            session.task = asyncio.create_task(
+                self._write_while_dirty(recording, session), name=f"session {recording.prefix}"
+            )
+            self.writes.add(session.task)
+            session.task.add_done_callback(self.writes.discard)
+
+    async def _write_while_dirty(self, recording: RecordingId, session: _Session) -> None:
+        """Write until the stored document has every change asked for: changes made during
+        a write are taken by the next one, however many they were."""
+        while session.dirty:
+            session.dirty = False
+            session.failed = not await self._write(recording, session)
+            if session.failed:
+                break
+        self._forget_if_done(recording)
+
+    async def _write(self, recording: RecordingId, session: _Session) -> bool:
+        index = session.index
+
+        async def render() -> bytes:
+            document = index.document()  # built here: the loop owns the index
+            return await asyncio.to_thread(dump_json, document)
+
+        try:
+            stored, _ = await write_merging(
+                self.store, recording.session_key, session.etag, render, index.resume
+            )
+        except StoreError as exc:
+            log.error("session_write_failed", recording=recording.prefix, error=str(exc))
+            return False
+        session.etag = stored.etag
+        return True
+
+    def _forget_if_done(self, recording: RecordingId) -> None:
+        session = self.sessions.get(recording)
+        if session is None or session.holds or session.dirty or session.failed:
+            return
+        writing = session.task is not None and not session.task.done()
+        if writing and session.task is not asyncio.current_task():
+            return
+        if not session.index.live:
+            del self.sessions[recording]
+
+    async def flush(self) -> None:
+        """Wait for every write already asked for."""
+        while self.writes:
+            await asyncio.gather(*self.writes, return_exceptions=True)

@@ -64,8 +64,8 @@ class ArchiverConfig:
     min_count: int = field(default=2, metadata={"key": "minCount"})
     max_count: int = field(default=10, metadata={"key": "maxCount"})
     target_cpu_percent: int = field(default=60, metadata={"key": "targetCpuPercent"})
-    requests_per_target: int = field(default=120, metadata={"key": "requestsPerTarget"})
-    """ALB requests per task per minute to aim for; each bot connection is one request."""
+    target_memory_percent: int = field(default=70, metadata={"key": "targetMemoryPercent"})
+    """Memory to aim for: streams, queues and open segments are what fill a task's memory."""
 
     bucket_name: str | None = field(default=None, metadata={"key": "bucketName"})
     """Name of the archive bucket created by the stack; generated when unset."""

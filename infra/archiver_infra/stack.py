@@ -374,11 +374,11 @@ class ArchiverStack(Stack):
             scale_out_cooldown=Duration.minutes(1),
             scale_in_cooldown=Duration.minutes(10),
         )
-        # Each bot connection is one ALB request: this follows the arrival of new meetings.
-        scaling.scale_on_request_count(
-            "Connections",
-            requests_per_target=self.config.requests_per_target,
-            target_group=target_group,
+        # Not on the load balancer's request count: it counts refused and anonymous requests
+        # too, so anyone could scale the service out. Memory follows the streams a task holds.
+        scaling.scale_on_memory_utilization(
+            "Memory",
+            target_utilization_percent=self.config.target_memory_percent,
             scale_out_cooldown=Duration.minutes(1),
             scale_in_cooldown=Duration.minutes(10),
         )

@@ -355,7 +355,9 @@ def test_task_role_trusts_only_ecs_tasks_of_this_account(default: Synthesized) -
 # Scaling
 
 
-def test_scales_on_cpu_and_on_requests_per_target(default: Synthesized) -> None:
+def test_scales_on_cpu_and_memory_never_on_requests_anyone_can_send(
+    default: Synthesized,
+) -> None:
     default.template.has_resource_properties(
         "AWS::ApplicationAutoScaling::ScalableTarget",
         {"MinCapacity": 2, "MaxCapacity": 10, "ScalableDimension": "ecs:service:DesiredCount"},
@@ -366,8 +368,12 @@ def test_scales_on_cpu_and_on_requests_per_target(default: Synthesized) -> None:
         if r["Type"] == "AWS::ApplicationAutoScaling::ScalingPolicy"
     ]
     metrics = {p["PredefinedMetricSpecification"]["PredefinedMetricType"]: p for p in policies}
-    assert metrics.keys() == {"ECSServiceAverageCPUUtilization", "ALBRequestCountPerTarget"}
+    assert metrics.keys() == {
+        "ECSServiceAverageCPUUtilization",
+        "ECSServiceAverageMemoryUtilization",
+    }
     assert metrics["ECSServiceAverageCPUUtilization"]["TargetValue"] == 60
+    assert metrics["ECSServiceAverageMemoryUtilization"]["TargetValue"] == 70
 
 
 def test_service_replaces_tasks_before_stopping_old_ones(default: Synthesized) -> None:

@@ -90,6 +90,8 @@ async def readyz(request: web.Request) -> web.Response:
         "connections": state.connections,
         "spool": state.spool.state.value,
         "spool_pending_bytes": state.spool.pending_bytes,
+        "streams": len(state.registry.streams),
+        "queued_bytes": state.registry.queued.used,
         "events_logs": len(state.registry.events.logs),
         "events_queued_bytes": state.registry.events.budget.total,
         "session_indexes": len(state.registry.sessions.sessions),

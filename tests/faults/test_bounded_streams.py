@@ -79,7 +79,9 @@ async def test_hundreds_of_open_streams_hold_no_file_each_and_cost_a_bot_beside_
     assert "Traceback" not in log_text
 
 
-async def test_nine_hundred_short_streams_leave_nothing_held_and_memory_levelling_off(services: ServiceProcesses) -> None:
+async def test_nine_hundred_short_streams_leave_nothing_held_and_memory_levelling_off(
+    services: ServiceProcesses,
+) -> None:
     """Meeting after meeting (one bot connection each) of 150 participants who each send a
     moment of video and leave: once a meeting is over, the worker holds nothing of it."""
     process = await services.start(store=f"file://{services.workdir / 'archive'}")

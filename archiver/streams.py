@@ -639,6 +639,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.log.info(
             "stream_ended",
             reason=reason,
+            received=self.received,
             **self.segmenter_counters,
             **self.counters,
             manifest_writes=self.budget.manifest_requests,

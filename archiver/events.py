@@ -32,7 +32,7 @@ import structlog
 
 from archiver.errors import StoreError
 from archiver.ingest.messages import EventMessage
-from archiver.layout import RecordingId
+from archiver.layout import RecordingId, key_micros
 from archiver.manifests import (
     EventBatchEntry,
     EventsManifest,
@@ -42,7 +42,6 @@ from archiver.manifests import (
     write_merging,
 )
 from archiver.recovery import JOURNAL_FOLDER, JSONL_TYPE, Recovery, events_header
-from archiver.segmenting.png import MICROS
 from archiver.settings import Settings
 from archiver.store.base import sha256_digest
 from archiver.store.journal import StreamJournal
@@ -368,7 +367,7 @@ class EventLog:
         anchor = batch.first_relative
         if anchor is None:
             anchor = self.latest_relative if self.latest_relative is not None else 0.0
-        key = self.recording.events_batch_key(max(0, round(anchor * MICROS)), seq, WRITER)
+        key = self.recording.events_batch_key(key_micros(anchor), seq, WRITER)
         entry = EventBatchEntry(
             key=self.spool.location(key),
             seq=seq,

@@ -21,6 +21,17 @@ _MAX_LOCAL_NAME = 200
 """Bytes of a local file or folder name built from ids; filesystems allow 255."""
 
 
+_KEY_MICROS_MAX = 10**13 - 1
+
+
+def key_micros(relative_s: float | None) -> int:
+    """A relative time as the 13 zero-padded digits of microseconds that key names sort by;
+    a time no meeting has (negative, absurd, not finite) sorts first rather than failing."""
+    if relative_s is None or not 0 <= relative_s <= _KEY_MICROS_MAX / 1_000_000:
+        return 0
+    return round(relative_s * 1_000_000)
+
+
 def local_name(prefix: str) -> str:
     """A flat, collision-free local name for an object prefix. Ids may be 128 characters
     each, so a long prefix keeps a readable start and ends in a hash of the whole."""

@@ -24,7 +24,7 @@ import structlog
 
 from archiver.errors import InputError, SegmenterFailure, StoreError
 from archiver.ingest.messages import RecordingContext
-from archiver.layout import RecordingId, StreamId
+from archiver.layout import RecordingId, StreamId, key_micros
 from archiver.manifests import (
     MANIFEST_TYPES,
     EventBatchEntry,
@@ -39,7 +39,7 @@ from archiver.manifests import (
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
-from archiver.segmenting.png import MICROS, PngBatch, PngBatcher
+from archiver.segmenting.png import PngBatch, PngBatcher
 from archiver.sessions import SessionIndex
 from archiver.store.base import sha256_digest
 from archiver.store.journal import read_segment, stream_folders
@@ -492,7 +492,7 @@ async def _spool_journaled_events(
         body = b"\n".join(lines) + b"\n"
         first = times[0] if times else None
         key = recording.recovered_events_batch_key(
-            max(0, round((first or 0.0) * MICROS)), path.stem
+            key_micros(first), path.stem
         )
         sha256 = sha256_digest(body)[0]
         if known.knows(spool.location(key), sha256):

@@ -128,7 +128,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
       is queued starts the next run: the worker never ends with frames behind it;
     - a worker that takes nothing from its full queue for `stream_stall_s` sheds new frames
       (`dropped_backlog`) instead of stalling the connection's other streams, except while
-      the spool is full or recovery holds the stream: that wait is the backpressure.
+      the spool is full or the stream is still opening (recovery, a slow store): that wait
+      is the backpressure.
     """
 
     published_counter: ClassVar[str]
@@ -171,7 +172,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.users = 0
         """Connections feeding this stream; the last one to close ends it."""
         self.last_progress = time.monotonic()
-        self.held_by_recovery = False
+        self.opening = False
+        """Waiting for recovery or the store before its first frame: not a stall."""
         self.segmenter: Segmenter[FinishedT] | None = None
         self.manifest: ArchiveManifest[EntryT] | None = None
         self.guard = TimestampGuard(
@@ -227,7 +229,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         waiting_since = time.monotonic()
         while not self._room_for(size):
             now = time.monotonic()
-            legitimate_wait = self.spool.backpressure or self.held_by_recovery
+            legitimate_wait = self.spool.backpressure or self.opening
             stalled = bool(self.queue) and now - self.last_progress >= stall_s
             if not legitimate_wait and (stalled or now - waiting_since >= stall_s):
                 self.counters["dropped_backlog"] += 1
@@ -361,29 +363,17 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         return taken
 
     async def _open(self, first: MediaMessage) -> None:
-        """Start or resume the stream: a manifest already in the store is continued."""
-        self.held_by_recovery = True
+        """Start or resume the stream: a manifest already in the store is continued. While
+        it waits for recovery or for the store to answer, its frames wait (backpressure),
+        they are not shed: the worker is not stalled, the store is slow."""
+        self.opening = True
         try:
-            await self.recovery.wait_for(self.id.manifest_key)
-        except Exception:
-            self.log.exception("recovery_failed_before_resume")
+            await self._load_or_resume(first)
         finally:
-            self.held_by_recovery = False
+            self.opening = False
             self.last_progress = time.monotonic()
-        if self.manifest is None or self.segmenter is None:
-            previous = await self._load_previous()
-            try:
-                self.manifest, self.segmenter = self._begin(first, previous)
-            except Exception:
-                # A stored manifest this version cannot continue: start afresh beside it
-                # (its objects stay in the store; the next write merges what it lists).
-                self.log.exception("previous_manifest_unusable")
-                self.manifest, self.segmenter = self._begin(first, None)
-            if previous is not None:
-                self.log.info(
-                    "stream_resumed", **{self.published_counter: len(self.manifest.entries)}
-                )
-            self._seed_guard(self.manifest)
+        assert self.manifest is not None
+        assert self.segmenter is not None
         self.manifest.status = "live"
         self.header = stream_header(self.id, first.context, first.participant)
         folder = Path(self.settings.spool_dir) / JOURNAL_FOLDER / self.id.journal_name
@@ -396,6 +386,25 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.segmenter.journal = self.journal
         self.sessions.record(self.id, self.manifest, "live")
         self.log.info("stream_started", relative=first.relative_s)
+
+    async def _load_or_resume(self, first: MediaMessage) -> None:
+        try:
+            await self.recovery.wait_for(self.id.manifest_key)
+        except Exception:
+            self.log.exception("recovery_failed_before_resume")
+        if self.manifest is not None and self.segmenter is not None:
+            return
+        previous = await self._load_previous()
+        try:
+            self.manifest, self.segmenter = self._begin(first, previous)
+        except Exception:
+            # A stored manifest this version cannot continue: start afresh beside it (its
+            # objects stay in the store; the next write merges what it lists).
+            self.log.exception("previous_manifest_unusable")
+            self.manifest, self.segmenter = self._begin(first, None)
+        if previous is not None:
+            self.log.info("stream_resumed", **{self.published_counter: len(self.manifest.entries)})
+        self._seed_guard(self.manifest)
 
     def _seed_guard(self, manifest: ArchiveManifest[EntryT]) -> None:
         """The recording's start is known from what is already archived."""

@@ -278,3 +278,23 @@ async def test_a_reconnect_to_a_new_process_continues_the_events_and_the_session
     assert [t["relative"] for t in people["100"]["joins"]] == [0.0]
     assert [t["relative"] for t in people["100"]["leaves"]] == [12.0]
     assert [t["relative"] for t in people["101"]["joins"]] == [9.0]
+
+
+@pytest.mark.parametrize("relative", [1.7976931348623157e308, 1e300, -3.0])
+async def test_an_event_with_an_absurd_time_is_archived_in_a_batch_of_its_own_name(
+    service: ServiceFactory, relative: float
+) -> None:
+    """Found by fuzzing: an event whose relative time overflowed to infinity in its batch's
+    key ended the events log's writer."""
+    running = await service(events_batch_count=1)
+    meeting = Meeting()
+    sent = [
+        meeting.join(100, 0.0),
+        meeting.transcript(100, relative, "hello"),
+        meeting.leave(100, 2),
+    ]
+    await send_all(running, sent)
+    await running.settle()
+    check = await check_events(running.store, meeting.recording, key_prefix="archive/")
+    assert check.ok, check.problems
+    assert check.events == sent

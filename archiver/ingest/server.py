@@ -59,6 +59,7 @@ class ServiceState:
     totals: Counter[str] = field(default_factory=Counter)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    bots_asked_to_reconnect: bool = False
 
     def refusals(self) -> list[str]:
         """Why the task takes no new bots now; empty when it does."""
@@ -431,6 +432,18 @@ async def _reconcile_forever(spool: Spool, fallback: ListingStore, interval_s: f
         await asyncio.sleep(interval_s)
 
 
+class DrainingAppRunner(web.AppRunner):
+    """The runner to serve the app with: bots are asked to reconnect, and read until they
+    reply, before aiohttp's own shutdown begins. From then on aiohttp ignores whatever
+    arrives on every connection, websockets included, so frames still on the wire would be
+    lost and the bot would see 1006."""
+
+    async def cleanup(self) -> None:
+        if STATE in self.app:
+            await _ask_bots_to_reconnect(self.app)
+        await super().cleanup()
+
+
 async def _ask_bots_to_reconnect(app: web.Application) -> None:
     """Shutdown, first step: stop being ready and send every bot a close frame with 1012
     (service restart), so each bot reconnects to another instance while this one drains. A
@@ -439,6 +452,9 @@ async def _ask_bots_to_reconnect(app: web.Application) -> None:
     is it closed from this side."""
     state = app[STATE]
     state.ready = False
+    if state.bots_asked_to_reconnect:
+        return
+    state.bots_asked_to_reconnect = True
     sockets = list(state.sockets)
     log.info("draining", connections=len(sockets))
     frame = struct.pack("!H", WSCloseCode.SERVICE_RESTART) + b"service restart"

@@ -673,8 +673,11 @@ def _mark_uploaded(record: SpooledObject) -> None:
 
 
 def _remove(stem: Path) -> None:
-    stem.with_suffix(_META).unlink(missing_ok=True)
-    stem.with_suffix(_DATA).unlink(missing_ok=True)
+    # NotADirectoryError: a write that failed because the folder is not one left nothing.
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        stem.with_suffix(_META).unlink()
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        stem.with_suffix(_DATA).unlink()
 
 
 def _remove_all(stems: list[Path]) -> None:

@@ -1,4 +1,4 @@
-"""`archiver serve | simulate | demo`."""
+"""`archiver serve | reconcile | simulate | demo`."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ import asyncio
 import sys
 from pathlib import Path
 
+import orjson
 import pydantic
 import structlog
 
 from archiver import logs
-from archiver.errors import ConfigError
+from archiver.errors import ConfigError, StoreError
 from archiver.ingest.server import create_app
+from archiver.reconcile import reconcile
 from archiver.settings import Settings
 from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
+from archiver.store import open_fallback_store, open_store
+from archiver.store.spool import probe_folder
 from archiver.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
@@ -29,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="archiver", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the service (settings from ARCHIVER_* variables)")
+    commands.add_parser(
+        "reconcile",
+        help="move what the fallback store holds into the primary store, and report it",
+    )
 
     simulate = commands.add_parser("simulate", help="stream a simulated meeting, like a bot")
     simulate.add_argument("--url", required=True, help="ws://host:port/ws?token=...")
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve()
+        if args.command == "reconcile":
+            return asyncio.run(reconcile_once())
         if args.command == "simulate":
             return simulate(args)
         from archiver.demo import run_demo
@@ -82,15 +92,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def serve() -> int:
+def _settings() -> Settings:
     try:
-        settings = Settings()
+        return Settings()
     except pydantic.ValidationError as exc:
         raise ConfigError(f"invalid settings:\n{exc}") from exc
+
+
+def serve() -> int:
+    settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
     create_app(settings)  # Refuse bad settings here, before any worker starts.
+    # A spool that cannot be written would lose every frame while looking ready.
+    probe_folder(settings.spool_dir)
     Supervisor(settings).run()
     return 0
+
+
+async def reconcile_once() -> int:
+    """One pass of what a running service does in the background; 0 when the fallback is
+    left empty, 1 when something stayed there (logged)."""
+    settings = _settings()
+    logs.configure(settings.log_level, settings.log_format)
+    fallback = open_fallback_store(settings)
+    if fallback is None:
+        raise ConfigError("no fallback store configured: set ARCHIVER_FALLBACK_STORE")
+    primary = open_store(settings)
+    try:
+        report = await reconcile(primary, fallback)
+    except StoreError as exc:
+        print(f"archiver: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await primary.close()
+        await fallback.close()
+    print(
+        orjson.dumps(
+            {
+                "moved_objects": report.moved_objects,
+                "moved_bytes": report.moved_bytes,
+                "merged_documents": report.merged_documents,
+                "left": report.left,
+                "seconds": report.seconds,
+            }
+        ).decode()
+    )
+    return 1 if report.left else 0
 
 
 def simulate(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from archiver import logs
-from archiver.ingest.server import create_app
+from archiver.ingest.server import DrainingAppRunner, create_app
 from archiver.layout import RecordingId
 from archiver.settings import Settings
 from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
@@ -32,7 +32,7 @@ async def run_demo(participants: int, seconds: float, root: Path, png_participan
         _env_file=None,
     )
     store = LocalFolderStore(root)
-    runner = web.AppRunner(create_app(settings, store))
+    runner = DrainingAppRunner(create_app(settings, store))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -1,10 +1,12 @@
-"""ECS task scale-in protection while bots are connected.
+"""ECS task scale-in protection while bots are connected, or the spool holds the only copy
+of something.
 
 A bot's connection carries a whole meeting and the bot gives up after about 90 s of
 failed reconnects, so neither a scale-in nor a deployment should stop a task that holds
-one. The ECS agent's task-protection endpoint marks the task as busy; this module sets
-it when the first bot connects, clears it when the last one leaves, and re-arms it
-before it expires while bots stay.
+one; nor one whose spool holds objects no store has confirmed (a Fargate task's disk goes
+with it). The ECS agent's task-protection endpoint marks the task as busy; this module sets
+it when the first bot connects or the first hold begins, clears it when the last of both
+ends, and re-arms it before it expires meanwhile.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ _MAX_EXPIRES_IN_MINUTES = 2880
 
 
 class TaskProtection:
-    """Counts open bot connections and keeps the task protected while any is open.
+    """Counts open bot connections and holds; keeps the task protected while any is open.
 
     `agent_uri` is the `ECS_AGENT_URI` the ECS agent puts into the container; with None
     (not on ECS) nothing is sent. Agent errors are logged, never raised: losing
@@ -53,6 +55,7 @@ class TaskProtection:
         self._refresh_interval_s = refresh_interval_s
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._open_connections = 0
+        self._holds: set[str] = set()
         self._protected = False
         # Serialises calls to the agent so that they arrive in the order of the changes.
         self._lock = asyncio.Lock()
@@ -66,11 +69,9 @@ class TaskProtection:
     async def connection_opened(self) -> None:
         """Count a new bot connection; the first one turns protection on."""
         self._open_connections += 1
-        if self._state_url is None or self._open_connections != 1:
+        if self._state_url is None or self._open_connections != 1 or self._holds:
             return
-        if self._refresh_task is None:
-            self._refresh_task = asyncio.create_task(self._keep_protected())
-        await self._apply()
+        await self._changed()
 
     async def connection_closed(self) -> None:
         """Count a closed bot connection; the last one turns protection off."""
@@ -78,9 +79,32 @@ class TaskProtection:
             log.warning("task_protection_unbalanced_close")
             return
         self._open_connections -= 1
-        if self._state_url is None or self._open_connections != 0:
+        if self._state_url is None or self._open_connections != 0 or self._holds:
             return
-        await self._stop_refresh()
+        await self._changed()
+
+    @property
+    def wanted(self) -> bool:
+        """Whether the task should be protected now."""
+        return self._open_connections > 0 or bool(self._holds)
+
+    async def hold(self, reason: str, held: bool) -> None:
+        """Protect the task while `reason` holds (e.g. the spool has unconfirmed objects),
+        whether or not bots are connected."""
+        before = self.wanted
+        if held:
+            self._holds.add(reason)
+        else:
+            self._holds.discard(reason)
+        if self._state_url is None or self.wanted == before:
+            return
+        await self._changed()
+
+    async def _changed(self) -> None:
+        if self.wanted and self._refresh_task is None:
+            self._refresh_task = asyncio.create_task(self._keep_protected())
+        if not self.wanted:
+            await self._stop_refresh()
         await self._apply()
 
     async def close(self) -> None:
@@ -108,7 +132,7 @@ class TaskProtection:
         if self._state_url is None:
             return
         async with self._lock:
-            wanted = self._open_connections > 0
+            wanted = self.wanted
             if wanted == self._protected and not (wanted and refresh):
                 return
             if await self._put(self._state_url, wanted):
@@ -135,6 +159,7 @@ class TaskProtection:
             enabled=enabled,
             expires_in_minutes=self._expires_in_minutes if enabled else None,
             open_connections=self._open_connections,
+            holds=sorted(self._holds),
         )
         return True
 

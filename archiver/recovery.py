@@ -409,16 +409,29 @@ async def _take_in_document(
     confirmed: what it lists is merged into the stored version."""
     body = await asyncio.to_thread(spool.read, spooled)
     document = parse_document(body, spooled.key) if body is not None else None
-    recording = RecordingId(*spooled.key.split("/")[:2])
-    header: dict[str, Any]
-    if document is None:
-        header = {}
-    elif spooled.key == recording.session_key:
-        header = {**events_header(recording), "kind": "session"}
-    elif spooled.key == recording.events_manifest_key:
-        header = events_header(recording)
-    elif document.get("format") in MANIFEST_TYPES:
-        header = {
+    header = document_header(spooled.key, document)
+    if not header:
+        log.warning("spooled_document_unreadable", key=spooled.key)
+        await spool.drop(spooled)
+        return
+    listing = listings.setdefault(spooled.key, _Listing(header))
+    listing.document = document
+    listing.spooled.append(spooled)
+
+
+def document_header(key: str, document: dict[str, Any] | None) -> dict[str, Any]:
+    """What recovery (and merging) needs to know about a stored document: its kind and ids;
+    empty when it is none the service writes."""
+    parts = key.split("/")
+    if document is None or len(parts) < 3:
+        return {}
+    recording = RecordingId(parts[0], parts[1])
+    if key == recording.session_key:
+        return {**events_header(recording), "kind": "session"}
+    if key == recording.events_manifest_key:
+        return events_header(recording)
+    if document.get("format") in MANIFEST_TYPES:
+        return {
             "bot_id": document["bot"]["id"],
             "recording_id": document["recording"]["id"],
             "participant_id": str(document["participant"]["id"]),
@@ -432,15 +445,39 @@ async def _take_in_document(
             },
             "participant": document["participant"],
         }
-    else:
-        header = {}
+    return {}
+
+
+def merge_documents(key: str, ours: bytes, theirs: bytes) -> bytes:
+    """One document from two versions of it (a stream manifest, an events manifest or a
+    session index): everything either lists, the way a conditional write that lost takes
+    in the winner's. The status and counters are those of the newer version. A version
+    that does not parse counts as absent."""
+    mine, other = parse_document(ours, key), parse_document(theirs, key)
+    if mine is None or other is None:
+        return ours if other is None else theirs
+    if str(other.get("updated_at", "")) > str(mine.get("updated_at", "")):
+        mine, other = other, mine
+    header = document_header(key, mine)
+    kind = header.get("kind")
     if not header:
-        log.warning("spooled_document_unreadable", key=spooled.key)
-        await spool.drop(spooled)
-        return
-    listing = listings.setdefault(spooled.key, _Listing(header))
-    listing.document = document
-    listing.spooled.append(spooled)
+        return dumps(mine)
+    recording = RecordingId(header["bot_id"], header["recording_id"])
+    if kind == "session":
+        index = SessionIndex(recording)
+        index.resume(mine)  # The first version taken in wins where both name a stream.
+        index.resume(other)
+        return dumps(index.document())
+    if kind == "events":
+        events = EventsManifest(recording, mine)
+        events.merge([EventBatchEntry(**batch) for batch in other.get("batches", [])])
+        events.status = mine.get("status", "interrupted")
+        return dumps(events.document({}))
+    stream, context, participant = _from_header(header)
+    manifest = MANIFEST_TYPES[stream.media_format](stream, context, participant, mine)
+    manifest.merge([manifest.entry_from(d) for d in other.get(manifest.entries_name, [])])
+    manifest.status = mine.get("status", "interrupted")
+    return dumps(manifest.document({}))
 
 
 async def _merge_session(
@@ -465,6 +502,10 @@ async def _read_when_reachable(spool: Spool, key: str) -> tuple[dict[str, Any] |
     lists."""
     delay = spool.backoff_s
     while True:
+        if spool.using_fallback:
+            # What the primary holds is merged in later, when the fallback's copy of the
+            # document is moved back: nothing waits here for a store that is gone.
+            return None, ""
         try:
             fetched = await spool.fetch(key)
         except StoreError as exc:

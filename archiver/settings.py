@@ -33,6 +33,27 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO); AWS when unset."
     )
+    fallback_store: str | None = Field(
+        default=None,
+        description="Second store (`s3://bucket/prefix`, best in another region, or "
+        "`file:///path`): what waits in the spool goes there once the primary store has been "
+        "unreachable for `fallback_after_s`, and on a drain; moved back when it is reachable.",
+    )
+    fallback_s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint of the fallback store; AWS when unset."
+    )
+    fallback_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds the primary store must have been unreachable before the spool "
+        "empties into the fallback store.",
+    )
+    reconcile_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How often a running service looks into the fallback store and moves what "
+        "it holds into the primary (when the primary is reachable).",
+    )
     spool_dir: str = Field(
         default="./spool",
         description="Local folder where objects wait (fsynced) until the store confirms them, "
@@ -213,6 +234,12 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="Websocket ping interval, keeps proxies from idling out."
     )
 
+    close_reply_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="On a drain, how long a bot's frames are still read and archived after "
+        "the 1012 close frame was sent, waiting for the bot's close reply.",
+    )
     drain_deadline_s: float = Field(
         default=90.0,
         gt=0,
@@ -240,9 +267,11 @@ class Settings(BaseSettings):
             return tuple(t.strip() for t in value.split(",") if t.strip())
         return value
 
-    @field_validator("store")
+    @field_validator("store", "fallback_store")
     @classmethod
-    def _known_store_scheme(cls, value: str) -> str:
+    def _known_store_scheme(cls, value: str | None) -> str | None:
+        if not value:
+            return None
         if not value.startswith(("s3://", "file://")):
-            raise ValueError("store must be s3://bucket/prefix or file:///path")
+            raise ValueError("a store must be s3://bucket/prefix or file:///path")
         return value

@@ -75,6 +75,9 @@ class Simulation:
     """Participants are numbered from here: two simulations of one recording stay apart."""
     participant_events: bool = True
     streams: list[SimulatedStream] = field(default_factory=list)
+    close_code: int | None = None
+    """The close code the service sent, when it closed the connection first (a bot stops
+    sending once it has seen the close frame, and reconnects)."""
 
     def plan(self) -> list[SimulatedStream]:
         sizes = [(0.0, self.size)]
@@ -303,8 +306,46 @@ async def run_simulation(simulation: Simulation) -> Simulation:
                         )
                     ).decode()
                 )
+        closed = asyncio.Event()
+
+        async def watch_for_close() -> None:
+            # Like a bot: read what the service sends, and stop once it closes.
+            while True:
+                message = await ws.receive()
+                if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                    if message.type is aiohttp.WSMsgType.CLOSE:
+                        simulation.close_code = message.data
+                    closed.set()
+                    return
+                if message.type is aiohttp.WSMsgType.ERROR:
+                    closed.set()
+                    return
+
+        watcher = asyncio.create_task(watch_for_close())
+        try:
+            await _send_timeline(simulation, streams, timeline, ws, closed, wallclock_start)
+        finally:
+            watcher.cancel()
+    return simulation
+
+
+async def _send_timeline(
+    simulation: Simulation,
+    streams: list[SimulatedStream],
+    timeline: list[tuple[float, int, bytes, SentFrame]],
+    ws: aiohttp.ClientWebSocketResponse,
+    closed: asyncio.Event,
+    wallclock_start: datetime,
+) -> None:
+    """Send in time order until done or until the service closed the connection: a frame
+    counts as sent only when it went out before the bot saw the close frame."""
+    loop = asyncio.get_running_loop()
+    ids = {"bot_id": simulation.bot_id, "recording_id": simulation.recording_id}
+    try:
         started = loop.time()
         for relative, number, data, frame in timeline:
+            if closed.is_set():
+                return
             if simulation.realtime:
                 delay = (relative - simulation.start_relative_s) - (loop.time() - started)
                 if delay > 0:
@@ -319,6 +360,8 @@ async def run_simulation(simulation: Simulation) -> Simulation:
                 event=_EVENT_OF_FORMAT[stream.media_format],
                 **ids,
             )
+            if closed.is_set():
+                return
             await ws.send_str(orjson.dumps(message).decode())
             stream.sent.append(frame)
         if simulation.participant_events:
@@ -329,4 +372,5 @@ async def run_simulation(simulation: Simulation) -> Simulation:
                         participant_event("leave", pid, end, wallclock_start, **ids)
                     ).decode()
                 )
-    return simulation
+    except ConnectionResetError:
+        return  # Closed while sending: the frame did not go out.

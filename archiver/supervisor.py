@@ -16,7 +16,7 @@ from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from archiver import logs
-from archiver.ingest.server import RedactingAccessLogger, create_app
+from archiver.ingest.server import DrainingAppRunner, RedactingAccessLogger, create_app
 from archiver.settings import Settings
 
 _WORKER_CLASS = "aiohttp.GunicornWebWorker"
@@ -53,7 +53,7 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
         settings = self.settings
 
         async def runner() -> web.AppRunner:
-            return web.AppRunner(
+            return DrainingAppRunner(
                 create_app(settings),
                 access_log_class=RedactingAccessLogger,
                 shutdown_timeout=settings.drain_deadline_s,

@@ -17,7 +17,7 @@ from aiohttp import web
 from moto.server import ThreadedMotoServer
 
 from archiver import logs
-from archiver.ingest.server import STATE, RedactingAccessLogger, create_app
+from archiver.ingest.server import STATE, DrainingAppRunner, RedactingAccessLogger, create_app
 from archiver.settings import Settings
 from archiver.store import S3Store
 
@@ -133,7 +133,7 @@ async def service(s3_endpoint: str, bucket: str) -> AsyncIterator[ServiceFactory
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         store = S3Store(bucket, "archive", endpoint_url=s3_endpoint, attempts=2)
         app = create_app(settings, store)
-        runner = web.AppRunner(app, access_log_class=RedactingAccessLogger)
+        runner = DrainingAppRunner(app, access_log_class=RedactingAccessLogger)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

@@ -1,10 +1,19 @@
-"""The HTTP face of the service: `/ws` for bots, `/healthz` and `/readyz` for the platform."""
+"""The HTTP face of the service: `/ws` for bots, `/healthz` and `/readyz` for the platform.
+
+`/healthz` is liveness: the process serves and its event loop turns. Nothing else fails it:
+a load balancer or ECS that saw a full or draining task as unhealthy would stop it, and its
+disk (the spool) with it. Whether the task takes new bots is admission: `/ws` refuses the
+upgrade with 503 while it should not (the bot retries, the load balancer sends it to another
+task), and `/readyz` says why, for people and for docker compose.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import os
+import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -16,19 +25,22 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
-from archiver.errors import ConfigError, InputError
+from archiver.errors import ConfigError, InputError, StoreError
 from archiver.events import AUDIO_EVENTS
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
 from archiver.layout import RecordingId, StreamId
 from archiver.protection import TaskProtection
-from archiver.recovery import recover
+from archiver.reconcile import primary_answers, reconcile
+from archiver.recovery import Recovery, merge_documents, recover
 from archiver.settings import Settings
-from archiver.store import ObjectStore, open_store
+from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_store
 from archiver.store.spool import Spool, SpoolState
 from archiver.streams import StreamRegistry
 
 log = structlog.get_logger(__name__)
 
+_PROTECTION_CHECK_S = 1.0
+_EMPTY_CHECKS_BEFORE_RELEASE = 3
 _LEAVE_EVENT = "participant_events.leave"
 
 
@@ -46,6 +58,21 @@ class ServiceState:
     next_connection: int = 0
     totals: Counter[str] = field(default_factory=Counter)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    all_closed: asyncio.Event = field(default_factory=asyncio.Event)
+    bots_asked_to_reconnect: bool = False
+
+    def refusals(self) -> list[str]:
+        """Why the task takes no new bots now; empty when it does."""
+        reasons = []
+        if not self.ready:
+            reasons.append("draining")
+        if not self.spool.writable:
+            reasons.append("spool not writable: " + ", ".join(sorted(self.spool.write_failures)))
+        if self.spool.state is SpoolState.full:
+            reasons.append("spool full")
+        elif self.spool.state is SpoolState.high:
+            reasons.append("spool above its high-water mark")
+        return reasons
 
 
 STATE = web.AppKey("state", ServiceState)
@@ -81,12 +108,16 @@ class RedactingAccessLogger(AbstractAccessLogger):
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness only: answering at all is the check."""
     return web.json_response({"status": "alive"})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Admission: 200 while `/ws` takes new bots, else 503 with the reasons."""
     state = request.app[STATE]
+    reasons = state.refusals()
     body = {
+        "reasons": reasons,
         "connections": state.connections,
         "spool": state.spool.state.value,
         "spool_pending_bytes": state.spool.pending_bytes,
@@ -96,9 +127,11 @@ async def readyz(request: web.Request) -> web.Response:
         "events_queued_bytes": state.registry.events.budget.total,
         "session_indexes": len(state.registry.sessions.sessions),
         "store_reachable": state.spool.store_reachable,
+        "using_fallback": state.spool.using_fallback,
+        "spool_writable": state.spool.writable,
         **state.spool.counters,
     }
-    if not state.ready or state.spool.state is not SpoolState.normal:
+    if reasons:
         return web.json_response({"status": "not ready", **body}, status=503)
     return web.json_response({"status": "ready", **body})
 
@@ -109,8 +142,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         state.totals["refused_unauthorized"] += 1
         log.warning("connection_refused", reason="bad or missing token", remote=request.remote)
         raise web.HTTPUnauthorized(text="missing or wrong token\n")
-    if not state.ready:
-        raise web.HTTPServiceUnavailable(text="not accepting connections\n")
+    reasons = state.refusals()
+    if reasons:
+        # Before the upgrade: the bot retries and the load balancer picks another task.
+        state.totals["refused_unavailable"] += 1
+        raise web.HTTPServiceUnavailable(
+            text=f"not accepting connections: {'; '.join(reasons)}\n",
+            headers={"Retry-After": "1"},
+        )
     ws = web.WebSocketResponse(
         heartbeat=state.settings.heartbeat_s, max_msg_size=state.settings.max_message_bytes
     )
@@ -124,6 +163,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         await connection.receive()
     finally:
         state.sockets.discard(ws)
+        if not state.sockets:
+            state.all_closed.set()
         state.connections -= 1
         await connection.close()
         await state.protection.connection_closed()
@@ -272,6 +313,7 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         active_store = store if store is not None else open_store(settings)
+        fallback = open_fallback_store(settings)
         spool = Spool(
             settings.spool_dir,
             active_store,
@@ -279,6 +321,9 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
             high_water_ratio=settings.spool_high_water_ratio,
             backoff_s=settings.upload_backoff_s,
             concurrency=settings.upload_concurrency,
+            fallback=fallback,
+            fallback_after_s=settings.fallback_after_s,
+            merge_documents=merge_documents,
         )
         recovery = await recover(spool, Path(settings.spool_dir), settings.segment_target_s)
         executor = ThreadPoolExecutor(
@@ -288,22 +333,29 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
         tokens = tuple(t.get_secret_value().encode() for t in settings.auth_tokens)
         protection = TaskProtection(settings.ecs_agent_uri)
         app[STATE] = ServiceState(settings, spool, registry, protection, tokens)
-        log.info("service_started", store=_describe_store(settings.store))
+        background = [asyncio.create_task(_protect_while_spooled(spool, protection))]
+        if fallback is not None:
+            background.append(
+                asyncio.create_task(
+                    _reconcile_forever(spool, fallback, settings.reconcile_interval_s)
+                )
+            )
+        log.info(
+            "service_started",
+            store=_describe_store(settings.store),
+            fallback_store=_describe_store(settings.fallback_store or ""),
+        )
         yield
         app[STATE].ready = False
-        try:
-            async with asyncio.timeout(settings.drain_deadline_s):
-                await registry.close()
-                if recovery.uploads is not None:
-                    await recovery.uploads
-        except TimeoutError:
-            log.error(
-                "drain_deadline_passed",
-                unfinished_streams=registry.unfinished(),
-                left_in_spool=spool.waiting_keys(),
-            )
+        await _drain(settings, spool, registry, recovery)
+        for task in background:
+            task.cancel()
+        await asyncio.wait(background)
+        await protection.hold("spool", spool.holds_only_copies)
         executor.shutdown(wait=False, cancel_futures=True)
         await protection.close()
+        if fallback is not None:
+            await fallback.close()
         if store is None:
             await active_store.close()
         log.info("service_stopped", **app[STATE].totals)
@@ -313,17 +365,114 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     return app
 
 
+async def _drain(
+    settings: Settings, spool: Spool, registry: StreamRegistry, recovery: Recovery
+) -> None:
+    """Flush every stream and empty the spool within the deadline. Nothing may stay on a
+    disk that goes with the task: with a fallback store, what the primary has not taken by
+    half the deadline (at once, when it is unreachable now) goes to the fallback."""
+    loop = asyncio.get_running_loop()
+    evacuate = loop.call_later(
+        settings.drain_deadline_s / 2, spool.use_fallback, "drain half over", True
+    )
+    if not spool.store_reachable:
+        spool.use_fallback("draining while the primary store is unreachable", pin=True)
+    try:
+        async with asyncio.timeout(settings.drain_deadline_s):
+            await registry.close()
+            if recovery.uploads is not None:
+                await recovery.uploads
+    except TimeoutError:
+        log.error(
+            "drain_deadline_passed",
+            unfinished_streams=registry.unfinished(),
+            left_in_spool=spool.waiting_keys(),
+        )
+    finally:
+        evacuate.cancel()
+
+
+async def _protect_while_spooled(spool: Spool, protection: TaskProtection) -> None:
+    """Keep the task protected while its spool holds the only copy of anything; released
+    only after it has held nothing for a few checks in a row, so a busy spool that empties
+    for an instant does not flap the agent."""
+    empty_checks = 0
+    while True:
+        if spool.holds_only_copies:
+            empty_checks = 0
+            await protection.hold("spool", True)
+        else:
+            empty_checks += 1
+            if empty_checks >= _EMPTY_CHECKS_BEFORE_RELEASE:
+                await protection.hold("spool", False)
+        await asyncio.sleep(_PROTECTION_CHECK_S)
+
+
+async def _reconcile_forever(spool: Spool, fallback: ListingStore, interval_s: float) -> None:
+    """Whenever the primary answers: send uploads there again, and move what the fallback
+    holds (from this task or any other) into it."""
+    while True:
+        try:
+            if await primary_answers(spool.store):
+                spool.primary_reachable()
+                report = await reconcile(spool.store, fallback)
+                if report.moved or report.left:
+                    log.warning(
+                        "fallback_reconciled",
+                        moved_objects=report.moved_objects,
+                        moved_bytes=report.moved_bytes,
+                        merged_documents=report.merged_documents,
+                        left=len(report.left),
+                        seconds=report.seconds,
+                    )
+                if report.moved and not report.left:
+                    continue  # More may have arrived meanwhile: look again at once.
+        except StoreError as exc:
+            log.warning("reconcile_failed", error=str(exc))
+        except Exception:
+            log.exception("reconcile_failed")
+        await asyncio.sleep(interval_s)
+
+
+class DrainingAppRunner(web.AppRunner):
+    """The runner to serve the app with: bots are asked to reconnect, and read until they
+    reply, before aiohttp's own shutdown begins. From then on aiohttp ignores whatever
+    arrives on every connection, websockets included, so frames still on the wire would be
+    lost and the bot would see 1006."""
+
+    async def cleanup(self) -> None:
+        if STATE in self.app:
+            await _ask_bots_to_reconnect(self.app)
+        await super().cleanup()
+
+
 async def _ask_bots_to_reconnect(app: web.Application) -> None:
-    """Shutdown, first step: stop being ready and close every bot's websocket with 1012
-    (service restart), so each bot reconnects to another instance while this one drains."""
+    """Shutdown, first step: stop being ready and send every bot a close frame with 1012
+    (service restart), so each bot reconnects to another instance while this one drains. A
+    bot may send until it has seen that frame (RFC 6455): its connection keeps being read
+    and archived until its close reply arrives, within `close_reply_timeout_s`; only then
+    is it closed from this side."""
     state = app[STATE]
     state.ready = False
-    log.info("draining", connections=len(state.sockets))
+    if state.bots_asked_to_reconnect:
+        return
+    state.bots_asked_to_reconnect = True
+    sockets = list(state.sockets)
+    log.info("draining", connections=len(sockets))
+    frame = struct.pack("!H", WSCloseCode.SERVICE_RESTART) + b"service restart"
     await asyncio.gather(
-        *(
-            ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"service restart")
-            for ws in list(state.sockets)
-        ),
+        *(ws.send_frame(frame, WSMsgType.CLOSE) for ws in sockets), return_exceptions=True
+    )
+    if state.sockets:
+        state.all_closed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(state.settings.close_reply_timeout_s):
+                await state.all_closed.wait()
+    late = list(state.sockets)
+    if late:
+        log.warning("close_reply_missing", connections=len(late))
+    await asyncio.gather(
+        *(ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"service restart") for ws in late),
         return_exceptions=True,
     )
 

@@ -4,26 +4,44 @@ from __future__ import annotations
 
 from archiver.errors import ConfigError
 from archiver.settings import Settings
-from archiver.store.base import ObjectStore, StoredObject
+from archiver.store.base import ListingStore, ObjectStore, StoredObject
 from archiver.store.local import LocalFolderStore
 from archiver.store.s3 import S3Store
 
-__all__ = ["LocalFolderStore", "ObjectStore", "S3Store", "StoredObject", "open_store"]
+__all__ = [
+    "ListingStore",
+    "LocalFolderStore",
+    "ObjectStore",
+    "S3Store",
+    "StoredObject",
+    "open_fallback_store",
+    "open_store",
+]
 
 
 def open_store(settings: Settings) -> ObjectStore:
     """Build the store that `settings.store` names; the one place that picks an implementation."""
-    url = settings.store
+    return _open(settings.store, settings.s3_endpoint_url, settings)
+
+
+def open_fallback_store(settings: Settings) -> ListingStore | None:
+    """The fallback store `settings.fallback_store` names, or None when there is none."""
+    if settings.fallback_store is None:
+        return None
+    return _open(settings.fallback_store, settings.fallback_s3_endpoint_url, settings)
+
+
+def _open(url: str, endpoint_url: str | None, settings: Settings) -> LocalFolderStore | S3Store:
     if url.startswith("file://"):
         return LocalFolderStore(url.removeprefix("file://"))
     if url.startswith("s3://"):
         bucket, _, prefix = url.removeprefix("s3://").partition("/")
         if not bucket:
-            raise ConfigError("ARCHIVER_STORE=s3://... needs a bucket name")
+            raise ConfigError(f"{url!r} needs a bucket name (s3://bucket/prefix)")
         return S3Store(
             bucket=bucket,
             prefix=prefix.strip("/"),
-            endpoint_url=settings.s3_endpoint_url,
+            endpoint_url=endpoint_url,
             attempts=settings.upload_attempts,
             concurrency=settings.upload_concurrency,
         )

@@ -54,6 +54,19 @@ class ObjectStore(Protocol):
         ...
 
 
+class ListingStore(ObjectStore, Protocol):
+    """A store that can also be listed and emptied: what the fallback store must be."""
+
+    async def keys(self) -> list[str]:
+        """Every key the store holds (relative to its prefix); raise `StoreError`."""
+        ...
+
+    async def delete(self, key: str, if_match: str | None = None) -> bool:
+        """Remove the object (only that version, with `if_match`: an ETag); True when it is
+        gone, False when a newer version is there; raise `StoreError`."""
+        ...
+
+
 def md5_hex(body: bytes) -> str:
     """The ETag S3 gives an object written in one PUT."""
     return hashlib.md5(body, usedforsecurity=False).hexdigest()

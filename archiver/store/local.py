@@ -80,5 +80,34 @@ class LocalFolderStore:
         except OSError as exc:
             raise StoreError(key, str(exc)) from exc
 
+    async def keys(self) -> list[str]:
+        def walk() -> list[str]:
+            if not self.root.is_dir():
+                return []
+            return sorted(
+                path.relative_to(self.root).as_posix()
+                for path in self.root.rglob("*")
+                if path.is_file() and not path.name.startswith(".part-")
+            )
+
+        try:
+            return await asyncio.to_thread(walk)
+        except OSError as exc:
+            raise StoreError("", str(exc)) from exc
+
+    async def delete(self, key: str, if_match: str | None = None) -> bool:
+        path = self._path(key)
+        if if_match is not None:
+            body = await self.get(key)
+            if body is None:
+                return True
+            if md5_hex(body) != if_match:
+                return False
+        try:
+            await asyncio.to_thread(path.unlink, True)
+        except OSError as exc:
+            raise StoreError(key, str(exc)) from exc
+        return True
+
     async def close(self) -> None:
         return None

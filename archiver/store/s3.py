@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -64,7 +65,7 @@ class S3Store:
                 raise FileNotFoundError(key) from exc
             if code in _DENIED and fn == self._client.get_object:
                 raise PermissionError(key) from exc
-            if code in _PRECONDITION:
+            if code in _PRECONDITION or (code in _NOT_FOUND and "IfMatch" in kwargs):
                 raise _AlreadyThere(key) from exc
             raise StoreError(self.prefix + key, f"S3 refused: {code or exc}") from exc
         except botocore.exceptions.BotoCoreError as exc:
@@ -145,6 +146,38 @@ class S3Store:
             MaxKeys=1,
         )
         return not any(obj["Key"] == self.prefix + key for obj in listing.get("Contents", []))
+
+    async def keys(self) -> list[str]:
+        found: list[str] = []
+        token: dict[str, str] = {}
+        while True:
+            listing = await self._call(
+                "",
+                self._client.list_objects_v2,
+                Bucket=self.bucket,
+                Prefix=self.prefix,
+                **token,
+            )
+            contents = listing.get("Contents", [])
+            found.extend(obj["Key"].removeprefix(self.prefix) for obj in contents)
+            if not listing.get("IsTruncated"):
+                return found
+            token = {"ContinuationToken": listing["NextContinuationToken"]}
+
+    async def delete(self, key: str, if_match: str | None = None) -> bool:
+        if if_match is not None:
+            # Read the version again just before: S3's conditional delete is recent and
+            # not everywhere (S3-compatible servers), so it is checked here as well.
+            fetched = await self.fetch(key)
+            if fetched is None:
+                return True
+            if fetched[1] != if_match:
+                return False
+        with contextlib.suppress(FileNotFoundError):
+            await self._call(
+                key, self._client.delete_object, Bucket=self.bucket, Key=self.prefix + key
+            )
+        return True
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

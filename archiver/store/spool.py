@@ -11,19 +11,32 @@ forgotten at once when the store confirms it: its bytes go, but its record stays
 marked uploaded, until a manifest write that lists it is confirmed in turn (`listed`).
 Manifests are rewritten on a budget, so between two writes that record is the only trace
 of a stored object outside the worker's memory; recovery lists what it finds.
+
+With a fallback store, an outage of the primary is bounded in time as well as in size: once
+the primary has been unreachable for `fallback_after_s` (or at once, on `use_fallback`, as a
+drain does), every upload goes to the fallback under the same key, and the object leaves
+the disk when the fallback confirmed it. A document (written with `replaces`) is merged there
+with what the fallback already holds (`merge_documents`), since its version was the
+primary's. Write-once objects this process sent to the fallback are moved back to the primary
+before a document that may list them goes there: a manifest never names what the primary
+lacks. The reconciler (`archiver.reconcile`) moves everything else back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import os
+import pwd
 import random
+import stat
 import time
 import weakref
-from collections.abc import Collection
+from collections import Counter
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -32,11 +45,13 @@ from typing import Any
 import orjson
 import structlog
 
-from archiver.errors import ObjectConflictError, StoreError
-from archiver.store.base import ObjectStore, StoredObject, sha256_digest
+from archiver.errors import ConfigError, ObjectConflictError, StoreError
+from archiver.store.base import ListingStore, ObjectStore, StoredObject, sha256_digest
+from archiver.store.moves import move_write_once
 
 log = structlog.get_logger(__name__)
 
+_FALLBACK_MERGE_ATTEMPTS = 5
 _DATA = ".data"
 _META = ".meta"
 
@@ -64,6 +79,8 @@ class SpooledObject:
     extra: dict[str, Any] | None = None
     uploaded: bool = False
     """The store holds it; only its record is left, until a manifest lists it."""
+    in_fallback: bool = False
+    """It was uploaded to the fallback store, not the primary."""
 
     @property
     def listing(self) -> tuple[str, str] | None:
@@ -87,8 +104,24 @@ class Spool:
         backoff_s: float = 0.2,
         max_backoff_s: float = 30.0,
         concurrency: int = 8,
+        fallback: ListingStore | None = None,
+        fallback_after_s: float = 60.0,
+        merge_documents: Callable[[str, bytes, bytes], bytes] | None = None,
     ) -> None:
         self.folder = Path(directory) / "objects"
+        self.fallback = fallback
+        self.fallback_after_s = fallback_after_s
+        self.merge_documents = merge_documents
+        self.using_fallback = False
+        """Uploads go to the fallback store until the primary is seen reachable again."""
+        self.in_fallback: set[str] = set()
+        """Write-once keys this process sent to the fallback and has not moved back."""
+        self.unreachable_since: float | None = None
+        self.writable = True
+        """False after a write to the spool folder failed, until one succeeds."""
+        self.write_failures: Counter[str] = Counter()
+        self._pinned_to_fallback = False
+        self._fallback_timer: asyncio.TimerHandle | None = None
         self.store = store
         self.cap_bytes = cap_bytes
         self.high_water_bytes = int(cap_bytes * high_water_ratio)
@@ -97,7 +130,14 @@ class Spool:
         self.pending_bytes = 0
         self.state = SpoolState.normal
         self.store_reachable = True
-        self.counters = {"uploaded": 0, "upload_retries": 0, "waits_for_room": 0, "conflicts": 0}
+        self.counters = {
+            "uploaded": 0,
+            "upload_retries": 0,
+            "waits_for_room": 0,
+            "conflicts": 0,
+            "to_fallback": 0,
+            "spool_write_failures": 0,
+        }
         self._latest: dict[str, int] = {}
         self._unlisted: dict[str, dict[str, SpooledObject]] = {}
         """Records of uploaded objects no confirmed manifest lists yet, by manifest key and
@@ -154,10 +194,30 @@ class Spool:
         try:
             await asyncio.to_thread(self._write_files, spooled, body)
         except OSError as exc:
+            self._note_write_failure(exc)
             await self._release(spooled)
             raise StoreError(key, f"spool write failed: {exc}") from exc
+        if not self.writable:
+            self.writable = True
+            log.warning("spool_writable_again", folder=str(self.folder), **self.write_failures)
         self._latest[key] = seq
         return spooled
+
+    def _note_write_failure(self, exc: OSError) -> None:
+        """Logged once per cause (an errno), with how often it happened so far; the service
+        stops taking bots while the spool cannot be written."""
+        cause = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        self.writable = False
+        self.counters["spool_write_failures"] += 1
+        self.write_failures[cause] += 1
+        if self.write_failures[cause] == 1:
+            log.error(
+                "spool_write_failed",
+                folder=str(self.folder),
+                cause=cause,
+                error=str(exc),
+                count=self.counters["spool_write_failures"],
+            )
 
     def _write_files(self, spooled: SpooledObject, body: bytes) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -189,7 +249,7 @@ class Spool:
         """The store has it: free its bytes, keep its record (marked uploaded) until a
         confirmed manifest lists it. The record is rewritten before the bytes go, so a crash
         in between leaves either an upload to repeat (same bytes, same key) or a record."""
-        record = replace(spooled, uploaded=True)
+        record = replace(spooled, uploaded=True, in_fallback=spooled.key in self.in_fallback)
         try:
             await asyncio.to_thread(_mark_uploaded, record)
         except OSError as exc:
@@ -258,6 +318,12 @@ class Spool:
                 async with self._uploads:
                     if body is None:
                         body = await asyncio.to_thread(spooled.path.with_suffix(_DATA).read_bytes)
+                    if self.using_fallback and self.fallback is not None:
+                        stored = await self._put_in_fallback(self.fallback, spooled, body)
+                        self.counters["to_fallback"] += 1
+                        return stored
+                    if spooled.replaces is not None and self.in_fallback:
+                        await self._bring_back()
                     stored = await self.store.put(
                         spooled.key,
                         body,
@@ -276,13 +342,92 @@ class Spool:
                 body = None  # Do not hold a failed object in memory through an outage.
                 attempt += 1
                 self.counters["upload_retries"] += 1
-                self._mark_store(reachable=False, error=str(exc))
+                if not self.using_fallback:
+                    self._mark_store(reachable=False, error=str(exc))
+                elif attempt == 1:
+                    log.error("fallback_store_failed", key=spooled.key, error=str(exc))
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** min(attempt, 16))
                 await self._back_off(random.uniform(0, delay))
                 continue
             self._mark_store(reachable=True)
             self.counters["uploaded"] += 1
             return stored
+
+    async def _put_in_fallback(
+        self, fallback: ListingStore, spooled: SpooledObject, body: bytes
+    ) -> StoredObject:
+        """Store an object in the fallback. A document's version was the primary's, so it is
+        merged with what the fallback holds and written over that instead."""
+        if spooled.replaces is None:
+            stored = await fallback.put(
+                spooled.key, body, spooled.content_type, write_once=spooled.write_once
+            )
+            if spooled.write_once:
+                self.in_fallback.add(spooled.key)
+            return stored
+        for _ in range(_FALLBACK_MERGE_ATTEMPTS):
+            fetched = await fallback.fetch(spooled.key)
+            merged = body
+            if fetched is not None and self.merge_documents is not None:
+                merged = await asyncio.to_thread(
+                    self.merge_documents, spooled.key, body, fetched[0]
+                )
+            try:
+                return await fallback.put(
+                    spooled.key,
+                    merged,
+                    spooled.content_type,
+                    replaces="" if fetched is None else fetched[1],
+                )
+            except ObjectConflictError:
+                continue
+        raise StoreError(spooled.key, "the fallback's document kept changing")
+
+    async def _bring_back(self) -> None:
+        """Move what this process sent to the fallback back to the primary (raise
+        `StoreError`): the document about to go there may list it."""
+        assert self.fallback is not None
+        for key in sorted(self.in_fallback):
+            await move_write_once(self.fallback, self.store, key)
+            self.in_fallback.discard(key)
+
+    # The fallback store.
+
+    def use_fallback(self, reason: str, pin: bool = False) -> bool:
+        """Send every upload to the fallback store from now on (until the primary is seen
+        reachable again, or for good with `pin`: a drain). False without a fallback."""
+        if self.fallback is None:
+            return False
+        self._pinned_to_fallback |= pin
+        if not self.using_fallback:
+            self.using_fallback = True
+            log.warning(
+                "fallback_store_in_use",
+                reason=reason,
+                pending_bytes=self.pending_bytes,
+                waiting=len(self._latest),
+            )
+            self._wake_waiting()
+        return True
+
+    def primary_reachable(self) -> None:
+        """The primary answered (the reconciler's probe): uploads go there again."""
+        self._mark_store(reachable=True)
+        if self.using_fallback and not self._pinned_to_fallback:
+            self.using_fallback = False
+            log.warning("primary_store_in_use", pending_bytes=self.pending_bytes)
+            self._wake_waiting()
+
+    def _fallback_due(self) -> None:
+        self._fallback_timer = None
+        if not self.store_reachable:
+            self.use_fallback(f"primary store unreachable for {self.fallback_after_s:g} s")
+
+    @property
+    def holds_only_copies(self) -> bool:
+        """Whether the spool holds objects no store has confirmed, or records that are the
+        only trace of stored objects no manifest lists yet."""
+        return bool(self._latest) or self.pending_bytes > 0 or bool(self._unlisted)
 
     async def put(
         self,
@@ -346,6 +491,8 @@ class Spool:
                 listing = spooled.listing
                 if spooled.uploaded and listing is not None:
                     self._unlisted.setdefault(listing[0], {})[listing[1]] = spooled
+                    if spooled.in_fallback:
+                        self.in_fallback.add(spooled.key)
                     continue
                 self._latest[spooled.key] = spooled.seq
                 self.pending_bytes += spooled.size
@@ -374,6 +521,7 @@ class Spool:
                     replaces=meta.get("replaces"),
                     extra=meta.get("extra"),
                     uploaded=meta.get("uploaded", False),
+                    in_fallback=meta.get("in_fallback", False),
                 )
             )
             if found[-1].uploaded:
@@ -423,16 +571,74 @@ class Spool:
             async with asyncio.timeout(delay_s):
                 await self._reachable_again.wait()
 
+    def _wake_waiting(self) -> None:
+        self._reachable_again.set()
+        self._reachable_again = asyncio.Event()
+
     def _mark_store(self, reachable: bool, error: str = "") -> None:
         if reachable == self.store_reachable:
             return
         self.store_reachable = reachable
         if reachable:
-            self._reachable_again.set()
-            self._reachable_again = asyncio.Event()
+            self.unreachable_since = None
+            if self._fallback_timer is not None:
+                self._fallback_timer.cancel()
+                self._fallback_timer = None
+            self._wake_waiting()
             log.warning("store_reachable_again", pending_bytes=self.pending_bytes)
         else:
+            self.unreachable_since = time.monotonic()
+            if self.fallback is not None and self._fallback_timer is None:
+                self._fallback_timer = asyncio.get_running_loop().call_later(
+                    self.fallback_after_s, self._fallback_due
+                )
             log.error("store_unreachable", error=error, pending_bytes=self.pending_bytes)
+
+
+def probe_folder(directory: str | os.PathLike[str]) -> None:
+    """Check that the spool folder can be written, synced, read back and cleaned: write a
+    probe file, fsync it, read it, remove it. Raise `ConfigError` naming the folder, its
+    owner and mode, and the user this process runs as."""
+    folder = Path(directory)
+    probe = folder / f".probe-{os.getpid()}"
+    body = os.urandom(16)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_durably(probe, body)
+        if probe.read_bytes() != body:
+            raise OSError(errno.EIO, "the probe file read back different bytes")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"the spool folder {folder.resolve()} cannot be used: {exc}. "
+            f"{_describe_owner(folder)}; the service runs as {_describe_user()}. "
+            "Give that user a writable folder (ARCHIVER_SPOOL_DIR) on a disk that outlives "
+            "the process."
+        ) from exc
+
+
+def _describe_owner(folder: Path) -> str:
+    for path in [folder, *folder.parents]:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        kind = "folder" if path.is_dir() else "file (not a folder)"
+        where = "it" if path == folder else f"its nearest existing parent {path}"
+        return (
+            f"{where.capitalize()} is a {kind} owned by uid {info.st_uid} gid {info.st_gid}, "
+            f"mode {stat.filemode(info.st_mode)} ({info.st_mode & 0o7777:o})"
+        )
+    return "No part of the path exists"
+
+
+def _describe_user() -> str:
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = "(no name)"
+    return f"uid {uid} ({name}) gid {gid}"
 
 
 def _write_durably(path: Path, body: bytes) -> None:
@@ -456,6 +662,7 @@ def _meta(spooled: SpooledObject) -> bytes:
             "replaces": spooled.replaces,
             "extra": spooled.extra,
             "uploaded": spooled.uploaded,
+            "in_fallback": spooled.in_fallback,
         }
     )
 
@@ -466,8 +673,11 @@ def _mark_uploaded(record: SpooledObject) -> None:
 
 
 def _remove(stem: Path) -> None:
-    stem.with_suffix(_META).unlink(missing_ok=True)
-    stem.with_suffix(_DATA).unlink(missing_ok=True)
+    # NotADirectoryError: a write that failed because the folder is not one left nothing.
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        stem.with_suffix(_META).unlink()
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        stem.with_suffix(_DATA).unlink()
 
 
 def _remove_all(stems: list[Path]) -> None:

@@ -83,6 +83,13 @@ class ArchiverConfig:
     expire_after_days: int | None = field(default=None, metadata={"key": "expireAfterDays"})
     """Delete archived objects this many days after upload; kept forever when unset."""
 
+    fallback_bucket_name: str | None = field(default=None, metadata={"key": "fallbackBucketName"})
+    """An existing bucket, best in another region, that takes what the spool holds once the
+    archive bucket has been unreachable for a minute, and on a drain; the service moves it
+    back. None: no fallback."""
+    fallback_prefix: str = field(default="fallback", metadata={"key": "fallbackPrefix"})
+    """Key prefix in the fallback bucket; the service's permissions there stop at it."""
+
     auth_secret_arn: str | None = field(default=None, metadata={"key": "authSecretArn"})
     """Existing Secrets Manager secret holding the bot tokens; the stack makes one when unset."""
     log_retention_days: int = field(default=30, metadata={"key": "logRetentionDays"})
@@ -119,6 +126,10 @@ class ArchiverConfig:
             raise ConfigError("need 1 <= minCount <= desiredCount <= maxCount")
         if not _ARCHIVE_PREFIX.match(self.archive_prefix):
             raise ConfigError("archivePrefix must look like `archive` or `team/archive`")
+        if not _ARCHIVE_PREFIX.match(self.fallback_prefix):
+            raise ConfigError("fallbackPrefix must look like `fallback` or `team/fallback`")
+        if self.fallback_bucket_name is not None and self.fallback_bucket_name == self.bucket_name:
+            raise ConfigError("the fallback bucket must not be the archive bucket")
         if not 0 < self.infrequent_access_after_days < self.glacier_ir_after_days:
             raise ConfigError("need 0 < infrequentAccessAfterDays < glacierIrAfterDays")
         if self.infrequent_access_after_days < 30:

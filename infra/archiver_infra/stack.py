@@ -232,9 +232,33 @@ class ArchiverStack(Stack):
                     resources=[key.key_arn],
                 )
             )
+        if self.config.fallback_bucket_name is not None:
+            self._allow_fallback(role)
         # Scale-in protection while bots are connected: the tasks of this cluster only.
         cluster.grant_task_protection(role)
         return role
+
+    def _allow_fallback(self, role: iam.Role) -> None:
+        """Write, read back, list and delete in the fallback bucket's prefix, nothing else:
+        the spool empties there and the reconciler moves it back."""
+        config = self.config
+        fallback = s3.Bucket.from_bucket_name(self, "FallbackBucket", config.fallback_bucket_name)
+        prefix = config.fallback_prefix
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="UseFallbackPrefix",
+                actions=["s3:PutObject", "s3:GetObject", "s3:DeleteObject"],
+                resources=[fallback.arn_for_objects(f"{prefix}/*")],
+            )
+        )
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="ListFallbackPrefix",
+                actions=["s3:ListBucket"],
+                resources=[fallback.bucket_arn],
+                conditions={"StringLike": {"s3:prefix": [f"{prefix}/*"]}},
+            )
+        )
 
     def _task_definition(
         self,
@@ -273,6 +297,15 @@ class ArchiverStack(Stack):
                 "ARCHIVER_SPOOL_DIR": SPOOL_DIR,
                 "ARCHIVER_DRAIN_DEADLINE_S": str(DRAIN_DEADLINE_S),
                 "ARCHIVER_LOG_FORMAT": "json",
+                **(
+                    {
+                        "ARCHIVER_FALLBACK_STORE": (
+                            f"s3://{config.fallback_bucket_name}/{config.fallback_prefix}"
+                        )
+                    }
+                    if config.fallback_bucket_name is not None
+                    else {}
+                ),
             },
             secrets={"ARCHIVER_AUTH_TOKENS": ecs.Secret.from_secrets_manager(auth_tokens)},
             logging=ecs.LogDrivers.aws_logs(
@@ -341,7 +374,10 @@ class ArchiverStack(Stack):
             # A draining task keeps its bots this long, then they reconnect elsewhere.
             deregistration_delay=Duration.seconds(DRAIN_DEADLINE_S),
             health_check=elbv2.HealthCheck(
-                path="/readyz",
+                # Liveness, never admission: a full or draining task that failed this check
+                # would be replaced, and its spool lost with its disk. Admission is the
+                # service's own: it refuses the websocket upgrade with 503.
+                path="/healthz",
                 healthy_http_codes="200",
                 interval=Duration.seconds(10),
                 timeout=Duration.seconds(5),

@@ -131,6 +131,8 @@ def test_compose_starts_in_dependency_order() -> None:
     assert services["simulator"]["profiles"] == ["simulator"]
     for name in ("minio", "archiver"):
         assert services[name]["healthcheck"]["test"][0] == "CMD", name
+    # Liveness, not admission: a full or draining archiver is not unhealthy.
+    assert "/healthz" in services["archiver"]["healthcheck"]["test"][-1]
     assert "9001:9001" in services["minio"]["ports"]
 
 

@@ -60,6 +60,8 @@ KMS_VARIANT = {
     "authSecretArn": SECRET_ARN,
     "vpcId": VPC_ID,
     "logRetentionDays": "90",
+    "fallbackBucketName": "acme-meeting-archive-fallback-eu",
+    "fallbackPrefix": "recall/fallback",
 }
 
 
@@ -184,11 +186,12 @@ def test_only_an_https_listener_with_the_certificate(default: Synthesized) -> No
     )
 
 
-def test_target_group_checks_readiness_and_drains_for_the_deadline(
+def test_target_group_checks_liveness_and_drains_for_the_deadline(
     default: Synthesized,
 ) -> None:
     target_group = default.only("AWS::ElasticLoadBalancingV2::TargetGroup")["Properties"]
-    assert target_group["HealthCheckPath"] == "/readyz"
+    # Liveness only: a full or draining task failing this would be replaced, disk and all.
+    assert target_group["HealthCheckPath"] == "/healthz"
     assert target_group["TargetType"] == "ip"
     assert target_group["Port"] == 8080
     attributes = {a["Key"]: a["Value"] for a in target_group["TargetGroupAttributes"]}
@@ -514,3 +517,39 @@ def test_refuses_parameters_that_would_fail_at_deploy(
 def test_certificate_is_required(infra: ModuleType) -> None:
     with pytest.raises(infra.ConfigError, match="certificateArn"):
         infra.ArchiverConfig.from_context(cdk.App().node)
+
+
+def test_no_fallback_permission_without_a_fallback(default: Synthesized) -> None:
+    assert "ARCHIVER_FALLBACK_STORE" not in environment(default.container())
+    assert "fallback" not in json.dumps(default.task_role_statements()).lower()
+
+
+def test_fallback_is_configured_and_reachable_in_its_prefix_only(variant: Synthesized) -> None:
+    store = environment(variant.container())["ARCHIVER_FALLBACK_STORE"]
+    assert store == "s3://acme-meeting-archive-fallback-eu/recall/fallback"
+    statements = [
+        s
+        for s in variant.task_role_statements()
+        if "acme-meeting-archive-fallback-eu" in json.dumps(s["Resource"])
+    ]
+    assert sorted(a for s in statements for a in _listed(s["Action"])) == [
+        "s3:DeleteObject",
+        "s3:GetObject",
+        "s3:ListBucket",
+        "s3:PutObject",
+    ]
+    for statement in statements:
+        resources = json.dumps(statement["Resource"])
+        if statement["Action"] == "s3:ListBucket":
+            assert statement["Condition"] == {"StringLike": {"s3:prefix": ["recall/fallback/*"]}}
+            assert resources.rstrip('"]}').endswith("acme-meeting-archive-fallback-eu"), resources
+        else:
+            tail = "acme-meeting-archive-fallback-eu/recall/fallback/*"
+            assert resources.rstrip('"]}').endswith(tail), resources
+    # Delete reaches the fallback prefix only, never the archive.
+    archive = [
+        s
+        for s in variant.task_role_statements()
+        if "s3:DeleteObject" in _listed(s["Action"]) and "fallback" not in json.dumps(s["Resource"])
+    ]
+    assert archive == []

@@ -196,3 +196,17 @@ def test_rejects_expiry_the_agent_would_refuse(minutes: int, refresh_s: float | 
         TaskProtection(
             "http://127.0.0.1:1", expires_in_minutes=minutes, refresh_interval_s=refresh_s
         )
+
+
+async def test_a_spool_hold_protects_without_bots_and_outlasts_them(agent: FakeAgent) -> None:
+    guard = TaskProtection(agent.uri)
+    await guard.hold("spool", True)
+    assert agent.puts == [_enable(60)]
+    await guard.connection_opened()
+    await guard.connection_closed()
+    # The last bot left, but the spool still holds the only copy of something.
+    assert agent.puts == [_enable(60)]
+    await guard.hold("spool", True)
+    await guard.hold("spool", False)
+    assert agent.puts == [_enable(60), _DISABLE]
+    await guard.close()

@@ -104,3 +104,32 @@ async def test_sigterm_mid_stream_loses_nothing_and_exits_before_the_deadline(
     manifest = orjson.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     assert manifest["status"] == "complete"
     assert sum(s["frames"] for s in manifest["segments"]) == 25
+
+
+async def test_frames_sent_until_the_bot_sees_the_close_are_archived(
+    service: ServiceFactory,
+) -> None:
+    """A bot may send until it has seen the close frame (RFC 6455): the service reads and
+    archives until the bot's close reply, and the bot sees a clean 1012, not 1006."""
+    running = await service()
+    sim, texts = prepared(running.url, seconds=20, fps=15)
+    sent = 0
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        closing = asyncio.create_task(ws.receive())
+        for text in texts[:30]:
+            await ws.send_str(text)
+        shutdown = asyncio.create_task(running.runner.cleanup())
+        sent = 30
+        # Keep sending as fast as the socket takes it until the close frame is seen.
+        while not closing.done() and sent < len(texts):
+            await ws.send_str(texts[sent])
+            sent += 1
+            await asyncio.sleep(0)
+        message = await closing
+        assert message.type is aiohttp.WSMsgType.CLOSE
+        assert message.data == aiohttp.WSCloseCode.SERVICE_RESTART
+        await shutdown
+    assert 30 < sent < len(texts)
+    check = await check_stream(running.store, manifest_key(sim), key_prefix="archive/")
+    assert check.ok, check.problems
+    assert len(check.frames) == sent, {k: v for k, v in check.manifest["counters"].items() if v}

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
-from archiver.errors import ObjectConflictError
+from archiver.errors import ObjectConflictError, StoreError
 from archiver.store import LocalFolderStore, ObjectStore, S3Store
 from archiver.store.spool import Spool
 
@@ -88,3 +89,61 @@ async def test_upload_stopped_by_shutdown_stays_in_the_spool(tmp_path: Path) -> 
     await unreachable.close()
     successor = Spool(tmp_path / "spool", LocalFolderStore(tmp_path / "archive"), 1024**2)
     assert [s.key for s in await successor.leftovers()] == ["m/segments/1.m4s"]
+
+
+async def test_listing_and_conditional_delete(store: ObjectStore) -> None:
+    """What the fallback store needs beyond `ObjectStore`."""
+    assert isinstance(store, LocalFolderStore | S3Store)
+    first = await store.put("a/manifest.json", b"{}", "application/json")
+    await store.put("a/segments/1.m4s", b"media", "video/iso.segment", write_once=True)
+    assert sorted(await store.keys()) == ["a/manifest.json", "a/segments/1.m4s"]
+    await store.put("a/manifest.json", b'{"newer": 1}', "application/json")
+    # A newer version than the one read is kept.
+    assert not await store.delete("a/manifest.json", if_match=first.etag)
+    assert await store.delete("a/manifest.json")
+    assert await store.delete("a/segments/1.m4s")
+    assert await store.delete("never/there.m4s")
+    assert await store.keys() == []
+
+
+async def test_spool_write_failure_is_counted_and_logged_once_per_cause(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", LocalFolderStore(tmp_path / "archive"), 1024**2)
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "objects").write_text("a file where the folder should be")
+    with capture_logs() as logged:
+        for _ in range(3):
+            with pytest.raises(StoreError):
+                await spool.write("m/segments/1.m4s", b"media", "video/iso.segment")
+    assert not spool.writable
+    assert spool.counters["spool_write_failures"] == 3
+    assert spool.pending_bytes == 0
+    failures = [line for line in logged if line["event"] == "spool_write_failed"]
+    assert len(failures) == 1
+    assert failures[0]["log_level"] == "error"
+    (tmp_path / "spool" / "objects").unlink()
+    await spool.write("m/segments/1.m4s", b"media", "video/iso.segment")
+    assert spool.writable
+
+
+async def test_uploads_go_to_the_fallback_once_the_primary_was_down_long_enough(
+    tmp_path: Path,
+) -> None:
+    unreachable = S3Store("bucket", endpoint_url="http://127.0.0.1:9", attempts=1)
+    fallback = LocalFolderStore(tmp_path / "fallback")
+    spool = Spool(
+        tmp_path / "spool",
+        unreachable,
+        cap_bytes=1024**2,
+        backoff_s=0.01,
+        fallback=fallback,
+        fallback_after_s=0.2,
+    )
+    spooled = await spool.write("m/segments/1.m4s", b"media", "video/iso.segment", write_once=True)
+    async with asyncio.timeout(20):
+        await spool.confirm(spooled)
+    assert spool.using_fallback
+    assert await fallback.get("m/segments/1.m4s") == b"media"
+    assert spool.in_fallback == {"m/segments/1.m4s"}
+    assert spool.pending_bytes == 0
+    assert list((tmp_path / "spool" / "objects").iterdir()) == []
+    await unreachable.close()

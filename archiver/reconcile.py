@@ -1,0 +1,137 @@
+"""Moving what the fallback store holds back into the primary.
+
+Media (segments, init segments, PNG and events batches) are write-once: each is copied to
+the primary under its key, never over different bytes, and deleted from the fallback once
+the primary confirmed it. Documents (stream manifests, events manifests, session indexes)
+are merged with the primary's version by a conditional write, the way two writers of one
+document merge, after the media they may list; a fallback copy is deleted only if it is
+still the version that was merged. Any number of processes may reconcile one fallback at
+once: a second mover finds an object gone or already stored with the same bytes, and a
+document merged twice lists each object once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from archiver.errors import ObjectConflictError, StoreError
+from archiver.manifests import JSON_TYPE, MERGE_ATTEMPTS
+from archiver.recovery import merge_documents
+from archiver.store.base import ListingStore, ObjectStore
+from archiver.store.moves import move_write_once
+
+log = structlog.get_logger(__name__)
+
+PROBE_KEY = ".reachable"
+"""A key the service never writes: reading it tells whether the primary answers."""
+_DOCUMENT_NAMES = ("manifest.json", "session.json")
+
+
+@dataclass(slots=True)
+class ReconcileReport:
+    """What one pass moved, and what it had to leave in the fallback."""
+
+    moved_objects: int = 0
+    moved_bytes: int = 0
+    merged_documents: int = 0
+    left: list[str] = field(default_factory=list)
+    """Keys still in the fallback after the pass, with the reason logged."""
+    seconds: float = 0.0
+
+    @property
+    def moved(self) -> int:
+        return self.moved_objects + self.merged_documents
+
+
+def is_document(key: str) -> bool:
+    return key.rsplit("/", 1)[-1] in _DOCUMENT_NAMES
+
+
+def _document_order(keys: Iterable[str]) -> list[str]:
+    """Stream and events manifests before session indexes, which carry their statuses."""
+    return sorted(keys, key=lambda key: (key.endswith("session.json"), key))
+
+
+async def reconcile(primary: ObjectStore, fallback: ListingStore) -> ReconcileReport:
+    """One pass over the fallback: move every object it holds into the primary; raise
+    `StoreError` when either store cannot be listed or reached at all."""
+    started = time.monotonic()
+    report = ReconcileReport()
+    keys = await fallback.keys()
+    media = [key for key in keys if not is_document(key)]
+    documents = _document_order(key for key in keys if is_document(key))
+    for key in media:
+        await _move_media(primary, fallback, key, report)
+    if documents:
+        # Media that reached the fallback while the first ones moved, and that a document
+        # read below may already list.
+        for key in await fallback.keys():
+            if not is_document(key) and key not in media:
+                await _move_media(primary, fallback, key, report)
+    for key in documents:
+        try:
+            await _move_document(primary, fallback, key, report)
+        except StoreError as exc:
+            report.left.append(key)
+            log.error("reconcile_document_failed", key=key, error=str(exc))
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+async def _move_media(
+    primary: ObjectStore, fallback: ListingStore, key: str, report: ReconcileReport
+) -> None:
+    try:
+        body_size = await move_write_once(fallback, primary, key)
+    except ObjectConflictError as exc:
+        report.left.append(key)
+        log.error("reconcile_conflict", key=key, error=exc.cause)
+        return
+    except StoreError as exc:
+        report.left.append(key)
+        log.error("reconcile_object_failed", key=key, error=str(exc))
+        return
+    if body_size is not None:
+        report.moved_objects += 1
+        report.moved_bytes += body_size
+
+
+async def _move_document(
+    primary: ObjectStore, fallback: ListingStore, key: str, report: ReconcileReport
+) -> None:
+    fetched = await fallback.fetch(key)
+    if fetched is None:
+        return  # Another reconciler merged it first.
+    body, version = fetched
+    for _ in range(MERGE_ATTEMPTS):
+        current = await primary.fetch(key)
+        merged = body
+        if current is not None:
+            merged = await asyncio.to_thread(merge_documents, key, body, current[0])
+        try:
+            await primary.put(
+                key, merged, JSON_TYPE, replaces="" if current is None else current[1]
+            )
+            break
+        except ObjectConflictError:
+            continue
+    else:
+        raise StoreError(key, "the primary's document kept changing")
+    report.merged_documents += 1
+    if not await fallback.delete(key, if_match=version):
+        # A writer put a newer version there meanwhile: the next pass merges that one.
+        report.left.append(key)
+
+
+async def primary_answers(primary: ObjectStore) -> bool:
+    """Whether the primary answers a read (of a key that is never written)."""
+    try:
+        await primary.fetch(PROBE_KEY)
+    except StoreError:
+        return False
+    return True

@@ -54,6 +54,32 @@ class ObjectStore(Protocol):
         ...
 
 
+class ReadableStore(Protocol):
+    """What consumers need of a store: whole objects, byte ranges, and listings. Keys are
+    relative to the store's own prefix."""
+
+    def location(self, key: str) -> str:
+        """The key as consumers find it in the bucket (with the store's prefix)."""
+        ...
+
+    async def get(self, key: str) -> bytes | None:
+        """Return the object's bytes, or None when there is none; raise `StoreError`."""
+        ...
+
+    async def get_range(self, key: str, offset: int, size: int) -> bytes | None:
+        """Return `size` bytes of the object from `offset` (fewer at its end), or None when
+        there is no object; raise `StoreError`."""
+        ...
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix` (relative to the store's prefix), sorted."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads."""
+        ...
+
+
 def md5_hex(body: bytes) -> str:
     """The ETag S3 gives an object written in one PUT."""
     return hashlib.md5(body, usedforsecurity=False).hexdigest()

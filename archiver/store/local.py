@@ -80,5 +80,38 @@ class LocalFolderStore:
         except OSError as exc:
             raise StoreError(key, str(exc)) from exc
 
+    async def get_range(self, key: str, offset: int, size: int) -> bytes | None:
+        path = self._path(key)
+
+        def read() -> bytes:
+            with path.open("rb") as file:
+                file.seek(offset)
+                return file.read(size)
+
+        try:
+            return await asyncio.to_thread(read)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(key, str(exc)) from exc
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """Files under the folder `prefix` names (partly written ones left out)."""
+        folder = prefix.rpartition("/")[0]
+        top = self._path(folder) if folder else self.root
+
+        def walk() -> list[str]:
+            keys = []
+            for path in top.rglob("*"):
+                if path.is_file() and not path.name.startswith(".part-"):
+                    key = path.relative_to(self.root).as_posix()
+                    if key.startswith(prefix):
+                        keys.append(key)
+            return sorted(keys)
+
+        if not top.is_dir():
+            return []
+        return await asyncio.to_thread(walk)
+
     async def close(self) -> None:
         return None

@@ -162,6 +162,7 @@ class Exporter:
             encoder.width, encoder.height = size
             encoder.pix_fmt = "yuv420p"
             encoder.time_base = Fraction(1, TIMESCALE)
+            encoder.codec_context.time_base = Fraction(1, TIMESCALE)
             encoder.options = {"preset": "veryfast", "crf": "20"}
             last_pts = -1
             total = sum(segment["bytes"] for segment in manifest.get("segments", []))

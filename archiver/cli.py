@@ -12,7 +12,7 @@ import pydantic
 import structlog
 
 from archiver import logs
-from archiver.errors import ConfigError
+from archiver.errors import ConfigError, StoreError
 from archiver.ingest.server import create_app
 from archiver.settings import Settings
 from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                 png_participants=args.png_participants,
             )
         )
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
+        # A bad argument, or a store that could not be read: nothing was checked.
         print(f"archiver: {exc}", file=sys.stderr)
         return 2
 

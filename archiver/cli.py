@@ -1,4 +1,4 @@
-"""`archiver serve | reconcile | simulate | demo`."""
+"""`archiver serve | reconcile | simulate | demo | verify | export`."""
 
 from __future__ import annotations
 
@@ -58,6 +58,24 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--keyframe-interval", type=float, default=None, help="seconds")
     simulate.add_argument("--fast", action="store_true", help="as fast as possible")
 
+    verify = commands.add_parser(
+        "verify", help="check a recording's objects against its manifests (exit 0: intact)"
+    )
+    _archive_arguments(verify, required=False)
+    verify.add_argument("--json", action="store_true", help="print one JSON document")
+
+    export = commands.add_parser("export", help="export a recording to MP4, PNG and JSON Lines")
+    _archive_arguments(export, required=True)
+    export.add_argument("--output", required=True, type=Path, help="folder to write into")
+    export.add_argument("--participant", help="only this participant's streams")
+    export.add_argument("--type", choices=["webcam", "screenshare"], help="only this type")
+    export.add_argument(
+        "--reencode",
+        type=_size,
+        metavar="WIDTHxHEIGHT",
+        help="one re-encoded MP4 per stream at this size, across resolution changes",
+    )
+
     demo = commands.add_parser("demo", help="serve locally, simulate a meeting, show the archive")
     demo.add_argument("--participants", type=int, default=3)
     demo.add_argument(
@@ -66,6 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=12.0)
     demo.add_argument("--folder", default="./archive", help="where the archive is written")
     return parser
+
+
+def _archive_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("store_url", metavar="STORE_URL", help="s3://bucket/prefix or file:///path")
+    parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint, e.g. MinIO")
+    scope = "" if required else " (default: every recording in the store)"
+    parser.add_argument("--bot", required=required, help=f"bot id{scope}")
+    parser.add_argument("--recording", required=required, help=f"recording id{scope}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(reconcile_once())
         if args.command == "simulate":
             return simulate(args)
+        if args.command == "verify":
+            return asyncio.run(verify(args))
+        if args.command == "export":
+            return asyncio.run(export(args))
         from archiver.demo import run_demo
 
         return asyncio.run(
@@ -87,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 png_participants=args.png_participants,
             )
         )
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
+        # A bad argument, or a store that could not be read: nothing was checked.
         print(f"archiver: {exc}", file=sys.stderr)
         return 2
 
@@ -165,6 +196,44 @@ def simulate(args: argparse.Namespace) -> int:
         streams=len(simulation.streams),
     )
     return 0
+
+
+async def verify(args: argparse.Namespace) -> int:
+    from archiver.consumers.reader import Archive
+    from archiver.consumers.verify import verify as verify_archive
+
+    if args.recording is not None and args.bot is None:
+        raise ConfigError("--recording needs --bot")
+    async with Archive.open(args.store_url, args.s3_endpoint_url) as archive:
+        report = await verify_archive(archive, args.bot, args.recording)
+    if args.json:
+        sys.stdout.write(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
+        sys.stdout.write("\n")
+    else:
+        print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
+async def export(args: argparse.Namespace) -> int:
+    from archiver.consumers.export import export_recording
+    from archiver.consumers.reader import Archive
+    from archiver.layout import RecordingId
+
+    async with Archive.open(args.store_url, args.s3_endpoint_url) as archive:
+        result = await export_recording(
+            archive,
+            RecordingId(args.bot, args.recording),
+            args.output,
+            participant_id=args.participant,
+            video_type=args.type,
+            reencode=args.reencode,
+        )
+    for problem in result.problems:
+        print(f"archiver: {problem}", file=sys.stderr)
+    if not result.files:
+        print("archiver: nothing to export", file=sys.stderr)
+        return 1
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

@@ -60,3 +60,13 @@ class StoreError(ArchiverError):
 class ObjectConflictError(StoreError):
     """Raised when a write-once key already holds different bytes: the store keeps the
     first version, nothing is overwritten."""
+
+
+class DamagedObjectError(ArchiverError):
+    """Raised by the read side when an object a manifest lists is missing, or its size or
+    SHA-256 differs from the manifest's: the archive is not what it promised."""
+
+    def __init__(self, key: str, cause: str) -> None:
+        super().__init__(f"{key}: {cause}")
+        self.key = key
+        self.cause = cause

@@ -108,6 +108,11 @@ class StreamId:
     def manifest_key(self) -> str:
         return f"{self.prefix}/manifest.json"
 
+    @property
+    def playlist_key(self) -> str:
+        """The HLS playlist of an H.264 stream, beside its manifest."""
+        return f"{self.prefix}/playlist.m3u8"
+
     def init_key(self, content_sha256: str) -> str:
         """Init segments are named by content: one object per SPS/PPS configuration."""
         return f"{self.prefix}/init-{content_sha256[:16]}.mp4"

@@ -253,6 +253,11 @@ class WriteBudget:
             and self.manifest_bytes + estimated_size <= self.ratio * self.media_bytes
         )
 
+    def count_companion(self, size: int) -> None:
+        """A document written with the manifest (a playlist) spends the same budget."""
+        self.manifest_requests += 1
+        self.manifest_bytes += size
+
     def count_manifest(self, size: int, entries: int) -> None:
         self.manifest_requests += 1
         self.manifest_bytes += size

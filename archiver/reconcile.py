@@ -62,7 +62,7 @@ async def reconcile(primary: ObjectStore, fallback: ListingStore) -> ReconcileRe
     `StoreError` when either store cannot be listed or reached at all."""
     started = time.monotonic()
     report = ReconcileReport()
-    keys = await fallback.keys()
+    keys = await fallback.list_keys("")
     media = [key for key in keys if not is_document(key)]
     documents = _document_order(key for key in keys if is_document(key))
     for key in media:
@@ -70,7 +70,7 @@ async def reconcile(primary: ObjectStore, fallback: ListingStore) -> ReconcileRe
     if documents:
         # Media that reached the fallback while the first ones moved, and that a document
         # read below may already list.
-        for key in await fallback.keys():
+        for key in await fallback.list_keys(""):
             if not is_document(key) and key not in media:
                 await _move_media(primary, fallback, key, report)
     for key in documents:

@@ -532,9 +532,7 @@ async def _spool_journaled_events(
         times = [f.relative_s for f in journaled.frames if not math.isnan(f.relative_s)]
         body = b"\n".join(lines) + b"\n"
         first = times[0] if times else None
-        key = recording.recovered_events_batch_key(
-            key_micros(first), path.stem
-        )
+        key = recording.recovered_events_batch_key(key_micros(first), path.stem)
         sha256 = sha256_digest(body)[0]
         if known.knows(spool.location(key), sha256):
             continue

@@ -155,16 +155,22 @@ class SessionIndex:
         context: RecordingContext,
         participant: dict[str, Any],
         status: StreamStatus,
+        time_range: tuple[float, float] | None = None,
     ) -> None:
         self.context = context
         self._keep_participant(stream.participant_id, participant)
-        self.streams[stream.manifest_key] = {
+        entry: dict[str, Any] = {
             "participant_id": stream.participant_id,
             "type": stream.video_type,
             "format": stream.media_format,
             "manifest_key": stream.manifest_key,
             "status": status,
         }
+        if stream.media_format == "h264":
+            entry["playlist_key"] = stream.playlist_key
+        if time_range is not None:
+            entry["start"], entry["end"] = time_range
+        self.streams[stream.manifest_key] = entry
 
     def record_presence(
         self, participant_id: str, participant: dict[str, Any], joined: bool, timestamp: Any
@@ -308,8 +314,10 @@ class SessionWriter:
     def record(
         self, stream: StreamId, manifest: ArchiveManifest[Any], status: StreamStatus
     ) -> None:
+        entries = manifest.entries
+        time_range = (entries[0].start, entries[-1].end) if entries else None
         self._session(stream.recording).index.record_stream(
-            stream, manifest.context, manifest.participant, status
+            stream, manifest.context, manifest.participant, status, time_range
         )
         self._schedule(stream.recording)
 

@@ -42,6 +42,8 @@ from archiver.manifests import (
     write_merging,
 )
 from archiver.manifests import dumps as dump_json
+from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
+from archiver.playlists import render_playlist
 from archiver.recovery import (
     JOURNAL_FOLDER,
     Recovery,
@@ -687,6 +689,26 @@ class H264Stream(Stream[MediaSegment, SegmentEntry]):
         )
         self.spooled_inits.add(init_key)
         return stored
+
+    async def _write_manifest(self) -> bool:
+        written = await super()._write_manifest()
+        if written:
+            await self._write_playlist()
+        return written
+
+    async def _write_playlist(self) -> None:
+        """The HLS playlist follows every manifest write, on the manifest's budget; it names
+        only what that manifest lists."""
+        assert self.manifest is not None
+        document = {"status": self.manifest.status, "segments": list(self.manifest.entry_documents)}
+        body = (await asyncio.to_thread(render_playlist, document)).encode()
+        try:
+            await self.spool.put(self.id.playlist_key, body, PLAYLIST_TYPE)
+        except StoreError as exc:
+            self.counters["manifest_failures"] += 1
+            self.log.error("playlist_write_failed", error=str(exc))
+            return
+        self.budget.count_companion(len(body))
 
 
 class PngStream(Stream[PngBatch, PngBatchEntry]):

@@ -1,5 +1,6 @@
 """Read a stream back from the store and prove it: checksums, order, and decoding (H.264)
-or every frame where the manifest says it is (PNG); and a recording's events."""
+or every frame where the manifest says it is (PNG); and a recording's events. The tests'
+and the demo's deep check; `archiver.consumers.verify` is the consumers' (no decoding)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Generic, TypeVar
 import av
 import orjson
 
+from archiver.consumers.verify import counter_problems, order_problems
 from archiver.errors import MediaError
 from archiver.layout import RecordingId
 from archiver.segmenting.png import MICROS, member_name, read_header
@@ -53,42 +55,6 @@ async def fetch_listed(
     elif len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
         problems.append(f"size or checksum mismatch in {entry['key']}")
     return data
-
-
-def order_problems(entries: list[dict[str, Any]]) -> list[str]:
-    """A manifest lists its objects with strictly increasing `seq`."""
-    seqs = [entry["seq"] for entry in entries]
-    if seqs != sorted(seqs) or len(set(seqs)) != len(seqs):
-        return ["listed out of order"]
-    return []
-
-
-def counter_problems(manifest: dict[str, Any], listed_frames: int) -> list[str]:
-    """Every frame a stream was given is accounted for once: `received` = `archived` (the
-    frames of the listed objects) + `pending` (0 once complete) + every `dropped_*`, and the
-    `invalid_<reason>` counters add up to `dropped_invalid`. Manifests without `received`
-    (written before these counters existed) are not checked."""
-    counters = manifest.get("counters", {})
-    if "received" not in counters:
-        return []
-    problems = []
-    if counters.get("archived") != listed_frames:
-        problems.append(f"counters say {counters.get('archived')} archived, {listed_frames} listed")
-    pending = counters.get("pending", 0)
-    if manifest.get("status") == "complete" and pending:
-        problems.append(f"complete with {pending} frames pending")
-    dropped = sum(n for name, n in counters.items() if name.startswith("dropped_"))
-    if counters["received"] != listed_frames + pending + dropped:
-        problems.append(
-            f"{counters['received']} received but {listed_frames} archived + {pending} "
-            f"pending + {dropped} dropped"
-        )
-    reasons = sum(n for name, n in counters.items() if name.startswith("invalid_"))
-    if counters.get("dropped_invalid", 0) != reasons:
-        problems.append(
-            f"dropped_invalid is {counters.get('dropped_invalid', 0)}, reasons {reasons}"
-        )
-    return problems
 
 
 StreamCheck = Check[DecodedFrame]

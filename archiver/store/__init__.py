@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from archiver.errors import ConfigError
 from archiver.settings import Settings
-from archiver.store.base import ListingStore, ObjectStore, StoredObject
+from archiver.store.base import ListingStore, ObjectStore, ReadableStore, StoredObject
 from archiver.store.local import LocalFolderStore
 from archiver.store.s3 import S3Store
 
@@ -12,10 +12,12 @@ __all__ = [
     "ListingStore",
     "LocalFolderStore",
     "ObjectStore",
+    "ReadableStore",
     "S3Store",
     "StoredObject",
     "open_fallback_store",
     "open_store",
+    "store_from_url",
 ]
 
 
@@ -32,6 +34,18 @@ def open_fallback_store(settings: Settings) -> ListingStore | None:
 
 
 def _open(url: str, endpoint_url: str | None, settings: Settings) -> LocalFolderStore | S3Store:
+    return store_from_url(
+        url,
+        endpoint_url,
+        attempts=settings.upload_attempts,
+        concurrency=settings.upload_concurrency,
+    )
+
+
+def store_from_url(
+    url: str, endpoint_url: str | None = None, attempts: int = 6, concurrency: int = 8
+) -> S3Store | LocalFolderStore:
+    """The store at `s3://bucket/prefix` (on `endpoint_url`, else AWS) or `file:///path`."""
     if url.startswith("file://"):
         return LocalFolderStore(url.removeprefix("file://"))
     if url.startswith("s3://"):
@@ -42,7 +56,7 @@ def _open(url: str, endpoint_url: str | None, settings: Settings) -> LocalFolder
             bucket=bucket,
             prefix=prefix.strip("/"),
             endpoint_url=endpoint_url,
-            attempts=settings.upload_attempts,
-            concurrency=settings.upload_concurrency,
+            attempts=attempts,
+            concurrency=concurrency,
         )
     raise ConfigError(f"unknown store scheme in {url!r}")

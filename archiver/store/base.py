@@ -57,13 +57,40 @@ class ObjectStore(Protocol):
 class ListingStore(ObjectStore, Protocol):
     """A store that can also be listed and emptied: what the fallback store must be."""
 
-    async def keys(self) -> list[str]:
-        """Every key the store holds (relative to its prefix); raise `StoreError`."""
+    async def list_keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix` (relative to the store's prefix), sorted; raise
+        `StoreError`."""
         ...
 
     async def delete(self, key: str, if_match: str | None = None) -> bool:
         """Remove the object (only that version, with `if_match`: an ETag); True when it is
         gone, False when a newer version is there; raise `StoreError`."""
+        ...
+
+
+class ReadableStore(Protocol):
+    """What consumers need of a store: whole objects, byte ranges, and listings. Keys are
+    relative to the store's own prefix."""
+
+    def location(self, key: str) -> str:
+        """The key as consumers find it in the bucket (with the store's prefix)."""
+        ...
+
+    async def get(self, key: str) -> bytes | None:
+        """Return the object's bytes, or None when there is none; raise `StoreError`."""
+        ...
+
+    async def get_range(self, key: str, offset: int, size: int) -> bytes | None:
+        """Return `size` bytes of the object from `offset` (fewer at its end), or None when
+        there is no object; raise `StoreError`."""
+        ...
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix` (relative to the store's prefix), sorted."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads."""
         ...
 
 

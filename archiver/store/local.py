@@ -80,21 +80,6 @@ class LocalFolderStore:
         except OSError as exc:
             raise StoreError(key, str(exc)) from exc
 
-    async def keys(self) -> list[str]:
-        def walk() -> list[str]:
-            if not self.root.is_dir():
-                return []
-            return sorted(
-                path.relative_to(self.root).as_posix()
-                for path in self.root.rglob("*")
-                if path.is_file() and not path.name.startswith(".part-")
-            )
-
-        try:
-            return await asyncio.to_thread(walk)
-        except OSError as exc:
-            raise StoreError("", str(exc)) from exc
-
     async def delete(self, key: str, if_match: str | None = None) -> bool:
         path = self._path(key)
         if if_match is not None:
@@ -108,6 +93,42 @@ class LocalFolderStore:
         except OSError as exc:
             raise StoreError(key, str(exc)) from exc
         return True
+
+    async def get_range(self, key: str, offset: int, size: int) -> bytes | None:
+        path = self._path(key)
+
+        def read() -> bytes:
+            with path.open("rb") as file:
+                file.seek(offset)
+                return file.read(size)
+
+        try:
+            return await asyncio.to_thread(read)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(key, str(exc)) from exc
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        """Files under the folder `prefix` names (partly written ones left out)."""
+        folder = prefix.rpartition("/")[0]
+        top = self._path(folder) if folder else self.root
+
+        def walk() -> list[str]:
+            keys = []
+            for path in top.rglob("*"):
+                if path.is_file() and not path.name.startswith(".part-"):
+                    key = path.relative_to(self.root).as_posix()
+                    if key.startswith(prefix):
+                        keys.append(key)
+            return sorted(keys)
+
+        if not top.is_dir():
+            return []
+        try:
+            return await asyncio.to_thread(walk)
+        except OSError as exc:
+            raise StoreError(prefix, str(exc)) from exc
 
     async def close(self) -> None:
         return None

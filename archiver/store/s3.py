@@ -137,6 +137,41 @@ class S3Store:
         body: bytes = await loop.run_in_executor(self._pool, response["Body"].read)
         return body, str(response.get("ETag", "")).strip('"')
 
+    async def get_range(self, key: str, offset: int, size: int) -> bytes | None:
+        if size <= 0:
+            return b""
+        try:
+            response = await self._call(
+                key,
+                self._client.get_object,
+                Bucket=self.bucket,
+                Key=self.prefix + key,
+                Range=f"bytes={offset}-{offset + size - 1}",
+            )
+        except FileNotFoundError:
+            return None
+        except PermissionError:
+            if await self._absent(key):
+                return None
+            raise StoreError(self.prefix + key, "S3 refused: AccessDenied") from None
+        loop = asyncio.get_running_loop()
+        body: bytes = await loop.run_in_executor(self._pool, response["Body"].read)
+        return body
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        def list_all() -> list[str]:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self.prefix + prefix
+            )
+            return [
+                obj["Key"].removeprefix(self.prefix)
+                for page in pages
+                for obj in page.get("Contents", [])
+            ]
+
+        keys: list[str] = await self._call(prefix, list_all)
+        return sorted(keys)
+
     async def _absent(self, key: str) -> bool:
         listing = await self._call(
             key,
@@ -146,23 +181,6 @@ class S3Store:
             MaxKeys=1,
         )
         return not any(obj["Key"] == self.prefix + key for obj in listing.get("Contents", []))
-
-    async def keys(self) -> list[str]:
-        found: list[str] = []
-        token: dict[str, str] = {}
-        while True:
-            listing = await self._call(
-                "",
-                self._client.list_objects_v2,
-                Bucket=self.bucket,
-                Prefix=self.prefix,
-                **token,
-            )
-            contents = listing.get("Contents", [])
-            found.extend(obj["Key"].removeprefix(self.prefix) for obj in contents)
-            if not listing.get("IsTruncated"):
-                return found
-            token = {"ContinuationToken": listing["NextContinuationToken"]}
 
     async def delete(self, key: str, if_match: str | None = None) -> bool:
         if if_match is not None:

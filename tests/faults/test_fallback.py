@@ -97,7 +97,7 @@ async def test_sigterm_during_an_outage_sends_the_spool_to_the_fallback_and_lose
     store = LocalFolderStore(fallback)
 
     async def fallback_empty() -> bool:
-        return await store.keys() == []
+        return await store.list_keys("") == []
 
     took = await wait_until(fallback_empty, timeout_s=60)
     print(f"reconciled in {took:.1f} s ({time.monotonic() - restored:.1f} s after S3 returned)")
@@ -181,7 +181,7 @@ async def test_two_services_reconcile_one_fallback_at_once(
     ]
 
     async def fallback_empty() -> bool:
-        return await store.keys() == []
+        return await store.list_keys("") == []
 
     await wait_until(fallback_empty, timeout_s=60)
     for stream in sim.streams:
@@ -227,7 +227,7 @@ async def test_archiver_reconcile_from_a_shell_reports_what_it_moved(
     report = orjson.loads(out.decode().strip().splitlines()[-1])
     assert report["moved_objects"] == 1
     assert report["left"] == []
-    assert await store.keys() == []
+    assert await store.list_keys("") == []
     assert (
         await services.store.get("bot/rec/participants/1/webcam/h264/segments/0000000000000.m4s")
         == b"x" * 10

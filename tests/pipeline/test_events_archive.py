@@ -240,7 +240,7 @@ async def test_one_connection_mixing_h264_png_and_events_archives_each_in_its_pl
     assert all(s["status"] == "complete" for s in session["streams"])
     assert [len(p["joins"]) for p in session["participants"]] == [1, 1, 1]
     places = {
-        "/participants/100/webcam/h264/": (".mp4", ".m4s", "manifest.json"),
+        "/participants/100/webcam/h264/": (".mp4", ".m4s", "manifest.json", "playlist.m3u8"),
         "/participants/101/webcam/png/": (".tar", "manifest.json"),
         "/participants/102/screenshare/png/": (".tar", "manifest.json"),
         "/events/": (".jsonl", "manifest.json"),

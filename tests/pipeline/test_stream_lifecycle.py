@@ -100,7 +100,7 @@ async def test_reconnect_to_a_new_process_continues_the_manifest(
     assert seqs == list(range(len(seqs)))
     after = {k: s3.head_object(Bucket=first.bucket, Key=k)["ETag"] for k in second.object_keys()}
     changed = {k for k in before if after[k] != before[k]}
-    assert all(k.endswith(("manifest.json", "session.json")) for k in changed)
+    assert all(k.endswith(("manifest.json", "playlist.m3u8", "session.json")) for k in changed)
 
 
 async def test_two_machines_writing_one_stream_both_end_up_in_its_manifest(

@@ -45,6 +45,19 @@ async def test_write_once_objects_are_never_replaced(store: ObjectStore) -> None
     assert await store.get("seg/1.m4s") == b"first"
 
 
+async def test_ranged_get_and_listing(store: ObjectStore) -> None:
+    assert isinstance(store, LocalFolderStore | S3Store)
+    await store.put("r/b/batch.tar", b"0123456789", "application/x-tar")
+    await store.put("r/b/manifest.json", b"{}", "application/json")
+    await store.put("r/c/other.json", b"{}", "application/json")
+    assert await store.get_range("r/b/batch.tar", 3, 4) == b"3456"
+    assert await store.get_range("r/b/batch.tar", 8, 10) == b"89"
+    assert await store.get_range("r/b/missing.tar", 0, 4) is None
+    assert await store.list_keys("r/b/") == ["r/b/batch.tar", "r/b/manifest.json"]
+    assert await store.list_keys("r/") == ["r/b/batch.tar", "r/b/manifest.json", "r/c/other.json"]
+    assert await store.list_keys("nothing/") == []
+
+
 async def test_local_store_refuses_keys_outside_its_folder(tmp_path: Path) -> None:
     from archiver.errors import StoreError
 
@@ -96,14 +109,14 @@ async def test_listing_and_conditional_delete(store: ObjectStore) -> None:
     assert isinstance(store, LocalFolderStore | S3Store)
     first = await store.put("a/manifest.json", b"{}", "application/json")
     await store.put("a/segments/1.m4s", b"media", "video/iso.segment", write_once=True)
-    assert sorted(await store.keys()) == ["a/manifest.json", "a/segments/1.m4s"]
+    assert sorted(await store.list_keys("")) == ["a/manifest.json", "a/segments/1.m4s"]
     await store.put("a/manifest.json", b'{"newer": 1}', "application/json")
     # A newer version than the one read is kept.
     assert not await store.delete("a/manifest.json", if_match=first.etag)
     assert await store.delete("a/manifest.json")
     assert await store.delete("a/segments/1.m4s")
     assert await store.delete("never/there.m4s")
-    assert await store.keys() == []
+    assert await store.list_keys("") == []
 
 
 async def test_spool_write_failure_is_counted_and_logged_once_per_cause(tmp_path: Path) -> None:

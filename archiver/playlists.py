@@ -1,0 +1,76 @@
+"""HLS playlists of H.264 streams: a pure function of a stream's manifest document.
+
+`playlist.m3u8` sits beside `manifest.json` and names the same objects with URIs relative to
+itself, so it plays from any copy of the stream's folder (a bucket, a local folder, a CDN).
+Each init segment is announced with `#EXT-X-MAP`; where the configuration changes or the
+timeline jumps (a pause, a loss), `#EXT-X-DISCONTINUITY` tells the player to reset its
+decoder and timestamps. Every segment carries `#EXT-X-PROGRAM-DATE-TIME` (the source's
+wall clock at its first frame), so players and tools can line streams up with each other
+and with the events. A live stream's playlist is an `EVENT` playlist that only grows; once
+the stream is complete it ends with `#EXT-X-ENDLIST`.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any
+
+PLAYLIST_NAME = "playlist.m3u8"
+CONTENT_TYPE = "application/vnd.apple.mpegurl"
+HLS_VERSION = 7
+"""fMP4 segments with `#EXT-X-MAP` outside an I-frames-only playlist need version 6; 7 is
+what players expect of CMAF."""
+CONTINUITY_TOLERANCE_S = 0.0001
+"""Segment times are rounded to microseconds; abutting segments agree to within this."""
+
+
+def _relative_to(base: str, key: str) -> str:
+    """`key` as a URI relative to the folder `base` (both object keys)."""
+    if base and key.startswith(base + "/"):
+        return key[len(base) + 1 :]
+    return key
+
+
+def _program_date_time(wallclock: str) -> str:
+    """ISO 8601 with milliseconds and an explicit offset, as HLS asks."""
+    moment = datetime.fromisoformat(wallclock)
+    return moment.isoformat(timespec="milliseconds")
+
+
+def discontinuous(previous: dict[str, Any], segment: dict[str, Any]) -> bool:
+    """Whether a player must reset between two listed segments: a new configuration (init
+    segment), or a timeline that does not continue where the previous segment ended."""
+    return bool(
+        segment["init_key"] != previous["init_key"]
+        or abs(segment["start"] - previous["end"]) > CONTINUITY_TOLERANCE_S
+    )
+
+
+def render_playlist(manifest: dict[str, Any]) -> str:
+    """The HLS media playlist of an H.264 stream's manifest document (`segments` and
+    `status` are all it reads)."""
+    segments: list[dict[str, Any]] = manifest.get("segments", [])
+    base = segments[0]["init_key"].rpartition("/")[0] if segments else ""
+    longest = max((s["end"] - s["start"] for s in segments), default=0.0)
+    lines = [
+        "#EXTM3U",
+        f"#EXT-X-VERSION:{HLS_VERSION}",
+        f"#EXT-X-TARGETDURATION:{max(1, math.ceil(longest - CONTINUITY_TOLERANCE_S))}",
+        "#EXT-X-PLAYLIST-TYPE:EVENT",
+        "#EXT-X-MEDIA-SEQUENCE:0",
+        "#EXT-X-DISCONTINUITY-SEQUENCE:0",
+    ]
+    previous: dict[str, Any] | None = None
+    for segment in segments:
+        if previous is not None and discontinuous(previous, segment):
+            lines.append("#EXT-X-DISCONTINUITY")
+        if previous is None or segment["init_key"] != previous["init_key"]:
+            lines.append(f'#EXT-X-MAP:URI="{_relative_to(base, segment["init_key"])}"')
+        lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_program_date_time(segment['start_wallclock'])}")
+        lines.append(f"#EXTINF:{segment['end'] - segment['start']:.6f},")
+        lines.append(_relative_to(base, segment["key"]))
+        previous = segment
+    if manifest.get("status") == "complete":
+        lines.append("#EXT-X-ENDLIST")
+    return "\n".join(lines) + "\n"

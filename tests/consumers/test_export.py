@@ -1,0 +1,113 @@
+"""`archiver export`: standard MP4s that decode to the segments' frames at their times, PNG
+frames byte for byte, the events as JSON Lines."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+from pathlib import Path
+
+import av
+import orjson
+import pytest
+
+from archiver.cli import main
+from archiver.layout import RecordingId
+from archiver.store import S3Store
+from archiver.verify import check_events, check_stream
+from tests.consumers.conftest import Archived, Simulate
+
+
+def decode(path: Path) -> list[tuple[float, int, int]]:
+    with av.open(str(path)) as container:
+        return [
+            (round(float(frame.pts * frame.time_base), 6), frame.width, frame.height)
+            for frame in container.decode(video=0)
+        ]
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+def top_level_boxes(path: Path) -> list[str]:
+    data, boxes, at = path.read_bytes(), [], 0
+    while at < len(data):
+        size, kind = struct.unpack_from(">I4s", data, at)
+        if size == 1:
+            size = struct.unpack_from(">Q", data, at + 8)[0]
+        boxes.append(kind.decode())
+        at += size
+    return boxes
+
+
+async def run_export(archived: Archived, output: Path, *args: str) -> int:
+    command = ["export", archived.store_url, *archived.endpoint_args, *archived.ids]
+    return await asyncio.to_thread(main, [*command, "--output", str(output), *args])
+
+
+async def test_export_remuxes_each_configuration_and_copies_pngs_and_events(
+    s3_archive: Simulate, tmp_path: Path
+) -> None:
+    archived = await s3_archive(
+        participants=1, seconds=4, fps=10, resize_at_s=2.0, start_relative_s=1.5
+    )
+    await s3_archive(participants=1, seconds=3, format="png", fps=2, first_participant_id=300)
+    assert archived.endpoint_url is not None
+    store = S3Store(archived.store_url.split("/")[2], "archive", archived.endpoint_url)
+    manifest_key = f"{archived.stream_prefix(100, 'webcam', 'h264')}/manifest.json"
+    segments = await check_stream(store, manifest_key, key_prefix="archive/")
+    events = await check_events(
+        store, RecordingId(archived.bot_id, archived.recording_id), key_prefix="archive/"
+    )
+    await store.close()
+
+    assert await run_export(archived, tmp_path / "out") == 0
+    out = tmp_path / "out"
+    assert names(out) == [
+        "100-webcam-1.mp4",
+        "100-webcam-2.mp4",
+        "300-webcam-png",
+        "events.jsonl",
+        "session.json",
+    ]
+    exported = decode(out / "100-webcam-1.mp4") + decode(out / "100-webcam-2.mp4")
+    expected = [(round(f.time_s, 6), f.width, f.height) for f in segments.frames]
+    assert exported == expected
+    assert len(exported) == 40
+    assert exported[0] == (1.5, 320, 240)
+    assert exported[-1][1:] == (480, 272)
+    for name in ("100-webcam-1.mp4", "100-webcam-2.mp4"):
+        boxes = top_level_boxes(out / name)
+        assert boxes.index("moov") < boxes.index("mdat")
+        assert "moof" not in boxes
+
+    [png_stream] = archived.simulations[1].streams
+    frames = sorted((out / "300-webcam-png").iterdir())
+    assert [p.name for p in frames] == [
+        f"{int(f.relative_s):06d}.{round(f.relative_s % 1 * 1e6):06d}.png" for f in png_stream.sent
+    ]
+    assert [hashlib.sha256(p.read_bytes()).hexdigest() for p in frames] == [
+        f.sha256 for f in png_stream.sent
+    ]
+    lines = (out / "events.jsonl").read_bytes().splitlines()
+    assert lines == events.lines
+    assert orjson.loads((out / "session.json").read_bytes())["recording"]["id"] == (
+        archived.recording_id
+    )
+
+
+async def test_export_reencodes_one_stream_to_one_size(
+    s3_archive: Simulate, tmp_path: Path
+) -> None:
+    archived = await s3_archive(participants=2, seconds=3, fps=10, resize_at_s=1.5)
+    status = await run_export(
+        archived, tmp_path, "--participant", "101", "--type", "webcam", "--reencode", "320x240"
+    )
+    assert status == 0
+    assert names(tmp_path) == ["101-webcam.mp4"]
+    exported = decode(tmp_path / "101-webcam.mp4")
+    sent = archived.simulations[0].streams[1].sent
+    assert [t for t, _, _ in exported] == pytest.approx([f.relative_s for f in sent], abs=1e-4)
+    assert {(w, h) for _, w, h in exported} == {(320, 240)}

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import structlog
 
 from archiver.errors import ObjectConflictError, StoreError
-from archiver.manifests import JSON_TYPE, MERGE_ATTEMPTS
+from archiver.manifests import JSON_TYPE, MERGE_ATTEMPTS, parse_document
+from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
+from archiver.playlists import render_playlist
 from archiver.recovery import merge_documents
 from archiver.store.base import ListingStore, ObjectStore
 from archiver.store.moves import move_write_once
@@ -30,6 +32,8 @@ log = structlog.get_logger(__name__)
 PROBE_KEY = ".reachable"
 """A key the service never writes: reading it tells whether the primary answers."""
 _DOCUMENT_NAMES = ("manifest.json", "session.json")
+_PLAYLIST_NAME = "playlist.m3u8"
+"""Derived from its stream's manifest: rebuilt from the merged one, never merged itself."""
 
 
 @dataclass(slots=True)
@@ -52,6 +56,10 @@ def is_document(key: str) -> bool:
     return key.rsplit("/", 1)[-1] in _DOCUMENT_NAMES
 
 
+def is_playlist(key: str) -> bool:
+    return key.rsplit("/", 1)[-1] == _PLAYLIST_NAME
+
+
 def _document_order(keys: Iterable[str]) -> list[str]:
     """Stream and events manifests before session indexes, which carry their statuses."""
     return sorted(keys, key=lambda key: (key.endswith("session.json"), key))
@@ -63,7 +71,7 @@ async def reconcile(primary: ObjectStore, fallback: ListingStore) -> ReconcileRe
     started = time.monotonic()
     report = ReconcileReport()
     keys = await fallback.list_keys("")
-    media = [key for key in keys if not is_document(key)]
+    media = [key for key in keys if not is_document(key) and not is_playlist(key)]
     documents = _document_order(key for key in keys if is_document(key))
     for key in media:
         await _move_media(primary, fallback, key, report)
@@ -71,11 +79,17 @@ async def reconcile(primary: ObjectStore, fallback: ListingStore) -> ReconcileRe
         # Media that reached the fallback while the first ones moved, and that a document
         # read below may already list.
         for key in await fallback.list_keys(""):
-            if not is_document(key) and key not in media:
+            if not is_document(key) and not is_playlist(key) and key not in media:
                 await _move_media(primary, fallback, key, report)
     for key in documents:
         try:
             await _move_document(primary, fallback, key, report)
+        except StoreError as exc:
+            report.left.append(key)
+            log.error("reconcile_document_failed", key=key, error=str(exc))
+    for key in (key for key in keys if is_playlist(key)):
+        try:
+            await _rebuild_playlist(primary, fallback, key, report)
         except StoreError as exc:
             report.left.append(key)
             log.error("reconcile_document_failed", key=key, error=str(exc))
@@ -126,6 +140,23 @@ async def _move_document(
     if not await fallback.delete(key, if_match=version):
         # A writer put a newer version there meanwhile: the next pass merges that one.
         report.left.append(key)
+
+
+async def _rebuild_playlist(
+    primary: ObjectStore, fallback: ListingStore, key: str, report: ReconcileReport
+) -> None:
+    """A playlist in the fallback only says its manifest changed: write the one the merged
+    manifest in the primary gives, then let the fallback's copy go."""
+    manifest_key = key.rsplit("/", 1)[0] + "/manifest.json"
+    fetched = await primary.fetch(manifest_key)
+    manifest = None if fetched is None else parse_document(fetched[0], manifest_key)
+    if manifest is None:
+        report.left.append(key)  # Its manifest is not in the primary yet: the next pass.
+        return
+    body = (await asyncio.to_thread(render_playlist, manifest)).encode()
+    await primary.put(key, body, PLAYLIST_TYPE)
+    await fallback.delete(key)
+    report.merged_documents += 1
 
 
 async def primary_answers(primary: ObjectStore) -> bool:

@@ -41,11 +41,12 @@ from archiver.manifests import (
     parse_document,
     write_merging,
 )
+from archiver.publishing import InOrderPublisher
 from archiver.recovery import JOURNAL_FOLDER, JSONL_TYPE, Recovery, events_header
 from archiver.settings import Settings
 from archiver.store.base import sha256_digest
 from archiver.store.journal import StreamJournal
-from archiver.store.spool import Spool, SpooledObject
+from archiver.store.spool import Spool
 
 if TYPE_CHECKING:
     from archiver.sessions import SessionWriter
@@ -322,14 +323,14 @@ class EventLog:
             self.manifest = EventsManifest(self.recording, await self._load_previous())
             self.next_seq = self.manifest.next_seq
         self.manifest.status = "live"
-        publish: asyncio.Queue[asyncio.Task[EventBatchEntry | None] | None] = asyncio.Queue()
-        publisher = asyncio.create_task(self._publish_in_order(publish))
+        publish: InOrderPublisher[EventBatchEntry] = InOrderPublisher(
+            self.spool, self.budget, self._list, self._lost_upload
+        )
         try:
             while (batch := await self.queue.get()) is not None:
                 await self._hand_over(batch, publish)
         finally:
-            await publish.put(None)
-            await publisher
+            await publish.close()
             self.manifest.status = "complete"
             self.unwritten = False
             await self._write_manifest()
@@ -360,7 +361,7 @@ class EventLog:
     async def _hand_over(
         self,
         batch: _ClosedBatch,
-        publish: asyncio.Queue[asyncio.Task[EventBatchEntry | None] | None],
+        publish: InOrderPublisher[EventBatchEntry],
     ) -> None:
         """Spool one batch under its own key and queue its upload for in-order publishing."""
         seq = self.next_seq
@@ -395,25 +396,22 @@ class EventLog:
         if self.journal is not None:
             self.journal.discard(batch.journal_name)
         self.next_seq += 1
-        await publish.put(asyncio.create_task(self._confirm(entry, spooled)))
+        publish.hand_over(entry, [spooled], batch.count)
 
-    async def _confirm(self, entry: EventBatchEntry, spooled: SpooledObject) -> EventBatchEntry:
-        await self.spool.confirm(spooled)
-        self.budget.count_media(spooled.size)
-        return entry
+    async def _list(self, entry: EventBatchEntry, events: int) -> None:
+        """A batch the store confirmed, in order: into the manifest."""
+        if self.manifest is None:
+            return
+        self.manifest.add(entry)
+        self.counters["batches"] += 1
+        # A log that is ending writes its complete manifest next: no live one first.
+        if not self.ending and self.budget.allows(len(self.manifest.batches)):
+            await self._write_manifest()
 
-    async def _publish_in_order(
-        self, publish: asyncio.Queue[asyncio.Task[EventBatchEntry | None] | None]
-    ) -> None:
-        while (upload := await publish.get()) is not None:
-            entry = await upload
-            if entry is None or self.manifest is None:
-                continue
-            self.manifest.add(entry)
-            self.counters["batches"] += 1
-            # A log that is ending writes its complete manifest next: no live one first.
-            if not self.ending and self.budget.allows(len(self.manifest.batches)):
-                await self._write_manifest()
+    def _lost_upload(self, events: int, error: BaseException) -> None:
+        self.counters["upload_failures"] += 1
+        self.counters["events_lost"] = self.counters.get("events_lost", 0) + events
+        self.log.error("events_upload_failed", events=events, error=repr(error))
 
     async def _write_manifest(self) -> None:
         manifest = self.manifest

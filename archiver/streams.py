@@ -44,6 +44,7 @@ from archiver.manifests import (
 from archiver.manifests import dumps as dump_json
 from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
 from archiver.playlists import render_playlist
+from archiver.publishing import InOrderPublisher
 from archiver.recovery import (
     JOURNAL_FOLDER,
     Recovery,
@@ -88,10 +89,6 @@ class _BatchResult(Generic[FinishedT]):
     counters: dict[str, int]
     held_frames: int
     gaps: list[dict[str, Any]]
-
-
-_Upload = tuple["asyncio.Task[EntryT]", int]
-"""An object's upload, and how many frames it carries."""
 
 
 class QueuedBytes:
@@ -309,8 +306,9 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         pending = self._take_queued()
         if not pending:
             return
-        publish: asyncio.Queue[_Upload[EntryT] | None] = asyncio.Queue()
-        publisher = asyncio.create_task(self._publish_in_order(publish))
+        publish: InOrderPublisher[EntryT] = InOrderPublisher(
+            self.spool, self.budget, self._list, self._lost_upload
+        )
         reason: EndReason = "shutdown"
         try:
             await self._open(pending[0])
@@ -345,8 +343,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         finally:
             self.finishing = True
             self.ending = None
-            await publish.put(None)
-            await publisher
+            await publish.close()
             if self.manifest is not None:
                 await self._finish(reason)
 
@@ -432,7 +429,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         return parse_document(body, self.id.manifest_key)
 
     async def _segment(
-        self, batch: list[MediaMessage], publish: asyncio.Queue[_Upload[EntryT] | None]
+        self, batch: list[MediaMessage], publish: InOrderPublisher[EntryT]
     ) -> None:
         assert self.manifest is not None
         for message in batch:
@@ -514,7 +511,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         }
         return _BatchResult(finished, rejected, counters, segmenter.held_frames, gaps)
 
-    async def _flush(self, publish: asyncio.Queue[_Upload[EntryT] | None]) -> None:
+    async def _flush(self, publish: InOrderPublisher[EntryT]) -> None:
         if self.segmenter is None:
             return
         loop = asyncio.get_running_loop()
@@ -543,7 +540,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         """Put a finished object in the spool; return its entry and what is to be confirmed."""
 
     async def _hand_over(
-        self, finished: FinishedT, publish: asyncio.Queue[_Upload[EntryT] | None]
+        self, finished: FinishedT, publish: InOrderPublisher[EntryT]
     ) -> None:
         """Spool a finished segment or batch (waiting for room when the spool is full: that
         wait is the backpressure), forget its journal, and queue its upload for in-order
@@ -563,34 +560,23 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             return
         if self.journal is not None:
             self.journal.discard(finished.name)
-        upload = asyncio.create_task(self._confirm(entry, spooled))
-        await publish.put((upload, finished.frame_count))
+        publish.hand_over(entry, spooled, finished.frame_count)
 
-    async def _confirm(self, entry: EntryT, spooled: list[SpooledObject]) -> EntryT:
-        for spooled_object in spooled:
-            await self.spool.confirm(spooled_object)
-            self.budget.count_media(spooled_object.size)
-        return entry
+    async def _list(self, entry: EntryT, frames: int) -> None:
+        """A segment or batch the store confirmed, in order: into the manifest."""
+        self.in_flight_frames -= frames
+        if self.manifest is None:
+            return
+        self.manifest.add(entry)
+        self.counters[self.published_counter] += 1
+        if self.budget.allows(len(self.manifest.entries)):
+            await self._write_manifest()
 
-    async def _publish_in_order(self, publish: asyncio.Queue[_Upload[EntryT] | None]) -> None:
-        """List each object once the store has it, in order; an upload that failed for a
-        reason of ours costs its own frames, counted, never the publisher."""
-        while (item := await publish.get()) is not None:
-            upload, frames = item
-            self.in_flight_frames -= frames
-            try:
-                entry = await upload
-            except Exception as exc:  # noqa: BLE001 (this segment's frames only, counted)
-                self.counters["dropped_unstored"] += frames
-                self.counters["upload_failures"] += 1
-                self.log.error("segment_upload_failed", frames=frames, error=_describe(exc))
-                continue
-            if self.manifest is None:
-                continue
-            self.manifest.add(entry)
-            self.counters[self.published_counter] += 1
-            if self.budget.allows(len(self.manifest.entries)):
-                await self._write_manifest()
+    def _lost_upload(self, frames: int, error: BaseException) -> None:
+        self.in_flight_frames -= frames
+        self.counters["dropped_unstored"] += frames
+        self.counters["upload_failures"] += 1
+        self.log.error("segment_upload_failed", frames=frames, error=_describe(error))
 
     async def _manifest_body(self) -> bytes:
         """Built on the loop, which owns the manifest; serialised on a thread."""

@@ -1,0 +1,74 @@
+"""Upload in parallel, publish in order: the one loop that every writer of a manifest uses.
+
+A stream (its segments or PNG batches) and a recording's events log (its batches) hand over
+each spooled object with the entry that lists it. Uploads run at once, as many as the spool
+allows; entries are listed strictly in the order they were handed over, and each only once
+the store confirmed every object behind it, so a manifest never names what is not stored.
+An upload that fails for a reason of ours costs that object only: the writer is told what
+was lost, the publisher goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+import structlog
+
+from archiver.manifests import WriteBudget
+from archiver.store.spool import Spool, SpooledObject
+
+log = structlog.get_logger(__name__)
+
+EntryT = TypeVar("EntryT")
+
+
+class InOrderPublisher(Generic[EntryT]):
+    """Owned by one writer, on the event loop; `close` waits until everything handed over
+    is listed or accounted for as lost."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        budget: WriteBudget,
+        listed: Callable[[EntryT, int], Awaitable[None]],
+        lost: Callable[[int, BaseException], None],
+    ) -> None:
+        """`listed(entry, weight)` adds a confirmed entry to its manifest; `lost(weight,
+        error)` accounts for one whose upload failed. `weight` is what the writer counts
+        per object (frames, events)."""
+        self.spool = spool
+        self.budget = budget
+        self._listed = listed
+        self._lost = lost
+        self._queue: asyncio.Queue[tuple[asyncio.Task[EntryT], int] | None] = asyncio.Queue()
+        self._task = asyncio.create_task(self._publish())
+
+    def hand_over(self, entry: EntryT, spooled: list[SpooledObject], weight: int) -> None:
+        """Start the upload of a spooled object now; list its entry after those before it."""
+        upload = asyncio.create_task(self._confirm(entry, spooled))
+        self._queue.put_nowait((upload, weight))
+
+    async def close(self) -> None:
+        self._queue.put_nowait(None)
+        await self._task
+
+    async def _confirm(self, entry: EntryT, spooled: list[SpooledObject]) -> EntryT:
+        for spooled_object in spooled:
+            await self.spool.confirm(spooled_object)
+            self.budget.count_media(spooled_object.size)
+        return entry
+
+    async def _publish(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            upload, weight = item
+            try:
+                entry = await upload
+            except Exception as exc:  # noqa: BLE001 (that object only; the writer counts it)
+                self._lost(weight, exc)
+                continue
+            try:
+                await self._listed(entry, weight)
+            except Exception:
+                log.exception("listing_failed")  # A bug of ours: logged, the loop goes on.

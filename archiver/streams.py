@@ -199,6 +199,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.segmenter_counters: dict[str, int] = {}
         self.logged_rejects: dict[str, int] = {}
         self.journal_failures_logged = 0
+        self.journal_accounted = 0
+        """Journal bytes this stream has counted in the spool's state."""
         self.task: asyncio.Task[None] | None = None
         self.final_written = False
         """The last run's final manifest is stored: nothing of this stream is only here."""
@@ -428,12 +430,11 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         body, self.manifest_etag = fetched
         return parse_document(body, self.id.manifest_key)
 
-    async def _segment(
-        self, batch: list[MediaMessage], publish: InOrderPublisher[EntryT]
-    ) -> None:
+    async def _segment(self, batch: list[MediaMessage], publish: InOrderPublisher[EntryT]) -> None:
         assert self.manifest is not None
         for message in batch:
             self.manifest.update_participant(message.relative_s, message.participant)
+        await self.spool.wait_for_room_to_journal()
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.executor, self._segment_batch, batch)
         self._take_result(result)
@@ -443,6 +444,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     def _take_result(self, result: _BatchResult[FinishedT]) -> None:
         """Account for a batch the thread is done with, before anything can wait."""
         assert self.manifest is not None
+        self._account_journal()
         self.in_hand_frames = 0
         self.held_frames = result.held_frames
         self.in_flight_frames += sum(finished.frame_count for finished in result.finished)
@@ -456,6 +458,12 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
                 "journal_write_failed", failures=journal.failures, error=journal.last_error
             )
             self.journal_failures_logged = journal.failures
+
+    def _account_journal(self) -> None:
+        """Tell the spool how much of its disk this stream's journal holds now."""
+        held = self.journal.held_bytes if self.journal is not None else 0
+        self.spool.account_journal(held - self.journal_accounted)
+        self.journal_accounted = held
 
     def _segment_batch(self, batch: list[MediaMessage]) -> _BatchResult[FinishedT]:
         """Runs on a worker thread: base64, timestamp checks and segmenting for a batch of
@@ -539,9 +547,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     async def _spool(self, finished: FinishedT) -> tuple[EntryT, list[SpooledObject]]:
         """Put a finished object in the spool; return its entry and what is to be confirmed."""
 
-    async def _hand_over(
-        self, finished: FinishedT, publish: InOrderPublisher[EntryT]
-    ) -> None:
+    async def _hand_over(self, finished: FinishedT, publish: InOrderPublisher[EntryT]) -> None:
         """Spool a finished segment or batch (waiting for room when the spool is full: that
         wait is the backpressure), forget its journal, and queue its upload for in-order
         publishing."""
@@ -560,6 +566,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             return
         if self.journal is not None:
             self.journal.discard(finished.name)
+            self._account_journal()
         publish.hand_over(entry, spooled, finished.frame_count)
 
     async def _list(self, entry: EntryT, frames: int) -> None:
@@ -631,6 +638,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.final_written = await self._write_manifest()
         if self.journal is not None:
             await asyncio.to_thread(self.journal.close, True)
+            self._account_journal()
             self.journal = None
         self.sessions.record(self.id, self.manifest, "complete")
         self.log.info(

@@ -63,8 +63,9 @@ class StreamJournal:
         self._name: str | None = None
         self._records: list[bytes] = []
         self._synced_at = time.monotonic()
-        self.bytes_written = 0
-        """Bytes this journal put on disk so far (its files are removed as segments close)."""
+        self.held_bytes = 0
+        """Bytes of this journal's files on disk now: they count against the spool's cap."""
+        self._file_bytes: dict[str, int] = {}
         self.failures = 0
         """Writes that failed (disk full, no file descriptors): those frames are still
         segmented and uploaded, only not safe from a crash of this process."""
@@ -111,17 +112,21 @@ class StreamJournal:
             self.failures += 1
             self.last_error = str(exc)
             return
-        self.bytes_written += len(body)
+        self._file_bytes[self._name] = self._file_bytes.get(self._name, 0) + len(body)
+        self.held_bytes += len(body)
 
     def discard(self, name: str) -> None:
         """Forget a segment's frames: it is in the spool now."""
         (self.folder / f"{name}.jnl").unlink(missing_ok=True)
+        self.held_bytes -= self._file_bytes.pop(name, 0)
 
     def close(self, remove: bool) -> None:
         """Write what is buffered; with `remove`, the stream ended cleanly: drop the folder."""
         self.flush()
         if remove:
             shutil.rmtree(self.folder, ignore_errors=True)
+            self._file_bytes.clear()
+            self.held_bytes = 0
 
 
 def read_segment(path: Path) -> JournaledSegment:

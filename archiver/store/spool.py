@@ -128,6 +128,7 @@ class Spool:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.pending_bytes = 0
+        self.journal_bytes = 0
         self.state = SpoolState.normal
         self.store_reachable = True
         self.counters = {
@@ -547,10 +548,36 @@ class Spool:
         """Whether writers are waiting for room: the senders should be slowed, not shed."""
         return self._waiting_for_room > 0 or self.state is SpoolState.full
 
+    def account_journal(self, delta_bytes: int) -> None:
+        """Journals (the open segments' frames) live on the spool's disk: they count in
+        its state, so a full disk slows the senders whatever fills it."""
+        self.journal_bytes += delta_bytes
+        self._update_state()
+
+    async def wait_for_room_to_journal(self) -> None:
+        """Wait, before journaling more frames, while uploads and journals together are
+        past the cap and uploads are still to free room (journals alone never wait: they
+        shrink only as their frames are segmented)."""
+        if self.pending_bytes + self.journal_bytes < self.cap_bytes:
+            return
+        async with self._room:
+            self.counters["waits_for_room"] += 1
+            self._waiting_for_room += 1
+            try:
+                await self._room.wait_for(
+                    lambda: (
+                        self.pending_bytes + self.journal_bytes < self.cap_bytes
+                        or self.pending_bytes == 0
+                    )
+                )
+            finally:
+                self._waiting_for_room -= 1
+
     def _update_state(self) -> None:
-        if self.pending_bytes >= self.cap_bytes:
+        used = self.pending_bytes + self.journal_bytes
+        if used >= self.cap_bytes:
             state = SpoolState.full
-        elif self.pending_bytes >= self.high_water_bytes:
+        elif used >= self.high_water_bytes:
             state = SpoolState.high
         else:
             state = SpoolState.normal
@@ -560,6 +587,7 @@ class Spool:
                 state=state.value,
                 previous=self.state.value,
                 pending_bytes=self.pending_bytes,
+                journal_bytes=self.journal_bytes,
                 cap_bytes=self.cap_bytes,
             )
             self.state = state

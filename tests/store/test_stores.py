@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from archiver.errors import ObjectConflictError, StoreError
 from archiver.store import LocalFolderStore, ObjectStore, S3Store
-from archiver.store.spool import Spool
+from archiver.store.spool import Spool, SpoolState
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -160,3 +160,23 @@ async def test_uploads_go_to_the_fallback_once_the_primary_was_down_long_enough(
     assert spool.pending_bytes == 0
     assert list((tmp_path / "spool" / "objects").iterdir()) == []
     await unreachable.close()
+
+
+async def test_journals_count_in_the_spool_and_wait_only_while_uploads_can_free_room(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool", LocalFolderStore(tmp_path / "archive"), cap_bytes=1024**2)
+    spool.account_journal(1024**2)
+    assert spool.state is SpoolState.full
+    # Journals alone never wait: they shrink only as their frames are segmented.
+    await asyncio.wait_for(spool.wait_for_room_to_journal(), 1)
+
+    spooled = await spool.write("a/segments/1.m4s", b"x" * 1024, "video/iso.segment")
+    waiting = asyncio.create_task(spool.wait_for_room_to_journal())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    assert spool.backpressure
+    spool.account_journal(-(1024**2))
+    await spool.confirm(spooled)
+    await asyncio.wait_for(waiting, 1)
+    assert spool.state is SpoolState.normal

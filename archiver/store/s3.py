@@ -121,9 +121,19 @@ class S3Store:
         return None if fetched is None else fetched[0]
 
     async def fetch(self, key: str) -> tuple[bytes, str] | None:
+        return await self._get_object(key)
+
+    async def get_range(self, key: str, offset: int, size: int) -> bytes | None:
+        if size <= 0:
+            return b""
+        fetched = await self._get_object(key, Range=f"bytes={offset}-{offset + size - 1}")
+        return None if fetched is None else fetched[0]
+
+    async def _get_object(self, key: str, **extra: str) -> tuple[bytes, str] | None:
+        """The object's bytes (or the range asked for) and ETag; None when there is none."""
         try:
             response = await self._call(
-                key, self._client.get_object, Bucket=self.bucket, Key=self.prefix + key
+                key, self._client.get_object, Bucket=self.bucket, Key=self.prefix + key, **extra
             )
         except FileNotFoundError:
             return None
@@ -136,27 +146,6 @@ class S3Store:
         loop = asyncio.get_running_loop()
         body: bytes = await loop.run_in_executor(self._pool, response["Body"].read)
         return body, str(response.get("ETag", "")).strip('"')
-
-    async def get_range(self, key: str, offset: int, size: int) -> bytes | None:
-        if size <= 0:
-            return b""
-        try:
-            response = await self._call(
-                key,
-                self._client.get_object,
-                Bucket=self.bucket,
-                Key=self.prefix + key,
-                Range=f"bytes={offset}-{offset + size - 1}",
-            )
-        except FileNotFoundError:
-            return None
-        except PermissionError:
-            if await self._absent(key):
-                return None
-            raise StoreError(self.prefix + key, "S3 refused: AccessDenied") from None
-        loop = asyncio.get_running_loop()
-        body: bytes = await loop.run_in_executor(self._pool, response["Body"].read)
-        return body
 
     async def list_keys(self, prefix: str) -> list[str]:
         def list_all() -> list[str]:

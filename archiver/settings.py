@@ -207,6 +207,13 @@ class Settings(BaseSettings):
         description="Payload bytes (base64) buffered per stream before reading pauses: "
         "seconds of 720p video, a dozen key frames or 360p PNGs.",
     )
+    connection_queued_bytes: int = Field(
+        default=64 * 1024**2,
+        ge=1024**2,
+        description="Payload bytes one connection may have waiting in stream queues before "
+        "its socket stops being read: seconds of a 16-participant 720p bot; no connection "
+        "can take the whole process's budget.",
+    )
     queued_bytes_total: int = Field(
         default=256 * 1024**2,
         ge=1024**2,

@@ -92,24 +92,31 @@ class _BatchResult(Generic[FinishedT]):
 
 
 class QueuedBytes:
-    """Payload bytes waiting in every stream queue of this process: the cap that keeps a
-    process's memory bounded whatever its connections send. Owned by the registry."""
+    """Payload bytes waiting in stream queues: one for the process (owned by the registry),
+    one per connection within it, so that no client can take the memory of the others."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, within: QueuedBytes | None = None) -> None:
         self.limit_bytes = limit_bytes
+        self.within = within
         self.used = 0
-        self.freed = asyncio.Event()
+        self.freed: asyncio.Event = asyncio.Event() if within is None else within.freed
         """Set whenever bytes leave a queue, for feeders waiting for room."""
 
     def fits(self, size: int) -> bool:
-        return self.used == 0 or self.used + size <= self.limit_bytes
+        fits_here = self.used == 0 or self.used + size <= self.limit_bytes
+        return fits_here and (self.within is None or self.within.fits(size))
 
     def add(self, size: int) -> None:
         self.used += size
+        if self.within is not None:
+            self.within.add(size)
 
     def free(self, size: int) -> None:
         self.used -= size
-        self.freed.set()
+        if self.within is not None:
+            self.within.free(size)
+        else:
+            self.freed.set()
 
 
 class Stream(ABC, Generic[FinishedT, EntryT]):
@@ -142,7 +149,6 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         executor: Executor,
         sessions: SessionWriter,
         recovery: Recovery,
-        queued_everywhere: QueuedBytes,
     ) -> None:
         self.id = stream_id
         self.settings = settings
@@ -160,9 +166,9 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             participant=stream_id.participant_id,
             stream=f"{stream_id.video_type}/{stream_id.media_format}",
         )
-        self.queue: deque[MediaMessage] = deque()
+        self.queue: deque[tuple[MediaMessage, QueuedBytes]] = deque()
+        """Each frame with the budget (its connection's) that it counts against."""
         self.queued_bytes = 0
-        self.queued_everywhere = queued_everywhere
         self.wake = asyncio.Event()
         """Set when a frame is queued or the stream is asked to end."""
         self.ending: EndReason | None = None
@@ -220,15 +226,16 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.last_progress = time.monotonic()
         self.task = asyncio.create_task(self._supervise(), name=f"stream {self.id}")
 
-    async def feed(self, message: MediaMessage) -> None:
-        """Enqueue. While the queue is full (in messages or bytes, this stream's or the
-        process's) this waits, so the socket stops being read; unless the wait is not the
-        spool's backpressure and lasts `stream_stall_s`: then the frame is shed, counted."""
+    async def feed(self, message: MediaMessage, budget: QueuedBytes) -> None:
+        """Enqueue. While the queue is full (in messages or bytes: this stream's, or the
+        `budget` of its connection and process) this waits, so the socket stops being read;
+        unless the wait is not the spool's backpressure and lasts `stream_stall_s`: then the
+        frame is shed, counted."""
         self.received += 1
         size = len(message.buffer_b64)
         stall_s = self.settings.stream_stall_s
         waiting_since = time.monotonic()
-        while not self._room_for(size):
+        while not self._room_for(size, budget):
             now = time.monotonic()
             legitimate_wait = self.spool.backpressure or self.opening
             stalled = bool(self.queue) and now - self.last_progress >= stall_s
@@ -242,26 +249,27 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
                     )
                 )
                 return
-            freed = self.queued_everywhere.freed
+            freed = budget.freed
             freed.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.05 + max(0.0, stall_s - (now - waiting_since))):
                     await freed.wait()
         if not self.queue:
             self.last_progress = time.monotonic()  # an idle worker is not a stalled one
-        self.queue.append(message)
+        self.queue.append((message, budget))
         self.queued_bytes += size
-        self.queued_everywhere.add(size)
+        budget.add(size)
         self.wake.set()
 
-    def _room_for(self, size: int) -> bool:
-        """One message always fits an empty queue; more while under both budgets."""
+    def _room_for(self, size: int, budget: QueuedBytes) -> bool:
+        """One message always fits an empty queue, if its budget has room; more while this
+        stream's own limits allow too."""
         if not self.queue:
-            return self.queued_everywhere.fits(size)
+            return budget.fits(size)
         return (
             len(self.queue) < self.settings.stream_queue_messages
             and self.queued_bytes + size <= self.settings.stream_queue_bytes
-            and self.queued_everywhere.fits(size)
+            and budget.fits(size)
         )
 
     def end(self, reason: EndReason) -> None:
@@ -353,10 +361,10 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         """Take what is already queued, up to a batch."""
         taken: list[MediaMessage] = []
         while self.queue and len(taken) < _BATCH_MAX:
-            message = self.queue.popleft()
+            message, budget = self.queue.popleft()
             size = len(message.buffer_b64)
             self.queued_bytes -= size
-            self.queued_everywhere.free(size)
+            budget.free(size)
             taken.append(message)
         if taken:
             self.last_progress = time.monotonic()
@@ -749,11 +757,15 @@ class StreamRegistry:
         self.streams: dict[StreamId, Stream[Any, Any]] = {}
         self.queued = QueuedBytes(settings.queued_bytes_total)
 
-    async def dispatch(self, message: MediaMessage) -> None:
+    def connection_budget(self) -> QueuedBytes:
+        """The queue budget of one more connection, within the process's."""
+        return QueuedBytes(self.settings.connection_queued_bytes, within=self.queued)
+
+    async def dispatch(self, message: MediaMessage, budget: QueuedBytes) -> None:
         stream = self._stream(message.stream)
         if not stream.running:
             stream.start()
-        await stream.feed(message)
+        await stream.feed(message, budget)
 
     def _stream(self, stream_id: StreamId) -> Stream[Any, Any]:
         stream = self.streams.get(stream_id)
@@ -766,7 +778,6 @@ class StreamRegistry:
                 self.executor,
                 self.sessions,
                 self.recovery,
-                self.queued,
             )
             stream.on_ended = self._forget_if_done
         return stream

@@ -181,6 +181,7 @@ class Connection:
         self.ws = ws
         self.counts: Counter[str] = Counter()
         self.streams: set[StreamId] = set()
+        self.queued = state.registry.connection_budget()
         self.event_recordings: set[RecordingId] = set()
         self.opened = time.monotonic()
         self.log = log.bind(connection=number)
@@ -227,7 +228,7 @@ class Connection:
             registry.attach(stream)
             self.log = self.log.bind(bot=stream.recording.bot_id)
         self.counts[f"media_{stream.media_format}"] += 1
-        await registry.dispatch(message)
+        await registry.dispatch(message, self.queued)
 
     def _open_streams(self) -> int:
         """Streams of this connection still open: ended ones (a leave, idle) stop counting.

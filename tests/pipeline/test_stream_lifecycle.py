@@ -322,3 +322,54 @@ async def test_a_leave_after_every_frame_does_not_close_and_reopen_the_stream(
     # 5 segments, their init, a few manifests, the session index and the events: not one
     # final manifest and index per frame.
     assert spool.counters["uploaded"] < 30, spool.counters
+
+
+async def test_a_connection_that_fills_its_queue_budget_is_slowed_alone(
+    service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client whose streams do not drain (here: still opening, which is waited for, not
+    shed) may hold its own budget of queued bytes, not the process's: another bot goes on
+    being read and archived."""
+    running = await service(connection_queued_bytes=1024**2)
+    release = asyncio.Event()
+    load_or_resume = H264Stream._load_or_resume
+
+    async def store_never_answers_the_hostile_streams(self: H264Stream, first: object) -> None:
+        if int(self.id.participant_id) >= 500:  # as if their manifests took forever to load
+            await release.wait()
+        await load_or_resume(self, first)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(H264Stream, "_load_or_resume", store_never_answers_the_hostile_streams)
+    hostile_bot, good = Bot(running, seconds=4), Bot(running, seconds=4)
+    registry = running.app[STATE].registry
+    async with aiohttp.ClientSession() as session:
+        hostile = await session.ws_connect(running.url)
+
+        async def flood() -> None:
+            for relative, data, _ in hostile_bot.units:
+                for pid in range(500, 510):
+                    message = media_message(
+                        data + b"\x00" * 40_000,
+                        relative,
+                        hostile_bot.start,
+                        "webcam",
+                        pid,
+                        **hostile_bot.ids,
+                    )
+                    await hostile.send_str(orjson.dumps(message).decode())
+
+        flooding = asyncio.create_task(flood())
+        await asyncio.sleep(0.5)
+        async with session.ws_connect(running.url) as ws:
+            await good.send(ws, 0, len(good.units))
+            leave = participant_event("leave", 100, 4.0, good.start, **good.ids)
+            await ws.send_str(orjson.dumps(leave).decode())
+            manifest = await wait_for_status(running, good.manifest_key, "complete")
+        held = registry.queued.used
+        assert not flooding.done(), "the flooding client was never slowed"
+        release.set()
+        await flooding
+        await hostile.close()
+    await running.settle()
+    assert held <= 1024**2 + 64 * 1024, held
+    assert sum(s["frames"] for s in manifest["segments"]) == len(good.units)

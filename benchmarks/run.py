@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import os
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -530,6 +531,10 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
         }
     finally:
         s3_process.stop()
+        if options.keep:
+            print(f"logs and outputs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def ratios(results: dict[str, Any]) -> dict[str, float | None]:
@@ -574,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast-bots", type=int, default=2)
     parser.add_argument("--receivers", type=lambda text: text.split(","), default=list(RECEIVERS))
     parser.add_argument("--json", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the receivers' logs, spool and outputs"
+    )
     options = parser.parse_args(argv)
     result = asyncio.run(main_async(options))
     print(result["table"])

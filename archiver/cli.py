@@ -14,6 +14,7 @@ import structlog
 from archiver import logs
 from archiver.errors import ConfigError, StoreError
 from archiver.ingest.server import create_app
+from archiver.loadgen import Load, run_load
 from archiver.reconcile import reconcile
 from archiver.settings import Settings
 from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
@@ -56,7 +57,22 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--resize-at", type=float, default=None, help="seconds; new size then")
     simulate.add_argument("--resize-to", type=_size, default=(480, 272), help="WIDTHxHEIGHT")
     simulate.add_argument("--keyframe-interval", type=float, default=None, help="seconds")
-    simulate.add_argument("--fast", action="store_true", help="as fast as possible")
+    pace = simulate.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--realtime",
+        dest="fast",
+        action="store_false",
+        default=False,
+        help="send each frame at its time (the default)",
+    )
+    pace.add_argument("--fast", action="store_true", help="as fast as the service reads")
+    simulate.add_argument(
+        "--bots",
+        type=int,
+        default=None,
+        help="load generator: this many bots at once, each with --participants webcams, "
+        "replaying one clip encoded before the clock starts; prints a JSON report",
+    )
 
     verify = commands.add_parser(
         "verify", help="check a recording's objects against its manifests (exit 0: intact)"
@@ -173,6 +189,8 @@ async def reconcile_once() -> int:
 
 def simulate(args: argparse.Namespace) -> int:
     logs.configure()
+    if args.bots is not None:
+        return generate_load(args)
     png = args.format == "png"
     simulation = Simulation(
         url=args.url,
@@ -196,6 +214,25 @@ def simulate(args: argparse.Namespace) -> int:
         streams=len(simulation.streams),
     )
     return 0
+
+
+def generate_load(args: argparse.Namespace) -> int:
+    if args.format != "h264" or args.screenshare or args.resize_at is not None:
+        raise ConfigError("--bots sends H.264 webcams only, at one size")
+    if args.bots < 1 or args.participants < 1:
+        raise ConfigError("--bots and --participants must be at least 1")
+    load = Load(
+        url=args.url,
+        bots=args.bots,
+        participants=args.participants,
+        seconds=args.seconds,
+        fps=args.fps or 15.0,
+        size=args.size or (320, 240),
+        realtime=not args.fast,
+    )
+    report = asyncio.run(run_load(load))
+    sys.stdout.write(orjson.dumps(report.summary(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0 if report.frames == report.expected_frames else 1
 
 
 async def verify(args: argparse.Namespace) -> int:

@@ -1,0 +1,240 @@
+"""Many simulated bots from one process: a load generator for the service or any receiver.
+
+The video is encoded once, before the clock starts (one x264 clip per run, WebRTC-like, see
+`archiver.simulator`), and its access units are base64-encoded once. Every bot and every
+participant replays that clip under its own ids: a message is a few string joins, so one
+process can drive many bots. Bots start a fraction of a frame apart, as real bots do.
+
+In real time each message has a due time; how late its send finished is its *lag* (a
+receiver that reads slowly makes the socket's buffer fill and the sends wait). With `fast`
+each bot sends as fast as the receiver reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import orjson
+
+from archiver.simulator import (
+    SimulatedStream,
+    Size,
+    encode_stream,
+    envelope,
+    participant,
+    participant_event,
+)
+
+_BUFFER = "@@BUFFER@@"
+_RELATIVE = "@@RELATIVE@@"
+_ABSOLUTE = "@@ABSOLUTE@@"
+
+
+@dataclass(frozen=True, slots=True)
+class Clip:
+    """The access units every stream replays: (relative seconds, base64, decoded size)."""
+
+    units: list[tuple[float, str, int]]
+    fps: float
+    size: Size
+
+
+def encode_clip(seconds: float, fps: float, size: Size) -> Clip:
+    """Encode `seconds` of video once: a key frame at the start only, like WebRTC."""
+    plan = SimulatedStream(0, "webcam", [(0.0, size)])
+    units = [
+        (relative, base64.b64encode(data).decode("ascii"), len(data))
+        for relative, data, _ in encode_stream(plan, seconds, fps, None)
+    ]
+    return Clip(units, fps, size)
+
+
+@dataclass(slots=True)
+class BotReport:
+    bot_id: str
+    recording_id: str
+    participant_ids: list[int]
+    messages: int = 0
+    frames: int = 0
+    close_code: int | None = None
+    send_times: list[list[float]] = field(default_factory=list)
+    """Per participant, the wall-clock time (`time.time()`) each frame's send finished."""
+
+
+@dataclass(slots=True)
+class LoadReport:
+    """What the generator sent: totals, rate, and how far behind real time sends fell."""
+
+    bots: list[BotReport]
+    realtime: bool
+    expected_frames: int = 0
+    messages: int = 0
+    frames: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    lags_s: list[float] = field(default_factory=list)
+    started_at: float = 0.0
+    """Wall clock (`time.time()`) when the first bot started sending."""
+
+    def lag_percentile(self, fraction: float) -> float | None:
+        if not self.lags_s:
+            return None
+        ordered = sorted(self.lags_s)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+    def summary(self) -> dict[str, Any]:
+        p50, p99 = self.lag_percentile(0.5), self.lag_percentile(0.99)
+        return {
+            "bots": len(self.bots),
+            "realtime": self.realtime,
+            "messages": self.messages,
+            "frames": self.frames,
+            "frames_expected": self.expected_frames,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "messages_per_s": round(self.messages / self.seconds, 1) if self.seconds else None,
+            "send_lag_p50_ms": None if p50 is None else round(p50 * 1000, 2),
+            "send_lag_p99_ms": None if p99 is None else round(p99 * 1000, 2),
+            "send_lag_max_ms": round(max(self.lags_s) * 1000, 2) if self.lags_s else None,
+            "closed_by_server": sum(bot.close_code is not None for bot in self.bots),
+            "recordings": [
+                {"bot": bot.bot_id, "recording": bot.recording_id, "frames": bot.frames}
+                for bot in self.bots
+            ],
+        }
+
+
+@dataclass(slots=True)
+class Load:
+    """What to send: `bots` connections, each with `participants` webcam streams."""
+
+    url: str
+    bots: int = 1
+    participants: int = 16
+    seconds: float = 20.0
+    fps: float = 30.0
+    size: Size = (640, 360)
+    realtime: bool = True
+    participant_events: bool = True
+    record_send_times: bool = False
+
+
+def _templates(bot_id: str, recording_id: str, participant_id: int) -> tuple[str, ...]:
+    """One participant's message cut into the parts around its buffer and timestamps."""
+    inner = {
+        "buffer": _BUFFER,
+        "timestamp": {"relative": _RELATIVE, "absolute": _ABSOLUTE},
+        "type": "webcam",
+        "participant": participant(participant_id),
+    }
+    text = orjson.dumps(envelope("video_separate_h264.data", inner, bot_id, recording_id)).decode()
+    head, _, rest = text.partition(_BUFFER)
+    middle, _, rest = rest.partition(f'"{_RELATIVE}"')
+    between, _, tail = rest.partition(_ABSOLUTE)
+    return head, middle, between, tail
+
+
+async def _run_bot(
+    load: Load,
+    clip: Clip,
+    absolutes: list[str],
+    report: BotReport,
+    totals: LoadReport,
+    start: float,
+    wallclock_start: datetime,
+) -> None:
+    templates = [_templates(report.bot_id, report.recording_id, p) for p in report.participant_ids]
+    report.send_times = [[] for _ in report.participant_ids]
+    ids = {"bot_id": report.bot_id, "recording_id": report.recording_id}
+    loop = asyncio.get_running_loop()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(load.url, max_msg_size=0, compress=0) as ws,
+    ):
+        closed = asyncio.Event()
+
+        async def watch_for_close() -> None:
+            while True:
+                message = await ws.receive()
+                if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                    if message.type is aiohttp.WSMsgType.CLOSE:
+                        report.close_code = message.data
+                    closed.set()
+                    return
+                if message.type is aiohttp.WSMsgType.ERROR:
+                    closed.set()
+                    return
+
+        watcher = asyncio.create_task(watch_for_close())
+        try:
+            if load.participant_events:
+                for pid in report.participant_ids:
+                    event = participant_event("join", pid, 0.0, wallclock_start, **ids)
+                    await ws.send_str(orjson.dumps(event).decode())
+                    report.messages += 1
+            for index, (relative, buffer, _) in enumerate(clip.units):
+                if load.realtime:
+                    delay = start + relative - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                relative_text = repr(relative)
+                for number, (head, middle, between, tail) in enumerate(templates):
+                    if closed.is_set():
+                        return
+                    text = head + buffer + middle + relative_text + between
+                    text += absolutes[index] + tail
+                    await ws.send_str(text)
+                    done = loop.time()
+                    if load.realtime:
+                        totals.lags_s.append(max(0.0, done - (start + relative)))
+                    if load.record_send_times:
+                        report.send_times[number].append(time.time())
+                    report.messages += 1
+                    report.frames += 1
+                    totals.bytes += len(text)
+            if load.participant_events:
+                end = clip.units[-1][0] if clip.units else 0.0
+                for pid in report.participant_ids:
+                    event = participant_event("leave", pid, end, wallclock_start, **ids)
+                    await ws.send_str(orjson.dumps(event).decode())
+                    report.messages += 1
+        except ConnectionResetError:
+            return
+        finally:
+            watcher.cancel()
+
+
+async def run_load(load: Load, clip: Clip | None = None) -> LoadReport:
+    """Connect every bot and send the clip through each; return what was sent."""
+    if clip is None:
+        loop = asyncio.get_running_loop()
+        clip = await loop.run_in_executor(None, encode_clip, load.seconds, load.fps, load.size)
+    wallclock_start = datetime.now(UTC)
+    absolutes = [(wallclock_start + timedelta(seconds=r)).isoformat() for r, _, _ in clip.units]
+    reports = [
+        BotReport(str(uuid.uuid4()), str(uuid.uuid4()), list(range(100, 100 + load.participants)))
+        for _ in range(load.bots)
+    ]
+    totals = LoadReport(reports, load.realtime, len(reports) * load.participants * len(clip.units))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    totals.started_at = time.time()
+    # Real bots are not in step: spread their sends over one frame interval.
+    stagger = 1.0 / clip.fps / max(1, load.bots)
+    await asyncio.gather(
+        *(
+            _run_bot(load, clip, absolutes, report, totals, began + n * stagger, wallclock_start)
+            for n, report in enumerate(reports)
+        )
+    )
+    totals.seconds = loop.time() - began
+    totals.messages = sum(bot.messages for bot in reports)
+    totals.frames = sum(bot.frames for bot in reports)
+    return totals

@@ -1,0 +1,48 @@
+"""The load generator: many bots from one process, every frame delivered."""
+
+from __future__ import annotations
+
+from archiver.cli import _parser
+from archiver.layout import RecordingId, StreamId
+from archiver.loadgen import Load, encode_clip, run_load
+from archiver.verify import check_stream
+from tests.conftest import ServiceFactory
+
+
+async def test_two_bots_deliver_every_frame(service: ServiceFactory) -> None:
+    running = await service()
+    clip = encode_clip(2.0, 10.0, (160, 120))
+    load = Load(running.url, bots=2, participants=3, realtime=False, record_send_times=True)
+    report = await run_load(load, clip)
+    await running.settle()
+    assert report.frames == report.expected_frames == 2 * 3 * len(clip.units)
+    assert len({bot.bot_id for bot in report.bots}) == 2
+    for bot in report.bots:
+        recording = RecordingId(bot.bot_id, bot.recording_id)
+        for number, participant_id in enumerate(bot.participant_ids):
+            key = StreamId(recording, str(participant_id), "webcam", "h264").manifest_key
+            check = await check_stream(running.store, key, key_prefix="archive/")
+            assert check.ok, check.problems
+            assert [f.time_s for f in check.frames] == [u[0] for u in clip.units]
+            assert len(bot.send_times[number]) == len(clip.units)
+    summary = report.summary()
+    assert summary["frames"] == summary["frames_expected"]
+    assert summary["send_lag_p50_ms"] is None  # fast: no due times
+
+
+async def test_realtime_reports_send_lag(service: ServiceFactory) -> None:
+    running = await service()
+    clip = encode_clip(0.5, 10.0, (160, 120))
+    report = await run_load(Load(running.url, bots=2, participants=1), clip)
+    await running.settle()
+    summary = report.summary()
+    assert summary["messages"] == 2 * (len(clip.units) + 2)  # frames, a join and a leave
+    assert summary["send_lag_p50_ms"] is not None
+    assert summary["send_lag_p99_ms"] >= summary["send_lag_p50_ms"]
+
+
+def test_simulate_takes_bots_and_pace() -> None:
+    args = _parser().parse_args(["simulate", "--url", "ws://x/ws", "--bots", "3", "--fast"])
+    assert (args.bots, args.fast) == (3, True)
+    args = _parser().parse_args(["simulate", "--url", "ws://x/ws", "--realtime"])
+    assert (args.bots, args.fast) == (None, False)

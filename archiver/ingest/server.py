@@ -29,7 +29,7 @@ from archiver.errors import ConfigError, InputError, StoreError
 from archiver.events import AUDIO_EVENTS
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
 from archiver.layout import RecordingId, StreamId
-from archiver.protection import TaskProtection
+from archiver.protection import SharedWants, TaskProtection
 from archiver.reconcile import primary_answers, reconcile
 from archiver.recovery import Recovery, merge_documents, recover
 from archiver.settings import Settings
@@ -342,7 +342,13 @@ def create_app(
         )
         registry = StreamRegistry(settings, spool, executor, recovery)
         tokens = tuple(t.get_secret_value().encode() for t in settings.auth_tokens)
-        protection = TaskProtection(settings.ecs_agent_uri)
+        shared = (
+            SharedWants(slot.folder.parent / "protection", str(slot.number))
+            if slot is not None and settings.ecs_agent_uri
+            else None
+        )
+        protection = TaskProtection(settings.ecs_agent_uri, shared=shared)
+        await protection.start()
         app[STATE] = ServiceState(settings, spool, registry, protection, tokens, slot)
         background = [asyncio.create_task(_protect_while_spooled(spool, protection))]
         if fallback is not None:

@@ -162,6 +162,10 @@ async def test_a_killed_worker_is_recovered_by_its_replacement_while_a_sibling_a
         round(relative, 3) for relative, _ in doomed.units[:archived]
     ]
     assert any(s["recovered"] for s in manifest["segments"])
+    print(
+        f"\nkilled worker: {archived}/{doomed.sent} frames listed; "
+        f"sibling: all {sibling.sent} frames listed"
+    )
     logs = service.logs()
     (recovering,) = [line for line in logs if line["event"] == "recovering"]
     assert recovering["pid"] == replacement

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import MutableMapping
@@ -29,8 +30,14 @@ def _orjson_dumps(event: Any, **_: Any) -> str:
     return orjson.dumps(event, default=str).decode()
 
 
-def configure(level: str = "info", log_format: str = "auto") -> None:
-    """Route structlog and the standard library's loggers (aiohttp, botocore) to stdout."""
+def _add_pid(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["pid"] = os.getpid()
+    return event
+
+
+def configure(level: str = "info", log_format: str = "auto", pid: bool = False) -> None:
+    """Route structlog and the standard library's loggers (aiohttp, botocore) to stdout;
+    with `pid`, each line names the process that wrote it (one of several workers)."""
     console = log_format == "console" or (log_format == "auto" and sys.stdout.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -39,6 +46,7 @@ def configure(level: str = "info", log_format: str = "auto") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         _redact,
+        *([_add_pid] if pid else []),
     ]
     renderer: structlog.types.Processor = (
         structlog.dev.ConsoleRenderer()

@@ -7,11 +7,22 @@ one; nor one whose spool holds objects no store has confirmed (a Fargate task's 
 with it). The ECS agent's task-protection endpoint marks the task as busy; this module sets
 it when the first bot connects or the first hold begins, clears it when the last of both
 ends, and re-arms it before it expires meanwhile.
+
+The task's protection is one flag, and several workers share the task: each worker says
+what it wants in a shared folder (`SharedWants`, a file per worker), and under a lock on
+that folder whichever worker changes its want sends what the task as a whole wants. So the
+task is released only when no live worker wants protection; a dead worker's want goes with
+it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -21,6 +32,60 @@ log = structlog.get_logger(__name__)
 
 _STATE_PATH = "/task-protection/v1/state"
 _MAX_EXPIRES_IN_MINUTES = 2880
+_LOCK_POLL_S = 0.01
+
+
+class SharedWants:
+    """What every worker of the task wants, in one folder: a file per worker
+    (`<pid>.<member>`, "1" or "0"), and `agent`, what was last sent to the agent."""
+
+    def __init__(self, folder: Path, member: str) -> None:
+        self.folder = folder
+        self.member = member
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[None]:
+        """Exclusive across the task's workers. Polled rather than blocked on in a thread:
+        a cancelled wait must not leave a thread to take the lock later and keep it."""
+        fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(_LOCK_POLL_S)
+            yield
+        finally:
+            os.close(fd)
+
+    def publish(self, wanted: bool) -> tuple[bool, bool]:
+        """Record this worker's want; (whether any live worker wants protection, whether it
+        was last sent enabled). Wants of workers no longer alive are removed."""
+        (self.folder / f"{os.getpid()}.{self.member}").write_text("1" if wanted else "0")
+        task_wants = False
+        for path in self.folder.glob("[0-9]*.*"):
+            if not _alive(int(path.name.split(".", 1)[0])):
+                path.unlink(missing_ok=True)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                task_wants |= path.read_text() == "1"
+        agent = self.folder / "agent"
+        return task_wants, agent.is_file() and agent.read_text() == "1"
+
+    def sent(self, enabled: bool) -> None:
+        (self.folder / "agent").write_text("1" if enabled else "0")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class TaskProtection:
@@ -28,7 +93,8 @@ class TaskProtection:
 
     `agent_uri` is the `ECS_AGENT_URI` the ECS agent puts into the container; with None
     (not on ECS) nothing is sent. Agent errors are logged, never raised: losing
-    protection must not cost a bot its connection.
+    protection must not cost a bot its connection. With `shared`, this worker's want is
+    combined with its siblings' before anything is sent.
     """
 
     def __init__(
@@ -39,6 +105,7 @@ class TaskProtection:
         expires_in_minutes: int = 60,
         refresh_interval_s: float | None = None,
         request_timeout_s: float = 5.0,
+        shared: SharedWants | None = None,
     ) -> None:
         if not 1 <= expires_in_minutes <= _MAX_EXPIRES_IN_MINUTES:
             raise ValueError(f"expires_in_minutes must be 1..{_MAX_EXPIRES_IN_MINUTES}")
@@ -60,6 +127,13 @@ class TaskProtection:
         # Serialises calls to the agent so that they arrive in the order of the changes.
         self._lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[None] | None = None
+        self._shared = shared
+
+    async def start(self) -> None:
+        """Take part in the task's protection from the start: a worker replacing a dead one
+        may be the one to release what the dead one held."""
+        if self._shared is not None:
+            await self._apply()
 
     @property
     def open_connections(self) -> int:
@@ -132,11 +206,22 @@ class TaskProtection:
         if self._state_url is None:
             return
         async with self._lock:
+            if self._shared is not None:
+                await self._apply_shared(self._state_url, self._shared, refresh)
+                return
             wanted = self.wanted
             if wanted == self._protected and not (wanted and refresh):
                 return
             if await self._put(self._state_url, wanted):
                 self._protected = wanted
+
+    async def _apply_shared(self, state_url: str, shared: SharedWants, refresh: bool) -> None:
+        async with shared.locked():
+            wanted, sent = await asyncio.to_thread(shared.publish, self.wanted)
+            if wanted == sent and not (wanted and refresh):
+                return
+            if await self._put(state_url, wanted):
+                await asyncio.to_thread(shared.sent, wanted)
 
     async def _put(self, state_url: str, enabled: bool) -> bool:
         body: dict[str, bool | int] = {"ProtectionEnabled": enabled}

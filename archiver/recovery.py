@@ -14,7 +14,7 @@ import math
 import random
 import shutil
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,11 +176,14 @@ class _Listing:
         return any(e["key"] == key or e["sha256"] == sha256 for e in self.entries)
 
 
-async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
-    """Replay journals and leftovers into the spool now; upload them in the background."""
-    journal_root = spool_dir / JOURNAL_FOLDER
+async def recover(
+    spool: Spool, spool_dir: Path, target_s: float, adopted: Sequence[Path] = ()
+) -> Recovery:
+    """Replay journals and leftovers into the spool now; upload them in the background.
+    `adopted`: spool folders of dead workers this process took over (`archiver.workers`),
+    recovered along with its own."""
     recovery = Recovery()
-    leftovers = await spool.leftovers()
+    leftovers = await spool.leftovers(adopted)
     recovery.leftover_objects = sum(not spooled.uploaded for spooled in leftovers)
     recovery.unlisted_objects = sum(spooled.uploaded for spooled in leftovers)
     listings: dict[str, _Listing] = {}
@@ -197,7 +200,11 @@ async def recover(spool: Spool, spool_dir: Path, target_s: float) -> Recovery:
             )
 
     replayed: list[SpooledObject] = []
-    for folder, header in await asyncio.to_thread(lambda: list(stream_folders(journal_root))):
+    roots = [spool_dir / JOURNAL_FOLDER, *(folder / JOURNAL_FOLDER for folder in adopted)]
+    journals = await asyncio.to_thread(
+        lambda: [found for root in roots for found in stream_folders(root)]
+    )
+    for folder, header in journals:
         try:
             await _recover_journal(spool, folder, header, target_s, listings, recovery, replayed)
         except Exception:

@@ -7,6 +7,8 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from archiver.workers import available_cpus
+
 
 class Settings(BaseSettings):
     """Every knob of the service, read from `ARCHIVER_*` variables or a `.env` file."""
@@ -24,6 +26,13 @@ class Settings(BaseSettings):
     # Listening.
     host: str = Field(default="0.0.0.0", description="Address to listen on.")  # noqa: S104
     port: int = Field(default=8080, ge=0, le=65535, description="TCP port to listen on.")
+    workers: int = Field(
+        default_factory=available_cpus,
+        ge=1,
+        description="Worker processes sharing the port under `archiver serve`, each holding "
+        "its own bots and its own slot of the spool; by default the CPUs the container may "
+        "use (its cgroup quota, else its CPU affinity).",
+    )
 
     # Where the archive goes.
     store: str = Field(
@@ -62,7 +71,8 @@ class Settings(BaseSettings):
     spool_cap_bytes: int = Field(
         default=10 * 1024**3,
         ge=1024 * 1024,
-        description="Spool size at which reading from bots pauses (backpressure, no drops).",
+        description="Spool size at which reading from bots pauses (backpressure, no drops); "
+        "divided evenly among the workers.",
     )
     spool_high_water_ratio: float = Field(
         default=0.8,

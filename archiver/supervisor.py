@@ -1,21 +1,26 @@
-"""`archiver serve` in production: a gunicorn master that supervises one aiohttp worker.
+"""`archiver serve` in production: a gunicorn master that supervises `ARCHIVER_WORKERS`
+aiohttp workers (by default one per CPU the container may use) sharing one listening port.
 
-If the worker dies (a crash, the kernel's OOM killer, SIGKILL), the master starts a new one
-on the same machine, and the new one recovers the spool and journals the old one left.
-SIGTERM to the master drains the worker (1012 to every bot, streams flushed, spool
-uploaded) within the drain deadline, then both exit. One worker per machine: the spool
-has one owner; scale out by adding machines.
+The kernel hands each accepted connection to one worker, and a bot's connection stays with
+the worker that accepted it. Each worker owns one slot of the spool (`archiver.workers`):
+its own `objects/` and `journal/` under `spool_dir/worker-<n>/`, held by a file lock for its
+lifetime, and a share of the spool cap. If a worker dies (a crash, the kernel's OOM killer,
+SIGKILL), the master starts a new one on the same machine; the kernel released the dead
+one's lock, so the new one claims exactly that slot and recovers what it left, while its
+siblings go on with their own. SIGTERM to the master drains every worker (1012 to every
+bot, streams flushed, spool uploaded) within the drain deadline, then all exit.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
-from archiver import logs
+from archiver import logs, workers
 from archiver.ingest.server import DrainingAppRunner, RedactingAccessLogger, create_app
 from archiver.settings import Settings
 
@@ -34,7 +39,7 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
         settings = self.settings
         options: dict[str, Any] = {
             "bind": [f"{settings.host}:{settings.port}"],
-            "workers": 1,
+            "workers": settings.workers,
             "worker_class": _WORKER_CLASS,
             # The worker gets the whole drain deadline; the master kills it only after.
             "graceful_timeout": int(settings.drain_deadline_s + _GRACE_MARGIN_S),
@@ -53,8 +58,16 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
         settings = self.settings
 
         async def runner() -> web.AppRunner:
+            # Runs in the worker process, after the fork: the slot's lock is this process's.
+            slot = await workers.claim(Path(settings.spool_dir), settings.workers)
+            own = settings.model_copy(
+                update={
+                    "spool_dir": str(slot.folder),
+                    "spool_cap_bytes": settings.spool_cap_bytes // settings.workers,
+                }
+            )
             return DrainingAppRunner(
-                create_app(settings),
+                create_app(own, slot=slot),
                 access_log_class=RedactingAccessLogger,
                 shutdown_timeout=settings.drain_deadline_s,
             )
@@ -67,7 +80,7 @@ def _logger_class(settings: Settings) -> type[glogging.Logger]:
 
     class StructuredLogger(glogging.Logger):  # type: ignore[misc]
         def setup(self, cfg: Any) -> None:
-            logs.configure(settings.log_level, settings.log_format)
+            logs.configure(settings.log_level, settings.log_format, pid=True)
             self.error_log.handlers.clear()
             self.error_log.propagate = True
             self.access_log.disabled = True

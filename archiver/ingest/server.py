@@ -29,13 +29,14 @@ from archiver.errors import ConfigError, InputError, StoreError
 from archiver.events import AUDIO_EVENTS
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
 from archiver.layout import RecordingId, StreamId
-from archiver.protection import TaskProtection
+from archiver.protection import SharedWants, TaskProtection
 from archiver.reconcile import primary_answers, reconcile
 from archiver.recovery import Recovery, merge_documents, recover
 from archiver.settings import Settings
 from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_store
 from archiver.store.spool import Spool, SpoolState
 from archiver.streams import StreamRegistry
+from archiver.workers import Slot
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +54,7 @@ class ServiceState:
     registry: StreamRegistry
     protection: TaskProtection
     tokens: tuple[bytes, ...]
+    slot: Slot | None = None
     ready: bool = True
     connections: int = 0
     next_connection: int = 0
@@ -118,6 +120,8 @@ async def readyz(request: web.Request) -> web.Response:
     reasons = state.refusals()
     body = {
         "reasons": reasons,
+        "pid": os.getpid(),
+        "slot": state.slot.number if state.slot is not None else None,
         "connections": state.connections,
         "spool": state.spool.state.value,
         "spool_pending_bytes": state.spool.pending_bytes,
@@ -300,8 +304,12 @@ class Connection:
         )
 
 
-def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Application:
-    """The service as an aiohttp app; it opens the store and worker threads on start-up."""
+def create_app(
+    settings: Settings, store: ObjectStore | None = None, slot: Slot | None = None
+) -> web.Application:
+    """The service as an aiohttp app; it opens the store and worker threads on start-up.
+    Under the supervisor, `slot` is the worker's claim on its part of the spool
+    (`settings.spool_dir` is then the slot's folder) and the orphaned parts it adopted."""
     if not settings.auth_tokens:
         raise ConfigError(
             "no auth token configured: set ARCHIVER_AUTH_TOKENS to one or more "
@@ -326,14 +334,23 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
             fallback_after_s=settings.fallback_after_s,
             merge_documents=merge_documents,
         )
-        recovery = await recover(spool, Path(settings.spool_dir), settings.segment_target_s)
+        adopted = slot.adopted if slot is not None else []
+        recovery = await recover(
+            spool, Path(settings.spool_dir), settings.segment_target_s, adopted
+        )
         executor = ThreadPoolExecutor(
             max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="segment"
         )
         registry = StreamRegistry(settings, spool, executor, recovery)
         tokens = tuple(t.get_secret_value().encode() for t in settings.auth_tokens)
-        protection = TaskProtection(settings.ecs_agent_uri)
-        app[STATE] = ServiceState(settings, spool, registry, protection, tokens)
+        shared = (
+            SharedWants(slot.folder.parent / "protection", str(slot.number))
+            if slot is not None and settings.ecs_agent_uri
+            else None
+        )
+        protection = TaskProtection(settings.ecs_agent_uri, shared=shared)
+        await protection.start()
+        app[STATE] = ServiceState(settings, spool, registry, protection, tokens, slot)
         background = [asyncio.create_task(_protect_while_spooled(spool, protection))]
         if fallback is not None:
             background.append(

@@ -471,12 +471,16 @@ class Spool:
 
     # Start-up.
 
-    async def leftovers(self) -> list[SpooledObject]:
+    async def leftovers(self, adopted: Collection[Path] = ()) -> list[SpooledObject]:
         """What a previous process left, oldest first: objects it spooled but never saw
         confirmed (their bytes count against the cap again), and records of uploaded objects
         (`uploaded`) that no confirmed manifest listed yet (they count nothing). Superseded
-        versions of a key are dropped."""
-        found = await asyncio.to_thread(self._scan)
+        versions of a key are dropped. `adopted`: other spool folders (their `objects/`)
+        this process took over; their objects stay where they are until confirmed."""
+        found: list[SpooledObject] = []
+        for folder in [self.folder, *(Path(a) / "objects" for a in adopted)]:
+            found.extend(await asyncio.to_thread(_scan, folder))
+        found.sort(key=lambda s: s.seq)
         newest: dict[str, SpooledObject] = {}
         for spooled in found:
             older = newest.get(spooled.key)
@@ -499,43 +503,6 @@ class Spool:
                 self.pending_bytes += spooled.size
             self._update_state()
         return survivors
-
-    def _scan(self) -> list[SpooledObject]:
-        if not self.folder.is_dir():
-            return []
-        found = []
-        for meta_path in sorted(self.folder.glob(f"*{_META}")):
-            try:
-                meta = orjson.loads(meta_path.read_bytes())
-            except (OSError, orjson.JSONDecodeError):
-                log.warning("spool_entry_unreadable", file=meta_path.name)
-                continue
-            found.append(
-                SpooledObject(
-                    key=meta["key"],
-                    content_type=meta["content_type"],
-                    size=meta["size"],
-                    sha256=meta["sha256"],
-                    seq=meta["seq"],
-                    path=meta_path.with_suffix(""),
-                    write_once=meta.get("write_once", False),
-                    replaces=meta.get("replaces"),
-                    extra=meta.get("extra"),
-                    uploaded=meta.get("uploaded", False),
-                    in_fallback=meta.get("in_fallback", False),
-                )
-            )
-            if found[-1].uploaded:
-                # Stopped between marking the record and removing the bytes.
-                meta_path.with_suffix(_DATA).unlink(missing_ok=True)
-        # Data files without metadata were never completely written: nothing refers to them;
-        # nor to a file a crash caught before its rename.
-        for data_path in self.folder.glob(f"*{_DATA}"):
-            if not data_path.with_suffix(_META).exists():
-                data_path.unlink(missing_ok=True)
-        for tmp_path in self.folder.glob("*.tmp"):
-            tmp_path.unlink(missing_ok=True)
-        return found
 
     def waiting_keys(self) -> list[str]:
         """Keys written to the spool and not yet confirmed by the store."""
@@ -693,6 +660,44 @@ def _meta(spooled: SpooledObject) -> bytes:
             "in_fallback": spooled.in_fallback,
         }
     )
+
+
+def _scan(folder: Path) -> list[SpooledObject]:
+    if not folder.is_dir():
+        return []
+    found = []
+    for meta_path in sorted(folder.glob(f"*{_META}")):
+        try:
+            meta = orjson.loads(meta_path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            log.warning("spool_entry_unreadable", file=meta_path.name)
+            continue
+        found.append(
+            SpooledObject(
+                key=meta["key"],
+                content_type=meta["content_type"],
+                size=meta["size"],
+                sha256=meta["sha256"],
+                seq=meta["seq"],
+                path=meta_path.with_suffix(""),
+                write_once=meta.get("write_once", False),
+                replaces=meta.get("replaces"),
+                extra=meta.get("extra"),
+                uploaded=meta.get("uploaded", False),
+                in_fallback=meta.get("in_fallback", False),
+            )
+        )
+        if found[-1].uploaded:
+            # Stopped between marking the record and removing the bytes.
+            meta_path.with_suffix(_DATA).unlink(missing_ok=True)
+    # Data files without metadata were never completely written: nothing refers to them;
+    # nor to a file a crash caught before its rename.
+    for data_path in folder.glob(f"*{_DATA}"):
+        if not data_path.with_suffix(_META).exists():
+            data_path.unlink(missing_ok=True)
+    for tmp_path in folder.glob("*.tmp"):
+        tmp_path.unlink(missing_ok=True)
+    return found
 
 
 def _mark_uploaded(record: SpooledObject) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,7 +18,7 @@ from aiohttp import web
 from structlog.testing import LogCapture
 
 from archiver import protection
-from archiver.protection import TaskProtection
+from archiver.protection import SharedWants, TaskProtection
 
 _PROTECTION_ANSWER = {
     "protection": {
@@ -210,3 +212,36 @@ async def test_a_spool_hold_protects_without_bots_and_outlasts_them(agent: FakeA
     await guard.hold("spool", False)
     assert agent.puts == [_enable(60), _DISABLE]
     await guard.close()
+
+
+async def test_workers_sharing_a_task_release_it_only_when_none_wants_it(
+    agent: FakeAgent, tmp_path: Path
+) -> None:
+    first, second = (
+        TaskProtection(agent.uri, shared=SharedWants(tmp_path, str(n))) for n in range(2)
+    )
+    await first.connection_opened()
+    await second.connection_opened()
+    await first.connection_closed()  # the second worker still holds a bot
+    await agent.wait_for_puts(1)
+    await second.connection_closed()
+    await agent.wait_for_puts(2)
+    assert agent.puts == [_enable(60), _DISABLE]
+    for guard in (first, second):
+        await guard.close()
+
+
+async def test_a_dead_workers_protection_is_released_by_its_replacement(
+    agent: FakeAgent, tmp_path: Path
+) -> None:
+    dead = TaskProtection(agent.uri, shared=SharedWants(tmp_path, "0"))
+    await dead.connection_opened()
+    await agent.wait_for_puts(1)
+    await dead.close()
+    # Its want outlives it on disk, under a pid no process has.
+    (tmp_path / f"{os.getpid()}.0").rename(tmp_path / "4194305.0")
+    replacement = TaskProtection(agent.uri, shared=SharedWants(tmp_path, "0"))
+    await replacement.start()
+    await agent.wait_for_puts(2)
+    assert agent.puts == [_enable(60), _DISABLE]
+    await replacement.close()

@@ -58,7 +58,8 @@ def outage_s3() -> Iterator[RestartableS3]:
 
 
 class ServiceProcess:
-    """`archiver serve` as a real process tree: the supervisor and its worker."""
+    """`archiver serve` as a real process tree: the supervisor and its workers (one unless
+    the test asks for `workers`)."""
 
     def __init__(
         self,
@@ -83,6 +84,7 @@ class ServiceProcess:
             "ARCHIVER_UPLOAD_ATTEMPTS": "1",
             "ARCHIVER_UPLOAD_BACKOFF_S": "0.1",
             "ARCHIVER_LEAVE_GRACE_S": "0.2",
+            "ARCHIVER_WORKERS": "1",
             **{f"ARCHIVER_{k.upper()}": str(v) for k, v in settings.items()},
         }
         self.process: asyncio.subprocess.Process | None = None
@@ -131,12 +133,33 @@ class ServiceProcess:
         async with aiohttp.ClientSession() as session, session.get(url) as response:
             return response.status, await response.json()
 
-    def worker_pid(self) -> int:
+    def slot(self, number: int = 0) -> Path:
+        """The spool folder of worker slot `number` (the only one with one worker)."""
+        return self.workdir / "spool" / f"worker-{number}"
+
+    def worker_pids(self) -> list[int]:
+        """The supervisor's children: its workers, live or being replaced."""
         assert self.process is not None
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        pids = children.read_text().split()
+        return [int(pid) for pid in children.read_text().split()]
+
+    def worker_pid(self) -> int:
+        pids = self.worker_pids()
         assert len(pids) == 1, pids
-        return int(pids[0])
+        return pids[0]
+
+    async def wait_for_workers(self, count: int, timeout_s: float = 30) -> list[int]:
+        """Wait until `count` workers have claimed their slot and answer; their pids."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                claimed = {
+                    line["pid"] for line in self.logs() if line["event"] == "service_started"
+                }
+                pids = self.worker_pids()
+                if len(pids) == count and claimed >= set(pids):
+                    await self.wait_healthy()
+                    return pids
+                await asyncio.sleep(0.05)
 
     def worker_rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.worker_pid()}/status").read_text().splitlines():

@@ -129,7 +129,7 @@ async def test_large_events_slow_their_sender_and_keep_memory_and_disk_bounded(
     process = await services.start(spool_cap_bytes=1024 * 1024)
     ids = _ids()
     recording = RecordingId(ids["bot_id"], ids["recording_id"])
-    journal = process.workdir / "spool" / "journal"
+    journal = process.slot() / "journal"
     count, size = 40, 4 * 1024 * 1024 - 64 * 1024
     sent = [
         envelope("transcript.data", {"n": n, "blob": f"{n:02d}" * (size // 2)}, **ids)

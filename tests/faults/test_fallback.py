@@ -26,7 +26,7 @@ def manifest_key(sim: Simulation, participant_id: int) -> str:
 
 
 def spooled_files(workdir: Path) -> list[Path]:
-    folder = workdir / "spool" / "objects"
+    folder = workdir / "spool" / "worker-0" / "objects"
     return sorted(folder.glob("*")) if folder.is_dir() else []
 
 
@@ -175,9 +175,14 @@ async def test_two_services_reconcile_one_fallback_at_once(
     await services.store.put(key, orjson.dumps(first), "application/json")
     await store.put(key, orjson.dumps(rest), "application/json")
 
+    # Two tasks: a spool folder each (one spool has one service's workers).
     both = [
-        await services.start(fallback_store=f"file://{fallback}/archive", reconcile_interval_s=0.2)
-        for _ in range(2)
+        await services.start(
+            fallback_store=f"file://{fallback}/archive",
+            reconcile_interval_s=0.2,
+            spool_dir=str(tmp_path / f"spool-{n}"),
+        )
+        for n in range(2)
     ]
 
     async def fallback_empty() -> bool:

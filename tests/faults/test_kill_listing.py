@@ -143,7 +143,7 @@ def kill_when_spooled(service: ServiceProcess, key: str, timeout_s: float) -> bo
     not yet confirmed by the store): a kill during a manifest write. Polls without pause,
     the window is a PUT long; kills anyway after `timeout_s`. Whether it caught one."""
     suffix = f"-{hashlib.sha256(key.encode()).hexdigest()[:16]}.meta"
-    folder = service.workdir / "spool" / "objects"
+    folder = service.slot() / "objects"
     worker = service.worker_pid()
     deadline = time.monotonic() + timeout_s
     caught = False

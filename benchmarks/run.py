@@ -387,6 +387,9 @@ async def run_receiver(
             "ARCHIVER_PORT": str(port),
             "ARCHIVER_LOG_FORMAT": "json",
             "ARCHIVER_SPOOL_DIR": str(workdir / "spool"),
+            # One worker, like the floor and each naive receiver's server: per-message
+            # figures side by side. (/readyz, which tells when all is archived, is per worker.)
+            "ARCHIVER_WORKERS": "1",
             **CREDENTIALS,
         }
         process = Process(name, [python, "-m", "archiver", "serve"], workdir, env)

@@ -158,6 +158,16 @@ class S3Store:
         body: bytes = await loop.run_in_executor(self._pool, response["Body"].read)
         return body
 
+    def presigned_get_url(self, key: str, expires_s: int) -> str:
+        """A URL that GETs the object (whole, or a `Range`) without credentials until it
+        expires; signed locally, no request to S3."""
+        url: str = self._client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self.prefix + key},
+            ExpiresIn=expires_s,
+        )
+        return url
+
     async def list_keys(self, prefix: str) -> list[str]:
         def list_all() -> list[str]:
             pages = self._client.get_paginator("list_objects_v2").paginate(

@@ -49,6 +49,9 @@ class S3Store:
             max_pool_connections=concurrency,
             connect_timeout=5,
             read_timeout=30,
+            # Requests are signed with SigV4 anyway; this makes presigned URLs SigV4 too
+            # (botocore's default for them is still SigV2, which new regions refuse).
+            signature_version="s3v4",
         )
         self._client: S3Client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, config=config

@@ -2,6 +2,14 @@
 # The archiver service: `docker run -e ARCHIVER_AUTH_TOKENS=... -p 8080:8080 IMAGE`.
 
 ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm
+ARG NODE_IMAGE=node:22.12.0-bookworm-slim
+
+# The viewer's browser assets (hls.js, pinned by viewer/package-lock.json): only the one
+# minified file reaches the image; Node.js does not.
+FROM ${NODE_IMAGE} AS viewer-assets
+WORKDIR /viewer
+COPY viewer/package.json viewer/package-lock.json ./
+RUN npm ci --ignore-scripts --no-audit --no-fund
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -22,12 +30,14 @@ RUN groupadd --system --gid 10001 archiver \
     && install --directory --owner=archiver --group=archiver --mode=0750 \
         /var/lib/archiver/spool /var/lib/archiver/tmp /var/lib/archiver/archive
 COPY --from=build /opt/venv /opt/venv
+COPY --from=viewer-assets /viewer/node_modules/hls.js/dist/hls.min.js /opt/archiver/hls.min.js
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TMPDIR=/var/lib/archiver/tmp \
     ARCHIVER_SPOOL_DIR=/var/lib/archiver/spool \
     ARCHIVER_STORE=file:///var/lib/archiver/archive \
+    ARCHIVER_VIEWER_HLS_JS_PATH=/opt/archiver/hls.min.js \
     ARCHIVER_LOG_FORMAT=json
 # Everything the service writes lives on these volumes, so the root filesystem can be
 # read-only. The directories exist with their owner so that a new volume inherits it.

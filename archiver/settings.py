@@ -271,6 +271,25 @@ class Settings(BaseSettings):
         "are connected.",
     )
 
+    # The recording viewer (read side, off by default).
+    viewer: bool = Field(
+        default=False,
+        description="Serve the synchronized viewer at /recordings/{bot_id}/{recording_id}, "
+        "behind the same tokens as bots (`?token=`).",
+    )
+    viewer_hls_js_path: str | None = Field(
+        default=None,
+        description="hls.js file the viewer serves; when unset, "
+        "viewer/node_modules/hls.js/dist/hls.min.js of a source checkout (`npm ci --prefix "
+        "viewer`).",
+    )
+    viewer_url_expiry_s: int = Field(
+        default=3600,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="Lifetime of the presigned S3 URLs the viewer hands the browser, seconds.",
+    )
+
     # Logging.
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_format: str = Field(

@@ -25,6 +25,7 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
+from archiver.consumers.viewer import ViewerConfig, add_viewer, find_hls_js
 from archiver.errors import ConfigError, InputError, StoreError
 from archiver.events import AUDIO_EVENTS
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
@@ -319,6 +320,18 @@ def create_app(
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if settings.viewer:
+        viewer_tokens = tuple(t.get_secret_value().encode() for t in settings.auth_tokens)
+        add_viewer(
+            app,
+            ViewerConfig(
+                store_url=settings.store,
+                endpoint_url=settings.s3_endpoint_url,
+                accepts=lambda offered: token_accepted(offered, viewer_tokens),
+                hls_js=find_hls_js(settings.viewer_hls_js_path),
+                url_expiry_s=settings.viewer_url_expiry_s,
+            ),
+        )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         active_store = store if store is not None else open_store(settings)

@@ -49,6 +49,9 @@ class S3Store:
             max_pool_connections=concurrency,
             connect_timeout=5,
             read_timeout=30,
+            # Requests are signed with SigV4 anyway; this makes presigned URLs SigV4 too
+            # (botocore's default for them is still SigV2, which new regions refuse).
+            signature_version="s3v4",
         )
         self._client: S3Client = boto3.session.Session().client(
             "s3", endpoint_url=endpoint_url, config=config
@@ -146,6 +149,16 @@ class S3Store:
         loop = asyncio.get_running_loop()
         body: bytes = await loop.run_in_executor(self._pool, response["Body"].read)
         return body, str(response.get("ETag", "")).strip('"')
+
+    def presigned_get_url(self, key: str, expires_s: int) -> str:
+        """A URL that GETs the object (whole, or a `Range`) without credentials until it
+        expires; signed locally, no request to S3."""
+        url: str = self._client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self.prefix + key},
+            ExpiresIn=expires_s,
+        )
+        return url
 
     async def list_keys(self, prefix: str) -> list[str]:
         def list_all() -> list[str]:

@@ -108,3 +108,56 @@ async def s3_archive(service: ServiceFactory, s3_endpoint: str) -> Simulate:
         return archived
 
     return simulate
+
+
+@dataclass
+class Viewing:
+    """A service with the viewer on, archiving simulations into its own store."""
+
+    http: str
+    app: web.Application
+    simulations: list[Simulation] = field(default_factory=list)
+
+    async def simulate(self, **options: Any) -> Simulation:
+        if self.simulations:
+            options.setdefault("bot_id", self.simulations[0].bot_id)
+            options.setdefault("recording_id", self.simulations[0].recording_id)
+        url = self.http.replace("http://", "ws://") + f"/ws?token={TOKEN}"
+        archived = Archived("")
+        await _simulate(url, self.app, archived, **options)
+        self.simulations.append(archived.simulations[0])
+        return archived.simulations[0]
+
+    def recording_url(self, suffix: str = "", token: str | None = TOKEN) -> str:
+        sim = self.simulations[0]
+        query = "" if token is None else f"?token={token}"
+        return f"{self.http}/recordings/{sim.bot_id}/{sim.recording_id}{suffix}{query}"
+
+
+@pytest.fixture
+async def file_viewer(tmp_path: Path) -> AsyncIterator[Viewing]:
+    """The service with the viewer on, over a local folder store it opens itself."""
+    settings = Settings(
+        _env_file=None,
+        auth_tokens=TOKEN,
+        store=f"file://{tmp_path / 'archive'}",
+        spool_dir=str(tmp_path / "spool"),
+        segment_target_s=1.0,
+        leave_grace_s=0.2,
+        log_format="json",
+        viewer=True,
+    )
+    logs.configure(settings.log_level, settings.log_format)
+    app = create_app(settings)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield Viewing(f"http://127.0.0.1:{runner.addresses[0][1]}", app)
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def s3_viewer(service: ServiceFactory) -> Viewing:
+    """The service with the viewer on, over the S3 server (media by presigned URLs)."""
+    running = await service(segment_target_s=1.0, viewer=True)
+    return Viewing(running.http, running.app)

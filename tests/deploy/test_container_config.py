@@ -157,9 +157,12 @@ def test_dockerfile_is_multi_stage_on_a_pinned_slim_python() -> None:
     instructions = dockerfile_instructions()
     args = dict(a.partition("=")[::2] for n, a in instructions if n == "ARG")
     assert re.fullmatch(r"python:3\.1[1-9]\.\d+-slim(-\w+)?", args["PYTHON_IMAGE"])
+    assert re.fullmatch(r"node:\d+\.\d+\.\d+-bookworm-slim", args["NODE_IMAGE"])
     stages = [a for n, a in instructions if n == "FROM"]
     assert len(stages) >= 2
-    assert all(stage.split()[0] == "${PYTHON_IMAGE}" for stage in stages)
+    # Python stages, and one Node.js stage that installs the viewer's pinned assets.
+    assert all(stage.split()[0] in ("${PYTHON_IMAGE}", "${NODE_IMAGE}") for stage in stages)
+    assert stages[-1].split()[0] == "${PYTHON_IMAGE}"
 
 
 def test_final_stage_has_no_build_tools_and_runs_unprivileged() -> None:

@@ -30,6 +30,8 @@ from archiver.simulator import (
     envelope,
     participant,
     participant_event,
+    stop_watching,
+    watch_for_close,
 )
 
 _BUFFER = "@@BUFFER@@"
@@ -159,20 +161,7 @@ async def _run_bot(
         session.ws_connect(load.url, max_msg_size=0, compress=0) as ws,
     ):
         closed = asyncio.Event()
-
-        async def watch_for_close() -> None:
-            while True:
-                message = await ws.receive()
-                if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
-                    if message.type is aiohttp.WSMsgType.CLOSE:
-                        report.close_code = message.data
-                    closed.set()
-                    return
-                if message.type is aiohttp.WSMsgType.ERROR:
-                    closed.set()
-                    return
-
-        watcher = asyncio.create_task(watch_for_close())
+        watcher = asyncio.create_task(watch_for_close(ws, closed))
         try:
             if load.participant_events:
                 for pid in report.participant_ids:
@@ -208,7 +197,7 @@ async def _run_bot(
         except ConnectionResetError:
             return
         finally:
-            watcher.cancel()
+            report.close_code = stop_watching(watcher)
 
 
 async def run_load(load: Load, clip: Clip | None = None) -> LoadReport:

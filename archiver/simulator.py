@@ -307,26 +307,35 @@ async def run_simulation(simulation: Simulation) -> Simulation:
                     ).decode()
                 )
         closed = asyncio.Event()
-
-        async def watch_for_close() -> None:
-            # Like a bot: read what the service sends, and stop once it closes.
-            while True:
-                message = await ws.receive()
-                if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
-                    if message.type is aiohttp.WSMsgType.CLOSE:
-                        simulation.close_code = message.data
-                    closed.set()
-                    return
-                if message.type is aiohttp.WSMsgType.ERROR:
-                    closed.set()
-                    return
-
-        watcher = asyncio.create_task(watch_for_close())
+        watcher = asyncio.create_task(watch_for_close(ws, closed))
         try:
             await _send_timeline(simulation, streams, timeline, ws, closed, wallclock_start)
         finally:
-            watcher.cancel()
+            simulation.close_code = stop_watching(watcher)
     return simulation
+
+
+def stop_watching(watcher: asyncio.Task[int | None]) -> int | None:
+    """The close code the watcher saw, if it saw one; the watcher is stopped either way."""
+    if not watcher.done():
+        watcher.cancel()
+        return None
+    if watcher.cancelled() or watcher.exception() is not None:
+        return None
+    return watcher.result()
+
+
+async def watch_for_close(ws: aiohttp.ClientWebSocketResponse, closed: asyncio.Event) -> int | None:
+    """Like a bot: read what the service sends until it closes; set `closed` then, and
+    return the close code it sent (None when the connection just broke)."""
+    while True:
+        message = await ws.receive()
+        if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+            closed.set()
+            return message.data if message.type is aiohttp.WSMsgType.CLOSE else None
+        if message.type is aiohttp.WSMsgType.ERROR:
+            closed.set()
+            return None
 
 
 async def _send_timeline(

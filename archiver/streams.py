@@ -42,6 +42,7 @@ from archiver.manifests import (
     write_merging,
 )
 from archiver.manifests import dumps as dump_json
+from archiver.memory import FreedMemory
 from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
 from archiver.playlists import render_playlist
 from archiver.publishing import InOrderPublisher
@@ -756,6 +757,7 @@ class StreamRegistry:
         self.events = EventArchive(settings, spool, self.sessions, recovery)
         self.streams: dict[StreamId, Stream[Any, Any]] = {}
         self.queued = QueuedBytes(settings.queued_bytes_total)
+        self.freed_memory = FreedMemory()
 
     def connection_budget(self) -> QueuedBytes:
         """The queue budget of one more connection, within the process's."""
@@ -816,6 +818,7 @@ class StreamRegistry:
             return
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]
+            self.freed_memory.release_soon()
 
     def end(self, stream_ids: set[StreamId], reason: EndReason) -> None:
         for stream_id in stream_ids:
@@ -843,6 +846,7 @@ class StreamRegistry:
         self.end(set(self.streams), "shutdown")
         self.events.end_all()
         await self.wait_idle()
+        self.freed_memory.close()
 
     def unfinished(self) -> list[str]:
         """Manifest keys of streams and events logs still being written out."""

@@ -1,0 +1,56 @@
+"""Giving freed memory back to the system after streams end.
+
+A stream's muxers and decoders allocate their buffers in C; when a burst of streams ends,
+the C library keeps what they freed for reuse, so a worker that once held 200 streams
+would keep their memory for good. `malloc_trim` returns it (glibc only; elsewhere this
+does nothing). Called when streams are let go, at most once per interval, on a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import time
+from collections.abc import Callable
+
+_TRIM_INTERVAL_S = 5.0
+
+
+def _load_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+class FreedMemory:
+    """Hands freed C memory back to the system, rate-limited; owned by the registry."""
+
+    def __init__(self, interval_s: float = _TRIM_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._trim = _load_trim()
+        self._last = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def release_soon(self) -> None:
+        """Trim once the interval since the last trim has passed (no-op without glibc)."""
+        if self._trim is None or (self._task is not None and not self._task.done()):
+            return
+        delay = max(0.0, self._last + self.interval_s - time.monotonic())
+        self._task = asyncio.create_task(self._release_after(delay))
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _release_after(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        trim = self._trim
+        assert trim is not None
+        await asyncio.to_thread(trim, 0)
+        self._last = time.monotonic()

@@ -18,6 +18,7 @@ import orjson
 from archiver.simulator import SimulatedStream, encode_stream, media_message
 from archiver.verify import check_stream
 from tests.faults.conftest import ServiceProcess, ServiceProcesses
+from tests.faults.test_faults import wait_for_manifest
 
 FPS = 15
 SECONDS = 10.0
@@ -144,7 +145,7 @@ async def test_a_killed_worker_is_recovered_by_its_replacement_while_a_sibling_a
     (replacement,) = set(await service.wait_for_workers(2)) - {sibling_pid}
 
     # The sibling's stream: untouched, complete, every frame at its exact time.
-    manifest = await wait_for_status(services, sibling.manifest_key, "complete")
+    manifest = await wait_for_manifest(services, sibling.manifest_key, "complete")
     check = await check_stream(services.store, sibling.manifest_key, key_prefix="archive/")
     assert check.ok, check.problems
     assert [round(f.time_s, 3) for f in check.frames] == [
@@ -153,7 +154,7 @@ async def test_a_killed_worker_is_recovered_by_its_replacement_while_a_sibling_a
     assert not any(s.get("recovered") for s in manifest["segments"])
 
     # The dead worker's stream: its journal recovered by the replacement, in its slot.
-    manifest = await wait_for_status(services, doomed.manifest_key, "interrupted")
+    manifest = await wait_for_manifest(services, doomed.manifest_key, "interrupted")
     check = await check_stream(services.store, doomed.manifest_key, key_prefix="archive/")
     assert check.ok, check.problems
     archived = len(check.frames)
@@ -173,14 +174,3 @@ async def test_a_killed_worker_is_recovered_by_its_replacement_while_a_sibling_a
     claims = {line["pid"]: line["slot"] for line in logs if line["event"] == "worker_slot_claimed"}
     assert claims[replacement] == slot_of[doomed_pid]
     assert claims[sibling_pid] == slot_of[sibling_pid]
-
-
-async def wait_for_status(
-    services: ServiceProcesses, key: str, status: str, timeout_s: float = 60
-) -> dict:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            raw = await services.store.get(key)
-            if raw is not None and orjson.loads(raw)["status"] == status:
-                return orjson.loads(raw)
-            await asyncio.sleep(0.2)

@@ -44,7 +44,8 @@ async def test_a_load_longer_than_its_clip_replays_it(service: ServiceFactory) -
     check = await check_stream(running.store, key.manifest_key, key_prefix="archive/")
     assert check.ok, check.problems
     times = [f.time_s for f in check.frames]
-    assert times == sorted(times) and len(set(times)) == len(times) == report.frames
+    assert times == sorted(times)
+    assert len(set(times)) == len(times) == report.frames
 
 
 async def test_realtime_reports_send_lag(service: ServiceFactory) -> None:

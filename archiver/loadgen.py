@@ -140,6 +140,9 @@ class Load:
     realtime: bool = True
     participant_events: bool = True
     record_send_times: bool = False
+    join_interval_s: float = 0.0
+    """How far apart the bots connect and start: a fleet's bots join meetings at different
+    times (0: all at once, each a fraction of a frame after the last)."""
 
 
 def _templates(bot_id: str, recording_id: str, participant_id: int) -> tuple[str, ...]:
@@ -170,6 +173,7 @@ async def _run_bot(
     report.send_times = [[] for _ in report.participant_ids]
     ids = {"bot_id": report.bot_id, "recording_id": report.recording_id}
     loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, start - loop.time()))
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(load.url, max_msg_size=0, compress=0) as ws,
@@ -234,8 +238,9 @@ async def run_load(load: Load, clip: Clip | None = None) -> LoadReport:
     loop = asyncio.get_running_loop()
     began = loop.time()
     totals.started_at = time.time()
-    # Real bots are not in step: spread their sends over one frame interval.
-    stagger = 1.0 / clip.fps / max(1, load.bots)
+    # Real bots are not in step: each starts a fraction of a frame after the last, and
+    # `join_interval_s` later still.
+    stagger = load.join_interval_s + 1.0 / clip.fps / max(1, load.bots)
     await asyncio.gather(
         *(
             _run_bot(load, clip, absolutes, report, totals, began + n * stagger, wallclock_start)

@@ -261,7 +261,10 @@ async def measure(receiver: Receiver, load: Load, clip: Clip) -> tuple[dict[str,
         "server_cpu_share": round(cpu / elapsed, 3),
         "machine_cpu_busy_cores": round(machine_busy / machine_all * (os.cpu_count() or 1), 2),
         "generator_cpu_us_per_message": round(generator_cpu / report.messages * 1e6, 1),
-        f"{field}_per_worker": [a[field] - b[field] for a, b in zip(after, before, strict=True)],
+        # How the bots were spread: frames each worker read (floor, naive) or objects it
+        # uploaded (archiver).
+        "work_counted": field,
+        "work_per_worker": [a[field] - b[field] for a, b in zip(after, before, strict=True)],
     }
     if load.realtime:
         result |= {
@@ -417,6 +420,7 @@ def _shape(options: argparse.Namespace, receiver: Receiver) -> dict[str, Any]:
         # Bots close without leave events: a leave holds a stream open for
         # ARCHIVER_LEAVE_GRACE_S more (5 s), which would count as time to archive.
         "participant_events": False,
+        "join_interval_s": options.join_interval_s,
     }
 
 
@@ -651,7 +655,8 @@ def scaling(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, A
                 "server_cpu_share": fast["server_cpu_share"],
                 "machine_cpu_busy_cores": fast["machine_cpu_busy_cores"],
             }
-            row |= {k: v for k, v in fast.items() if k.endswith("_per_worker")}
+            row["work_counted"] = fast["work_counted"]
+            row["work_per_worker"] = fast["work_per_worker"]
             if "every_frame_archived" in fast:
                 row["every_frame_archived"] = fast["every_frame_archived"]
             if "half_rate" in result:
@@ -748,8 +753,9 @@ def table(
     lines += [
         "",
         "| fast run | workers | bots | frames/s | per worker | speed-up | CPU per message (us) "
-        "| tree CPU (cores) | machine CPU (cores) | half rate: bots, durable p50 / p99 (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| tree CPU (cores) | machine CPU (cores) | work per worker "
+        "| half rate: bots, durable p50 / p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, scaled in rows_by_workers.items():
         for row in scaled:
@@ -759,11 +765,12 @@ def table(
                 if "half_rate_bots" in row
                 else ""
             )
+            work = " / ".join(map(str, row["work_per_worker"])) + f" {row['work_counted']}"
             lines.append(
                 f"| {name} | {row['workers']} | {row['bots']} | {row['frames_per_s']} "
                 f"| {row['frames_per_s_per_worker']} | {row['speedup']} "
                 f"| {row['server_cpu_us_per_message']} | {row['server_cpu_share']} "
-                f"| {row['machine_cpu_busy_cores']} | {half} |"
+                f"| {row['machine_cpu_busy_cores']} | {work} | {half} |"
             )
     if meeting is not None:
         share = meeting["manifest_and_index_share_of_requests"]
@@ -844,6 +851,7 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
                 "seconds": options.seconds,
                 "realtime_bots": options.realtime_bots,
                 "fast_bots_per_worker": options.fast_bots,
+                "join_interval_s": options.join_interval_s,
                 "workers": options.workers,
                 "segment_target_s": SEGMENT_TARGET_S,
                 "mean_access_unit_bytes": round(statistics.mean(u[2] for u in clip.units)),
@@ -944,6 +952,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--meeting-streams", type=int, default=4)
     parser.add_argument("--meeting-fps", type=float, default=30.0)
+    parser.add_argument(
+        "--join-interval-s",
+        type=float,
+        default=0.5,
+        help="bots connect this far apart (0: at once; workers share one listening socket, "
+        "so connections that arrive together may all go to one worker)",
+    )
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     parser.add_argument(
         "--keep", action="store_true", help="keep the receivers' logs, spool and outputs"

@@ -13,7 +13,13 @@ async def test_two_bots_deliver_every_frame(service: ServiceFactory) -> None:
     running = await service()
     clip = encode_clip(2.0, 10.0, (160, 120))
     load = Load(
-        running.url, bots=2, participants=3, seconds=2.0, realtime=False, record_send_times=True
+        running.url,
+        bots=2,
+        participants=3,
+        seconds=2.0,
+        realtime=False,
+        record_send_times=True,
+        join_interval_s=0.2,
     )
     report = await run_load(load, clip)
     await running.settle()

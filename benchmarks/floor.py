@@ -25,7 +25,6 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     counts["connections"] += 1
-    counts["accepted"] += 1
     async for message in ws:
         if message.type is not WSMsgType.TEXT:
             continue
@@ -53,7 +52,7 @@ async def healthz(request: web.Request) -> web.Response:
 def app(worker: int) -> web.Application:
     application = web.Application()
     application[COUNTS] = dict.fromkeys(
-        ("connections", "accepted", "messages", "frames", "decoded_bytes", "bad"), 0
+        ("connections", "messages", "frames", "decoded_bytes", "bad"), 0
     )
     application[COUNTS]["worker"] = worker
     application.add_routes(

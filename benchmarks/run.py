@@ -259,7 +259,10 @@ async def measure(receiver: Receiver, load: Load, clip: Clip) -> tuple[dict[str,
         # Cores the receiver's tree kept busy on average, and the whole machine's (the
         # generator and the S3 server included).
         "server_cpu_share": round(cpu / elapsed, 3),
-        "machine_cpu_busy_cores": round(machine_busy / machine_all * (os.cpu_count() or 1), 2),
+        # (A tiny run may end within /proc's clock tick.)
+        "machine_cpu_busy_cores": round(machine_busy / machine_all * (os.cpu_count() or 1), 2)
+        if machine_all
+        else 0.0,
         "generator_cpu_us_per_message": round(generator_cpu / report.messages * 1e6, 1),
         # How the bots were spread: frames each worker read (floor, naive) or objects it
         # uploaded (archiver).

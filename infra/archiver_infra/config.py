@@ -92,6 +92,9 @@ class ArchiverConfig:
 
     auth_secret_arn: str | None = field(default=None, metadata={"key": "authSecretArn"})
     """Existing Secrets Manager secret holding the bot tokens; the stack makes one when unset."""
+    token_keys_secret_arn: str | None = field(default=None, metadata={"key": "tokenKeysSecretArn"})
+    """Existing secret holding the keys that sign short-lived bot tokens; the stack makes
+    one when unset."""
     log_retention_days: int = field(default=30, metadata={"key": "logRetentionDays"})
 
     @classmethod

@@ -75,12 +75,18 @@ class ArchiverStack(Stack):
         key = self._archive_key() if config.encryption == "kms" else None
         bucket = self._bucket(key)
         auth_tokens = self._auth_tokens()
+        token_keys = self._token_keys()
         log_group = logs.LogGroup(self, "Logs", retention=_LOG_RETENTION[config.log_retention_days])
         cluster = ecs.Cluster(
             self, "Cluster", vpc=vpc, container_insights_v2=ecs.ContainerInsights.ENABLED
         )
         task_role = self._task_role(cluster, bucket, key)
-        task_definition = self._task_definition(task_role, bucket, auth_tokens, log_group)
+        task_definition = self._task_definition(
+            task_role,
+            bucket,
+            {"ARCHIVER_AUTH_TOKENS": auth_tokens, "ARCHIVER_TOKEN_KEYS": token_keys},
+            log_group,
+        )
 
         service = ecs.FargateService(
             self,
@@ -103,6 +109,7 @@ class ArchiverStack(Stack):
         CfnOutput(self, "BucketName", value=bucket.bucket_name)
         CfnOutput(self, "ArchiveStore", value=self._store_url(bucket))
         CfnOutput(self, "AuthTokensSecretArn", value=auth_tokens.secret_arn)
+        CfnOutput(self, "TokenKeysSecretArn", value=token_keys.secret_arn)
         CfnOutput(self, "LogGroupName", value=log_group.log_group_name)
         CfnOutput(self, "ClusterName", value=cluster.cluster_name)
         CfnOutput(self, "ServiceName", value=service.service_name)
@@ -186,6 +193,24 @@ class ArchiverStack(Stack):
             ),
         )
 
+    def _token_keys(self) -> secretsmanager.ISecret:
+        """Keys that sign short-lived bot tokens (`archiver token create`): the first signs,
+        every one verifies."""
+        if self.config.token_keys_secret_arn:
+            return secretsmanager.Secret.from_secret_complete_arn(
+                self, "TokenKeys", self.config.token_keys_secret_arn
+            )
+        return secretsmanager.Secret(
+            self,
+            "TokenKeys",
+            description="Keys signing the archiver's short-lived bot tokens, comma-separated, "
+            "the signing key first (two during rotation)",
+            # No commas: they separate keys.
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                password_length=64, exclude_punctuation=True, include_space=False
+            ),
+        )
+
     def _task_role(
         self, cluster: ecs.Cluster, bucket: s3.IBucket, key: kms.IKey | None
     ) -> iam.Role:
@@ -264,7 +289,7 @@ class ArchiverStack(Stack):
         self,
         task_role: iam.IRole,
         bucket: s3.IBucket,
-        auth_tokens: secretsmanager.ISecret,
+        secrets: dict[str, secretsmanager.ISecret],
         log_group: logs.ILogGroup,
     ) -> ecs.FargateTaskDefinition:
         config = self.config
@@ -307,7 +332,9 @@ class ArchiverStack(Stack):
                     else {}
                 ),
             },
-            secrets={"ARCHIVER_AUTH_TOKENS": ecs.Secret.from_secrets_manager(auth_tokens)},
+            secrets={
+                name: ecs.Secret.from_secrets_manager(secret) for name, secret in secrets.items()
+            },
             logging=ecs.LogDrivers.aws_logs(
                 stream_prefix=CONTAINER_NAME,
                 log_group=log_group,

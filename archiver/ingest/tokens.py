@@ -105,9 +105,11 @@ class TokenCheck:
 
     def _verify_signed(self, offered: str) -> None:
         parts = offered.split(".")
-        if len(parts) != 4 or not (parts[2].isascii() and parts[2].isdigit()) or len(parts[2]) > 12:
+        if len(parts) != 4:
             raise TokenError("malformed")
         _, offered_key_id, expiry, signature = parts
+        if not (expiry.isascii() and expiry.isdigit() and len(expiry) <= 12):
+            raise TokenError("malformed")
         signed = offered.rpartition(".")[0]
         wanted = offered_key_id.encode()
         keys = [k for k in self.keys if hmac.compare_digest(key_id(k).encode(), wanted)]

@@ -22,6 +22,7 @@ driver ships it and CloudWatch Logs turns it into metrics.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -44,9 +45,11 @@ from prometheus_client import (
     values,
 )
 
+from archiver.errors import ConfigError
 from archiver.settings import Settings
 
 log = structlog.get_logger(__name__)
+_EMF_LOGGER = "archiver.metrics.cloudwatch"
 
 # prometheus-client reads its folder from this variable in every process that records.
 _MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -342,9 +345,17 @@ class Exporter:
         port = self.settings.metrics_port
         if port:
             host = self.settings.host
-            self.server, _ = start_http_server(port, addr=host, registry=self.registry)
+            try:
+                self.server, _ = start_http_server(port, addr=host, registry=self.registry)
+            except OSError as exc:
+                self.stop()
+                raise ConfigError(
+                    f"cannot serve metrics on {host}:{port} (ARCHIVER_METRICS_PORT): {exc}"
+                ) from exc
             log.info("metrics_serving", port=port, path="/metrics")
         if self.settings.cloudwatch_metrics:
+            # The documents are metrics, not messages: whatever ARCHIVER_LOG_LEVEL says.
+            logging.getLogger(_EMF_LOGGER).setLevel(logging.INFO)
             self._last = self._counters()
             self._emitter = threading.Thread(
                 target=self._emit_forever, name="cloudwatch-metrics", daemon=True
@@ -405,7 +416,7 @@ class Exporter:
                 }
             ],
         }
-        log.info("cloudwatch_metrics", **document)
+        structlog.get_logger(_EMF_LOGGER).info("cloudwatch_metrics", **document)
 
     def _counters(self) -> dict[str, float]:
         assert self.registry is not None

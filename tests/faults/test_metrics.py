@@ -4,6 +4,8 @@ same figures as CloudWatch embedded-metric documents in the JSON logs."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -201,3 +203,30 @@ async def test_a_single_process_serves_its_own_metrics(service: ServiceFactory) 
     refused = "archiver_messages_refused_total"
     assert total(after, refused, reason="bad_json") == total(before, refused, reason="bad_json") + 1
     assert await public_status(f"{running.http}/metrics") == 404
+
+
+async def test_a_killed_workers_gauges_leave_the_sum_and_its_counters_stay(
+    services: ServiceProcesses,
+) -> None:
+    port = free_port()
+    service = await services.start(workers=2, metrics_port=port)
+    await service.wait_for_workers(2)
+    async with bots_on(service, 2) as held:
+        (doomed_pid, _), (sibling_pid, sibling) = sorted(held.items())
+        await until(port, lambda s: total(s, "archiver_connections") == 2)
+        before = await until(
+            port, lambda s: total(s, "archiver_messages_received_total") >= len(held)
+        )
+        os.kill(doomed_pid, signal.SIGKILL)
+        after = await until(
+            port,
+            lambda s: (
+                total(s, "archiver_connections") == 1 and total(s, "archiver_streams_active") == 1
+            ),
+        )
+        assert sibling_pid in service.worker_pids()
+        assert total(after, "archiver_messages_received_total") >= total(
+            before, "archiver_messages_received_total"
+        )
+        await sibling.send_next()
+    await until(port, lambda s: total(s, "archiver_connections") == 0)

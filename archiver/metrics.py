@@ -356,7 +356,7 @@ class Exporter:
         if self.settings.cloudwatch_metrics:
             # The documents are metrics, not messages: whatever ARCHIVER_LOG_LEVEL says.
             logging.getLogger(_EMF_LOGGER).setLevel(logging.INFO)
-            self._last = self._counters()
+            self._last = _counter_totals(_totals(self.registry))
             self._emitter = threading.Thread(
                 target=self._emit_forever, name="cloudwatch-metrics", daemon=True
             )
@@ -395,13 +395,13 @@ class Exporter:
         """Log one EMF document: the gauges now, the counters' increase since the last."""
         assert self.registry is not None
         figures = _totals(self.registry)
-        counters = {name: figures.get(name, 0.0) for name, _ in _CLOUDWATCH_COUNTERS.values()}
+        counters = _counter_totals(figures)
         document: dict[str, Any] = {"Service": self.settings.cloudwatch_service}
         for metric, (name, _) in _CLOUDWATCH_GAUGES.items():
             document[metric] = figures.get(name, 0.0)
         for metric, (name, _) in _CLOUDWATCH_COUNTERS.items():
-            # A worker's counters restart with it only if its file went: never below zero.
-            document[metric] = max(0.0, counters[name] - self._last.get(name, 0.0))
+            # Totals never go back: a dead worker's counters stay in the run's folder.
+            document[metric] = counters[name] - self._last.get(name, 0.0)
         self._last = counters
         units = {**_CLOUDWATCH_GAUGES, **_CLOUDWATCH_COUNTERS}
         document["_aws"] = {
@@ -418,10 +418,9 @@ class Exporter:
         }
         structlog.get_logger(_EMF_LOGGER).info("cloudwatch_metrics", **document)
 
-    def _counters(self) -> dict[str, float]:
-        assert self.registry is not None
-        figures = _totals(self.registry)
-        return {name: figures.get(name, 0.0) for name, _ in _CLOUDWATCH_COUNTERS.values()}
+
+def _counter_totals(figures: dict[str, float]) -> dict[str, float]:
+    return {name: figures.get(name, 0.0) for name, _ in _CLOUDWATCH_COUNTERS.values()}
 
 
 def _totals(registry: CollectorRegistry) -> dict[str, float]:

@@ -91,6 +91,7 @@ class Instruments:
     messages_refused: Counter
     frames_archived: Counter
     frames_dropped: Counter
+    frames_recovered: Counter
     connections: Gauge
     streams_active: Gauge
     spool_pending_bytes: Gauge
@@ -129,6 +130,13 @@ def _build() -> Instruments:
             "Frames not archived, by format and reason (the manifests' dropped_* and "
             "invalid_* counters).",
             ["format", "reason"],
+            registry=registry,
+        ),
+        frames_recovered=Counter(
+            "archiver_frames_recovered",
+            "Frames replayed from the journal a crashed process left, into recovered segments "
+            "or PNG batches.",
+            ["format"],
             registry=registry,
         ),
         connections=Gauge(
@@ -229,6 +237,10 @@ def message_refused(reason: str) -> None:
 
 def frames_archived(media_format: str, frames: int) -> None:
     instruments().frames_archived.labels(media_format).inc(frames)
+
+
+def frames_recovered(media_format: str, frames: int) -> None:
+    instruments().frames_recovered.labels(media_format).inc(frames)
 
 
 def connection_opened() -> None:

@@ -230,3 +230,5 @@ async def test_a_killed_workers_gauges_leave_the_sum_and_its_counters_stay(
         )
         await sibling.send_next()
     await until(port, lambda s: total(s, "archiver_connections") == 0)
+    # Its replacement replays the frame it had journaled.
+    await until(port, lambda s: total(s, "archiver_frames_recovered_total", format="h264") == 1)

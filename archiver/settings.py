@@ -296,6 +296,30 @@ class Settings(BaseSettings):
         description="Lifetime of the presigned S3 URLs the viewer hands the browser, seconds.",
     )
 
+    # Metrics.
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="TCP port (on `host`) where Prometheus scrapes /metrics, the whole task's "
+        "figures (every worker); 0: not served. Never the public port.",
+    )
+    cloudwatch_metrics: bool = Field(
+        default=False,
+        description="Log the key figures every `cloudwatch_metrics_interval_s` in CloudWatch's "
+        "embedded metric format (on ECS the awslogs driver makes them metrics).",
+    )
+    cloudwatch_namespace: str = Field(
+        default="RecallArchiver", description="CloudWatch namespace of those metrics."
+    )
+    cloudwatch_service: str = Field(
+        default="recall-archiver",
+        description="Value of their one dimension, `Service`: the deployment's name.",
+    )
+    cloudwatch_metrics_interval_s: float = Field(
+        default=60.0, gt=0, description="Seconds between two CloudWatch metric documents."
+    )
+
     # Logging.
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_format: str = Field(

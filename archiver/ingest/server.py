@@ -24,6 +24,7 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
+from archiver import metrics
 from archiver.consumers.viewer import ViewerConfig, add_viewer, find_hls_js
 from archiver.errors import ConfigError, InputError, StoreError, TokenError
 from archiver.events import AUDIO_EVENTS
@@ -154,6 +155,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     state.next_connection += 1
     connection = Connection(state, ws, state.next_connection, request.remote)
     state.connections += 1
+    metrics.connection_opened()
     state.sockets.add(ws)
     await state.protection.connection_opened()
     try:
@@ -163,6 +165,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if not state.sockets:
             state.all_closed.set()
         state.connections -= 1
+        metrics.connection_closed()
         await connection.close()
         await state.protection.connection_closed()
     return ws
@@ -208,8 +211,10 @@ class Connection:
             self.refuse(error)
             return
         if isinstance(message, MediaMessage):
+            metrics.media_received(message.stream.media_format)
             await self.route_media(message)
         else:
+            metrics.message_received(message.event)
             await self.route_event(message)
 
     async def route_media(self, message: MediaMessage) -> None:
@@ -281,6 +286,7 @@ class Connection:
         """Count and log a refused message; the connection goes on."""
         self.counts[f"refused_{error.reason}"] += 1
         self.state.totals[f"refused_{error.reason}"] += 1
+        metrics.message_refused(error.reason)
         seen = self.counts[f"refused_{error.reason}"]
         if seen == 1 or seen % 100 == 0:
             self.log.warning("message_refused", reason=error.reason, detail=error.detail, seen=seen)
@@ -349,6 +355,10 @@ def create_app(
         )
         protection = TaskProtection(settings.ecs_agent_uri, shared=shared)
         await protection.start()
+        # Under the supervisor the master serves every worker's metrics; alone, this process.
+        exporter = metrics.Exporter(settings, multiprocess_folder=False)
+        if slot is None:
+            exporter.start()
         app[STATE] = ServiceState(settings, spool, registry, protection, tokens, slot)
         background = [asyncio.create_task(_protect_while_spooled(spool, protection))]
         if fallback is not None:
@@ -371,6 +381,7 @@ def create_app(
         await protection.hold("spool", spool.holds_only_copies)
         executor.shutdown(wait=False, cancel_futures=True)
         await protection.close()
+        await asyncio.to_thread(exporter.stop)
         if fallback is not None:
             await fallback.close()
         if store is None:

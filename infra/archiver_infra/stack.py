@@ -14,6 +14,8 @@ from aws_cdk import (
     Size,
     Stack,
 )
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_ecs as ecs
@@ -23,6 +25,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_sns as sns
 from aws_cdk.aws_ecr_assets import Platform
 from constructs import Construct, IConstruct
 
@@ -38,6 +41,12 @@ DRAIN_DEADLINE_S = 90
 # The ALB maximum. A camera-off participant sends nothing for long stretches; the
 # service's websocket pings keep the connection alive, this only bounds true silence.
 ALB_IDLE_TIMEOUT_S = 4000
+# Prometheus scrapes every task here (inside the VPC only: the load balancer forwards 8080).
+METRICS_PORT = 9090
+# The service logs its key figures in CloudWatch's embedded metric format every minute;
+# CloudWatch Logs makes them metrics in this namespace, with the stack's name as `Service`.
+METRICS_NAMESPACE = "RecallArchiver"
+METRICS_INTERVAL = Duration.minutes(1)
 SPOOL_DIR = "/var/lib/archiver/spool"
 TMP_DIR = "/var/lib/archiver/tmp"
 
@@ -112,6 +121,7 @@ class ArchiverStack(Stack):
         )
         target_group = self._load_balancer(vpc, service)
         self._auto_scaling(service, target_group)
+        self._alarms()
 
         CfnOutput(self, "BucketName", value=bucket.bucket_name)
         CfnOutput(self, "ArchiveStore", value=self._store_url(bucket))
@@ -358,12 +368,20 @@ class ArchiverStack(Stack):
             container_name=CONTAINER_NAME,
             image=self._image(arm64),
             essential=True,
-            port_mappings=[ecs.PortMapping(container_port=CONTAINER_PORT, name="http")],
+            port_mappings=[
+                ecs.PortMapping(container_port=CONTAINER_PORT, name="http"),
+                ecs.PortMapping(container_port=METRICS_PORT, name="metrics"),
+            ],
             environment={
                 "ARCHIVER_STORE": self._store_url(bucket),
                 "ARCHIVER_SPOOL_DIR": SPOOL_DIR,
                 "ARCHIVER_DRAIN_DEADLINE_S": str(DRAIN_DEADLINE_S),
                 "ARCHIVER_LOG_FORMAT": "json",
+                "ARCHIVER_METRICS_PORT": str(METRICS_PORT),
+                "ARCHIVER_CLOUDWATCH_METRICS": "true",
+                "ARCHIVER_CLOUDWATCH_NAMESPACE": METRICS_NAMESPACE,
+                "ARCHIVER_CLOUDWATCH_SERVICE": config.stack_name,
+                "ARCHIVER_CLOUDWATCH_METRICS_INTERVAL_S": str(METRICS_INTERVAL.to_seconds()),
                 **(
                     {
                         "ARCHIVER_FALLBACK_STORE": (
@@ -481,7 +499,18 @@ class ArchiverStack(Stack):
         scaling = service.auto_scale_task_count(
             min_capacity=self.config.min_count, max_capacity=self.config.max_count
         )
-        # Scale-in only takes tasks without bots: the service protects the others.
+        # What loads a task: the streams it holds (long websockets, not requests). Each task
+        # logs its own count every minute, so the average over the samples is per task.
+        scaling.scale_to_track_custom_metric(
+            "Streams",
+            metric=self._metric("StreamsActive", "Average"),
+            target_value=self.config.streams_per_task,
+            scale_out_cooldown=Duration.minutes(1),
+            scale_in_cooldown=Duration.minutes(10),
+        )
+        # CPU and memory stay as safety nets for load the stream count misses (larger video,
+        # PNG, bursts of events). ECS scales out when any policy asks and in only when all
+        # agree. Scale-in only takes tasks without bots: the service protects the others.
         scaling.scale_on_cpu_utilization(
             "Cpu",
             target_utilization_percent=self.config.target_cpu_percent,
@@ -496,6 +525,66 @@ class ArchiverStack(Stack):
             scale_out_cooldown=Duration.minutes(1),
             scale_in_cooldown=Duration.minutes(10),
         )
+
+    def _metric(
+        self, name: str, statistic: str, period: Duration = METRICS_INTERVAL
+    ) -> cloudwatch.Metric:
+        return cloudwatch.Metric(
+            namespace=METRICS_NAMESPACE,
+            metric_name=name,
+            dimensions_map={"Service": self.config.stack_name},
+            statistic=statistic,
+            period=period,
+        )
+
+    def _alarms(self) -> None:
+        """A spool that keeps growing, a store that cannot be reached, frames dropped; each
+        notifies `alarmTopicArn` when one is given."""
+        config = self.config
+        alarms = [
+            cloudwatch.Alarm(
+                self,
+                "SpoolGrowing",
+                alarm_description="A task's spool holds more than it should for minutes: "
+                "uploads do not keep up, or the store refuses them (see StoreUnreachable).",
+                metric=self._metric("SpoolPendingBytes", "Maximum"),
+                threshold=config.spool_alarm_bytes,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                evaluation_periods=config.spool_alarm_minutes,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+            cloudwatch.Alarm(
+                self,
+                "StoreUnreachable",
+                alarm_description="Uploads to the archive bucket fail: what bots send waits "
+                "in the spools (and goes to the fallback bucket, if there is one).",
+                metric=self._metric("StoreUnreachable", "Maximum"),
+                threshold=1,
+                comparison_operator=(
+                    cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
+                ),
+                evaluation_periods=2,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+            cloudwatch.Alarm(
+                self,
+                "FramesDropped",
+                alarm_description="Frames were not archived: the logs' frame_dropped and "
+                "message_refused lines say why (bad input, a backlog, a failure of ours).",
+                metric=self._metric("FramesDropped", "Sum", Duration.minutes(5)),
+                threshold=config.dropped_frames_alarm,
+                comparison_operator=(
+                    cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
+                ),
+                evaluation_periods=1,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+        ]
+        if config.alarm_topic_arn is not None:
+            topic = sns.Topic.from_topic_arn(self, "AlarmTopic", config.alarm_topic_arn)
+            for alarm in alarms:
+                alarm.add_alarm_action(cloudwatch_actions.SnsAction(topic))
+                alarm.add_ok_action(cloudwatch_actions.SnsAction(topic))
 
     def _store_url(self, bucket: s3.IBucket) -> str:
         return f"s3://{bucket.bucket_name}/{self.config.archive_prefix}"

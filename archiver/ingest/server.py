@@ -138,12 +138,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     except TokenError as error:
         state.totals["refused_unauthorized"] += 1
         state.totals[f"refused_token_{error.reason}"] += 1
+        metrics.connection_refused(f"token_{error.reason}")
         log.warning("connection_refused", reason=f"token {error.reason}", remote=request.remote)
         raise web.HTTPUnauthorized(text="missing, wrong or expired token\n") from None
     reasons = state.refusals()
     if reasons:
         # Before the upgrade: the bot retries and the load balancer picks another task.
         state.totals["refused_unavailable"] += 1
+        metrics.connection_refused("unavailable")
         raise web.HTTPServiceUnavailable(
             text=f"not accepting connections: {'; '.join(reasons)}\n",
             headers={"Retry-After": "1"},

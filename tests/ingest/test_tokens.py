@@ -16,6 +16,8 @@ from archiver.ingest.tokens import TokenCheck, create_token, key_id
 from archiver.settings import Settings
 from archiver.simulator import Simulation, run_simulation
 from tests.conftest import TOKEN, RunningService, ServiceFactory
+from tests.faults.conftest import free_port
+from tests.faults.test_metrics import scrape, total
 
 KEY = "k1-" + "a" * 40
 OLD_KEY = "k0-" + "b" * 40
@@ -194,3 +196,18 @@ def test_the_service_starts_with_signing_keys_alone() -> None:
     create_app(Settings(_env_file=None, token_keys=KEY))
     with pytest.raises(ConfigError, match="ARCHIVER_TOKEN_KEYS"):
         create_app(Settings(_env_file=None))
+
+
+async def test_refusals_are_counted_by_reason_in_the_metrics(service: ServiceFactory) -> None:
+    port = free_port()
+    running = await service(auth_tokens="", token_keys=KEY, metrics_port=port)
+    refused_total = "archiver_connections_refused_total"
+    before = await scrape(port)
+    assert await refused(ws_url(running, create_token(KEY, 1, now=time.time() - 60))) == 401
+    assert await refused(ws_url(running, create_token(OTHER_KEY, 600))) == 401
+    after = await scrape(port)
+    for reason in ("token_expired", "token_unknown_key"):
+        counted = total(after, refused_total, reason=reason) - total(
+            before, refused_total, reason=reason
+        )
+        assert counted == 1, reason

@@ -84,7 +84,7 @@ class ArchiverStack(Stack):
         vpc = self._vpc()
         key = self._archive_key() if config.encryption == "kms" else None
         bucket = self._bucket(key)
-        auth_tokens = self._auth_tokens(key)
+        auth_tokens = self._auth_tokens(key) if config.static_tokens else None
         token_keys = self._token_keys(key)
         log_group = logs.LogGroup(self, "Logs", retention=_LOG_RETENTION[config.log_retention_days])
         skip_checks(
@@ -100,7 +100,10 @@ class ArchiverStack(Stack):
         task_definition = self._task_definition(
             task_role,
             bucket,
-            {"ARCHIVER_AUTH_TOKENS": auth_tokens, "ARCHIVER_TOKEN_KEYS": token_keys},
+            {
+                "ARCHIVER_TOKEN_KEYS": token_keys,
+                **({"ARCHIVER_AUTH_TOKENS": auth_tokens} if auth_tokens is not None else {}),
+            },
             log_group,
         )
 
@@ -125,7 +128,8 @@ class ArchiverStack(Stack):
 
         CfnOutput(self, "BucketName", value=bucket.bucket_name)
         CfnOutput(self, "ArchiveStore", value=self._store_url(bucket))
-        CfnOutput(self, "AuthTokensSecretArn", value=auth_tokens.secret_arn)
+        if auth_tokens is not None:
+            CfnOutput(self, "AuthTokensSecretArn", value=auth_tokens.secret_arn)
         CfnOutput(self, "TokenKeysSecretArn", value=token_keys.secret_arn)
         CfnOutput(self, "LogGroupName", value=log_group.log_group_name)
         CfnOutput(self, "ClusterName", value=cluster.cluster_name)

@@ -263,6 +263,20 @@ def test_token_signing_keys_come_from_secrets_manager(
     assert imported["ARCHIVER_TOKEN_KEYS"] == TOKEN_KEYS_SECRET_ARN
 
 
+def test_static_tokens_can_be_turned_off(
+    infra: ModuleType, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    signed_only = synthesize(
+        infra, tmp_path_factory.mktemp("cdk-signed-only"), {"staticTokens": "false"}
+    )
+    secrets = {s["Name"] for s in signed_only.container()["Secrets"]}
+    assert secrets == {"ARCHIVER_TOKEN_KEYS"}
+    (secret,) = [
+        r for r in signed_only.resources.values() if r["Type"] == "AWS::SecretsManager::Secret"
+    ]
+    assert "signing" in secret["Properties"]["Description"]
+
+
 def test_logs_go_to_a_group_with_retention(default: Synthesized) -> None:
     default.template.has_resource_properties("AWS::Logs::LogGroup", {"RetentionInDays": 30})
     log_configuration = default.container()["LogConfiguration"]

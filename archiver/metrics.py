@@ -89,6 +89,7 @@ class Instruments:
     registry: CollectorRegistry
     messages_received: Counter
     messages_refused: Counter
+    connections_refused: Counter
     frames_archived: Counter
     frames_dropped: Counter
     frames_recovered: Counter
@@ -116,6 +117,14 @@ def _build() -> Instruments:
         messages_refused=Counter(
             "archiver_messages_refused",
             "Websocket messages refused before reaching a stream, by reason.",
+            ["reason"],
+            registry=registry,
+        ),
+        connections_refused=Counter(
+            "archiver_connections_refused",
+            "Websocket upgrades refused, by reason: `token_<why>` (401: missing, "
+            "unknown_token, malformed, unknown_key, bad_signature, expired) or `unavailable` "
+            "(503).",
             ["reason"],
             registry=registry,
         ),
@@ -233,6 +242,10 @@ def media_received(media_format: str) -> None:
 
 def message_refused(reason: str) -> None:
     instruments().messages_refused.labels(reason).inc()
+
+
+def connection_refused(reason: str) -> None:
+    instruments().connections_refused.labels(reason).inc()
 
 
 def frames_archived(media_format: str, frames: int) -> None:

@@ -17,10 +17,16 @@ class Settings(BaseSettings):
         env_prefix="ARCHIVER_", env_file=".env", extra="ignore", frozen=True
     )
 
-    # Required for `serve`: who may connect.
+    # Required for `serve`, one kind or both: who may connect.
     auth_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         default=(),
         description="Accepted `token` query values, comma-separated; several allow rotation.",
+    )
+    token_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        default=(),
+        description="Keys (at least 32 characters each) of short-lived signed tokens, "
+        "comma-separated: the first signs (`archiver token create`), every one verifies, so "
+        "a new key goes first and the old one stays second until its tokens have expired.",
     )
 
     # Listening.
@@ -320,7 +326,7 @@ class Settings(BaseSettings):
         default="auto", description="json, console, or auto (console on a terminal)."
     )
 
-    @field_validator("auth_tokens", mode="before")
+    @field_validator("auth_tokens", "token_keys", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):

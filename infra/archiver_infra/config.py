@@ -108,8 +108,14 @@ class ArchiverConfig:
     fallback_prefix: str = field(default="fallback", metadata={"key": "fallbackPrefix"})
     """Key prefix in the fallback bucket; the service's permissions there stop at it."""
 
+    static_tokens: bool = field(default=True, metadata={"key": "staticTokens"})
+    """Accept static bot tokens (the `authSecretArn` secret) beside signed ones; false: only
+    short-lived signed tokens reach the service."""
     auth_secret_arn: str | None = field(default=None, metadata={"key": "authSecretArn"})
     """Existing Secrets Manager secret holding the bot tokens; the stack makes one when unset."""
+    token_keys_secret_arn: str | None = field(default=None, metadata={"key": "tokenKeysSecretArn"})
+    """Existing secret holding the keys that sign short-lived bot tokens; the stack makes
+    one when unset."""
     log_retention_days: int = field(default=30, metadata={"key": "logRetentionDays"})
 
     @classmethod

@@ -23,6 +23,7 @@ ACCOUNT = "123456789012"
 REGION = "eu-west-1"
 CERTIFICATE_ARN = f"arn:aws:acm:{REGION}:{ACCOUNT}:certificate/0f6a1b2c-3d4e-5f60-7182-93a4b5c6d7e8"
 SECRET_ARN = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:archiver/bot-tokens-AbCdEf"
+TOKEN_KEYS_SECRET_ARN = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:archiver/keys-GhIjKl"
 VPC_ID = "vpc-0a1b2c3d4e5f60718"
 IMPORTED_VPC = {
     "vpcId": VPC_ID,
@@ -58,6 +59,7 @@ KMS_VARIANT = {
     "archivePrefix": "recall/video",
     "imageUri": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/recall-archiver:1.4.0",
     "authSecretArn": SECRET_ARN,
+    "tokenKeysSecretArn": TOKEN_KEYS_SECRET_ARN,
     "vpcId": VPC_ID,
     "logRetentionDays": "90",
     "fallbackBucketName": "acme-meeting-archive-fallback-eu",
@@ -242,6 +244,37 @@ def test_auth_tokens_come_from_secrets_manager(default: Synthesized, variant: Sy
     assert generated["Properties"]["GenerateSecretString"]["ExcludePunctuation"] is True
     imported = {s["Name"]: s["ValueFrom"] for s in variant.container()["Secrets"]}
     assert imported["ARCHIVER_AUTH_TOKENS"] == SECRET_ARN
+
+
+def test_token_signing_keys_come_from_secrets_manager(
+    default: Synthesized, variant: Synthesized
+) -> None:
+    container = default.container()
+    assert "ARCHIVER_TOKEN_KEYS" not in environment(container)
+    secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
+    generated = default.resources[secrets["ARCHIVER_TOKEN_KEYS"]["Ref"]]
+    assert generated["Type"] == "AWS::SecretsManager::Secret"
+    assert secrets["ARCHIVER_TOKEN_KEYS"] != secrets["ARCHIVER_AUTH_TOKENS"]
+    generating = generated["Properties"]["GenerateSecretString"]
+    # No commas (they separate keys), and at least the 32 characters the service wants.
+    assert generating["ExcludePunctuation"] is True
+    assert generating["PasswordLength"] >= 32
+    imported = {s["Name"]: s["ValueFrom"] for s in variant.container()["Secrets"]}
+    assert imported["ARCHIVER_TOKEN_KEYS"] == TOKEN_KEYS_SECRET_ARN
+
+
+def test_static_tokens_can_be_turned_off(
+    infra: ModuleType, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    signed_only = synthesize(
+        infra, tmp_path_factory.mktemp("cdk-signed-only"), {"staticTokens": "false"}
+    )
+    secrets = {s["Name"] for s in signed_only.container()["Secrets"]}
+    assert secrets == {"ARCHIVER_TOKEN_KEYS"}
+    (secret,) = [
+        r for r in signed_only.resources.values() if r["Type"] == "AWS::SecretsManager::Secret"
+    ]
+    assert "signing" in secret["Properties"]["Description"]
 
 
 def test_logs_go_to_a_group_with_retention(default: Synthesized) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, Typ
 import orjson
 import structlog
 
+from archiver import metrics
 from archiver.errors import ObjectConflictError, StoreError
 from archiver.ingest.messages import RecordingContext
 from archiver.layout import MediaFormat, RecordingId, StreamId
@@ -74,7 +75,7 @@ async def write_merging(
             rendered = render()
             body = rendered if isinstance(rendered, bytes) else await rendered
             try:
-                return await spool.put(key, body, JSON_TYPE, replaces=version), body
+                stored = await spool.put(key, body, JSON_TYPE, replaces=version)
             except ObjectConflictError:
                 fetched = await spool.fetch(key)
                 version = "" if fetched is None else fetched[1]
@@ -82,6 +83,9 @@ async def write_merging(
                 if theirs is not None:
                     take_in(theirs)
                     log.info("document_merged", key=key)
+                continue
+            metrics.document_written(key)
+            return stored, body
     raise StoreError(key, "the document kept changing under other writers")
 
 

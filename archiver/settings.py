@@ -104,8 +104,10 @@ class Settings(BaseSettings):
         default=0.1,
         gt=0,
         le=1,
-        description="Live manifest writes may add at most this share of a stream's "
-        "requests and bytes.",
+        description="A stream's manifest and playlist requests stay within this share of "
+        "all its requests (live writes within 80% of it, the rest kept for its final write, "
+        "its read and its recording's session.json), and their bytes within this share of "
+        "its media bytes.",
     )
     segment_max_frames: int = Field(
         default=3600,

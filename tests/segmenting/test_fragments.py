@@ -1,0 +1,106 @@
+"""Fragments written by `archiver.segmenting.fragments` against FFmpeg's own MP4 muxer: the
+same sample bytes, and the same pictures at the same 90 kHz times when decoded."""
+
+from __future__ import annotations
+
+import io
+import struct
+from datetime import UTC, datetime
+from fractions import Fraction
+
+import av
+import pytest
+
+from archiver.segmenting.fmp4 import TIMESCALE, H264Segmenter, MediaSegment
+from archiver.segmenting.fragments import avcc
+from archiver.segmenting.h264 import analyse
+from archiver.simulator import SimulatedStream, encode_stream
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+_MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof+frag_discont+skip_trailer"
+
+
+def units(keyframe_interval_s: float | None) -> list[tuple[float, bytes]]:
+    plan = SimulatedStream(100, "webcam", [(0.0, (160, 120))])
+    return [(t, d) for t, d, _ in encode_stream(plan, 3, 10, keyframe_interval_s)]
+
+
+def ffmpeg_mux(segment: MediaSegment, sent: list[tuple[int, bytes, bool]]) -> bytes:
+    """The segment's frames muxed by FFmpeg, as the archiver did before it wrote fragments."""
+    buffer = io.BytesIO()
+    options = {
+        "movflags": _MOVFLAGS,
+        "use_editlist": "0",
+        "avoid_negative_ts": "disabled",
+        "fragment_index": str(segment.seq + 1),
+    }
+    with av.open(buffer, "w", format="mp4", options=options) as container:
+        video = container.add_stream("h264")
+        video.codec_context.width = segment.config.width
+        video.codec_context.height = segment.config.height
+        video.codec_context.extradata = segment.config.parameter_sets
+        video.time_base = Fraction(1, TIMESCALE)
+        ends = [ticks for ticks, _, _ in sent[1:]] + [segment.end_ticks]
+        for (ticks, data, key), end in zip(sent, ends, strict=True):
+            packet = av.Packet(data)
+            packet.pts = packet.dts = ticks
+            packet.duration = end - ticks
+            packet.time_base = Fraction(1, TIMESCALE)
+            packet.is_keyframe = key
+            packet.stream = video
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def boxes(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Top-level boxes: (type, the whole box)."""
+    found = []
+    offset = 0
+    while offset + 8 <= len(data):
+        size, kind = struct.unpack_from(">I4s", data, offset)
+        found.append((kind, data[offset : offset + size]))
+        offset += size
+    return found
+
+
+def pictures(mp4: bytes) -> list[tuple[int, bytes]]:
+    with av.open(io.BytesIO(mp4), "r") as container:
+        return [
+            (int(frame.pts), bytes(frame.planes[0]))
+            for frame in container.decode(container.streams.video[0])
+        ]
+
+
+@pytest.mark.parametrize("keyframe_interval_s", [None, 0.5])
+def test_segments_decode_like_ffmpegs_and_carry_its_sample_bytes(
+    keyframe_interval_s: float | None,
+) -> None:
+    segmenter = H264Segmenter(target_s=1)
+    sent: list[tuple[int, bytes, bool]] = []
+    segments: list[MediaSegment] = []
+    for t, data in units(keyframe_interval_s):
+        sent.append((round(t * TIMESCALE), data, analyse(data).is_keyframe))
+        segments += segmenter.push(data, t, NOW)
+    segments += segmenter.flush()
+    assert len(segments) >= 2
+    reference_body = b""
+    for segment in segments:
+        frames = [f for f in sent if segment.start_ticks <= f[0] < segment.end_ticks]
+        reference = boxes(ffmpeg_mux(segment, frames))
+        first_moof = next(i for i, (kind, _) in enumerate(reference) if kind == b"moof")
+        assert segment.init == b"".join(box for _, box in reference[:first_moof])
+        reference_body += b"".join(box for _, box in reference[first_moof:])
+        ours = [box for kind, box in boxes(segment.body) if kind == b"mdat"]
+        theirs = [box for kind, box in reference if kind == b"mdat"]
+        assert b"".join(b[8:] for b in ours) == b"".join(b[8:] for b in theirs)
+    ours_decoded = pictures(segments[0].init + b"".join(s.body for s in segments))
+    assert ours_decoded == pictures(segments[0].init + reference_body)
+    assert [ticks for ticks, _ in ours_decoded] == [ticks for ticks, _, _ in sent]
+
+
+def test_avcc_follows_ffmpeg_around_odd_start_codes() -> None:
+    # Four-byte start codes, trailing zeros kept but one, a start code at the very end.
+    data = b"\x00\x00\x00\x01\x67\xaa\x00\x00\x01\x68\xbb\x00\x00\x00\x00\x01\x65\xcc\x00\x00\x01"
+    assert avcc(data) == (
+        b"\x00\x00\x00\x02\x67\xaa" + b"\x00\x00\x00\x03\x68\xbb\x00" + b"\x00\x00\x00\x02\x65\xcc"
+    )

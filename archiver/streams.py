@@ -223,6 +223,11 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         """Called when the worker has finished with nothing queued."""
 
     @property
+    def journal_folder(self) -> Path:
+        """This stream's journal, and the files of its open segments."""
+        return Path(self.settings.spool_dir) / JOURNAL_FOLDER / self.id.journal_name
+
+    @property
     def running(self) -> bool:
         return self.task is not None and not self.task.done()
 
@@ -412,9 +417,10 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         assert self.segmenter is not None
         self.manifest.status = "live"
         self.header = stream_header(self.id, first.context, first.participant)
-        folder = Path(self.settings.spool_dir) / JOURNAL_FOLDER / self.id.journal_name
         try:
-            self.journal = await asyncio.to_thread(StreamJournal, folder, self.header, True)
+            self.journal = await asyncio.to_thread(
+                StreamJournal, self.journal_folder, self.header, True
+            )
         except OSError as exc:
             # Frames are still archived, only not safe from a crash of this process.
             self.journal = None
@@ -703,6 +709,7 @@ class H264Stream(Stream[MediaSegment, SegmentEntry]):
             last_ticks=manifest.last_ticks,
             max_frames=self.settings.segment_max_frames,
             max_bytes=self.settings.segment_max_bytes,
+            folder=self.journal_folder,
         )
         self.spooled_inits = set()
         return manifest, segmenter

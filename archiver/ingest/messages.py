@@ -19,7 +19,7 @@ import orjson
 import pydantic
 
 from archiver.errors import InputError
-from archiver.layout import MediaFormat, RecordingId, StreamId, safe_id
+from archiver.layout import MediaFormat, RecordingId, StreamId, VideoType, safe_id
 
 MEDIA_EVENTS: dict[str, MediaFormat] = {
     "video_separate_h264.data": "h264",
@@ -35,7 +35,7 @@ _LAX_BOOL = pydantic.TypeAdapter(bool)
 """Pydantic's readings of a time and of a flag, so that every accepted spelling is read as
 it always was; the rest of the envelope is checked by plain code (a model per message cost
 more than the rest of parsing)."""
-_VIDEO_TYPES = frozenset({"webcam", "screenshare"})
+_VIDEO_TYPES: dict[str, VideoType] = {"webcam": "webcam", "screenshare": "screenshare"}
 
 
 class _Refused(Exception):
@@ -169,7 +169,7 @@ def parse_message(raw: str | bytes) -> MediaMessage | EventMessage:
         raise InputError("bad_json", str(exc)) from exc
     if not isinstance(body, dict) or not isinstance(body.get("event"), str):
         raise InputError("bad_envelope", "expected an object with a string 'event'")
-    if _deeper_than(body, MAX_DEPTH):
+    if _may_nest_deeper(raw) and _deeper_than(body, MAX_DEPTH):
         raise InputError("too_deep", f"nested deeper than {MAX_DEPTH} levels")
     event: str = body["event"]
     media_format = MEDIA_EVENTS.get(event)
@@ -191,8 +191,9 @@ def _parse_media(body: dict[str, Any], media_format: MediaFormat) -> MediaMessag
     timestamp = _object(media, "timestamp", "data.data.")
     relative_s = _relative(timestamp)
     absolute = _absolute(timestamp)
-    video_type = media.get("type")
-    if type(video_type) is not str or video_type not in _VIDEO_TYPES:
+    kind = media.get("type")
+    video_type = _VIDEO_TYPES.get(kind) if type(kind) is str else None
+    if video_type is None:
         raise _Refused("data.data.type", "expected 'webcam' or 'screenshare'")
     participant = _participant(media)
     bot = _ref(envelope, "bot")
@@ -220,6 +221,14 @@ def _parse_media(body: dict[str, Any], media_format: MediaFormat) -> MediaMessag
         participant=participant,
         context=context,
     )
+
+
+def _may_nest_deeper(raw: str | bytes) -> bool:
+    """Nesting needs an opening bracket per level: a message with no more of them than the
+    limit (counted in strings too) cannot nest deeper, and is not walked."""
+    if isinstance(raw, str):
+        return raw.count("{") + raw.count("[") > MAX_DEPTH
+    return raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
 
 
 def _deeper_than(value: object, limit: int) -> bool:

@@ -14,18 +14,21 @@ import struct
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import av
 
 from archiver.errors import MediaError, SegmenterFailure
 from archiver.segmenting.base import DropCounters, SegmentJournal
-from archiver.segmenting.fragments import Fragment, avcc
+from archiver.segmenting.fragments import Fragment, SegmentBody, avcc
 from archiver.segmenting.h264 import AccessUnit, StreamConfig, analyse, probe_config
 
 TIMESCALE = 90_000
 _TIME_BASE = Fraction(1, TIMESCALE)
 _DEFAULT_DURATION = TIMESCALE // 30
+FRAGMENT_BYTES = 256 * 1024
+"""An open segment is written out in fragments of about this much sample data."""
 _MAX_TICKS = 2**53
 """Far beyond any meeting, and well inside what the muxer's 64-bit timestamps hold."""
 _MUXER_OPTIONS = {
@@ -54,7 +57,20 @@ class MediaSegment:
     config: StreamConfig
     init: bytes
     init_sha256: str
-    body: bytes
+    size: int
+    sha256: str
+    body_path: Path | None
+    """The written-through file of the media segment, complete and fsynced, when it has one."""
+    body_data: bytes | None
+    """The media segment's bytes when it was kept in memory instead."""
+
+    @property
+    def body(self) -> bytes:
+        """The media segment's bytes (read from its file when it has one)."""
+        if self.body_data is not None:
+            return self.body_data
+        assert self.body_path is not None
+        return self.body_path.read_bytes()
 
     @property
     def name(self) -> str:
@@ -141,6 +157,7 @@ class H264Segmenter:
         journal: SegmentJournal | None = None,
         max_frames: int = 2**31,
         max_bytes: int = 2**62,
+        folder: Path | None = None,
     ) -> None:
         self.target_ticks = round(target_s * TIMESCALE)
         self.max_frames = max_frames
@@ -155,8 +172,11 @@ class H264Segmenter:
         self._init = b""
         self._init_sha256 = ""
         self._init_config: StreamConfig | None = None
+        self.folder = folder
+        """Where open segments are written through to (None: they are kept in memory)."""
         self._fragment: Fragment | None = None
-        """The open segment, or None between segments."""
+        """The open segment's fragment being filled, or None between segments."""
+        self._body: SegmentBody | None = None
         self._pending: _Pending | None = None
         self._segment_start = 0
         self._segment_wallclock: datetime | None = None
@@ -247,6 +267,9 @@ class H264Segmenter:
                 salvaged.append(self._close(self._pending.ticks + self._last_duration))
             except Exception:  # noqa: BLE001 (the segment is lost; say how many frames)
                 self.counters.drop("segmenter_error", self._segment_frames)
+        if self._body is not None:
+            self._body.discard()
+            self._body = None
         self._fragment = None
         self._pending = None
         self._segment_frames = 0
@@ -298,11 +321,13 @@ class H264Segmenter:
             self._init_sha256 = hashlib.sha256(self._init).hexdigest()
             self._init_config = self._config
         self._fragment = Fragment(sequence=self._next_seq + 1, decode_time=ticks)
+        name = segment_name(ticks)
+        self._body = SegmentBody(None if self.folder is None else self.folder / f"{name}.mp4")
         if self._gap_start is not None:
             self.gaps.append(_gap(self._gap_start, ticks))
             self._gap_start = None
         if self.journal is not None:
-            self.journal.begin(segment_name(ticks), self._config.as_record())
+            self.journal.begin(name, self._config.as_record())
         self._segment_start = ticks
         self._segment_wallclock = absolute
         self._segment_frames = 0
@@ -310,9 +335,15 @@ class H264Segmenter:
         self._segment_keyframe_start = keyframe
 
     def _add_pending(self, duration: int) -> None:
-        assert self._fragment is not None
+        fragment = self._fragment
+        assert fragment is not None
+        assert self._body is not None
         assert self._pending is not None
-        self._fragment.add(self._pending.sample, duration, self._pending.unit.is_keyframe)
+        fragment.add(self._pending.sample, duration, self._pending.unit.is_keyframe)
+        if fragment.size >= FRAGMENT_BYTES:
+            self._body.write(fragment.to_bytes())
+            next_time = self._pending.ticks + duration
+            self._fragment = Fragment(sequence=fragment.sequence + 1, decode_time=next_time)
         self._last_duration = duration
         self._pending = None
 
@@ -321,8 +352,12 @@ class H264Segmenter:
         assert self._config is not None
         assert self._pending is not None
         assert self._segment_wallclock is not None
+        body = self._body
+        assert body is not None
         self._add_pending(end_ticks - self._pending.ticks)
-        body = self._fragment.to_bytes()
+        if self._fragment.table:
+            body.write(self._fragment.to_bytes())
+        body.finish()
         segment = MediaSegment(
             seq=self._next_seq,
             start_ticks=self._segment_start,
@@ -333,8 +368,12 @@ class H264Segmenter:
             config=self._config,
             init=self._init,
             init_sha256=self._init_sha256,
-            body=body,
+            size=body.size,
+            sha256=body.sha256,
+            body_path=body.path,
+            body_data=body.data,
         )
         self._next_seq += 1
         self._fragment = None
+        self._body = None
         return segment

@@ -14,8 +14,11 @@ each NAL unit without its start code, behind a 4-byte big-endian length.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _START = b"\x00\x00\x01"
 _TRACK_ID = 1
@@ -106,3 +109,73 @@ class Fragment:
         )
         moof = _box(b"moof", mfhd, _box(b"traf", tfhd, tfdt, trun))
         return b"".join([moof, _BOX_HEADER.pack(8 + self.size, b"mdat"), *self.samples])
+
+
+class SegmentBody:
+    """Where an open segment's fragments go as they are made, hashed on the way.
+
+    With a path (a live stream's, beside its journal) they are written through to that
+    file, so a stream holds one fragment in memory rather than its whole open segment;
+    the spool then takes the file as it is. Without one (recovery, tests), or once the file
+    cannot be written, they stay in memory."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._parts: list[bytes] = []
+        self._fd: int | None = None
+        if path is not None:
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            except OSError:
+                self.path = None
+
+    def write(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+        if self._fd is not None:
+            try:
+                os.write(self._fd, data)
+                return
+            except OSError:
+                self._keep_in_memory()
+        self._parts.append(data)
+
+    def _keep_in_memory(self) -> None:
+        """The file failed (a full disk): what it holds comes back, the rest stays here."""
+        assert self.path is not None
+        self._close()
+        written = self.path.read_bytes()
+        self.path.unlink(missing_ok=True)
+        self.path = None
+        self._parts = [written]
+
+    def finish(self) -> None:
+        """The file is complete and on disk (fsynced), as the spool takes nothing less."""
+        if self._fd is None:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError:
+            self._keep_in_memory()
+        self._close()
+
+    def discard(self) -> None:
+        self._close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    @property
+    def data(self) -> bytes | None:
+        """The bytes when they are in memory, else None (they are in `path`)."""
+        return b"".join(self._parts) if self.path is None else None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import itertools
 import os
@@ -162,46 +163,86 @@ class Spool:
         extra: dict[str, Any] | None = None,
         write_once: bool = False,
         replaces: str | None = None,
+        sha256: str | None = None,
     ) -> SpooledObject:
-        """Put `body` on disk durably; waits while the spool is at its cap."""
+        """Put `body` on disk durably; waits while the spool is at its cap. `sha256` is the
+        body's hex digest when the caller has it already (it is not computed twice)."""
+        await self._make_room(len(body))
+        digest = sha256 or sha256_digest(body)[0]
+        spooled = self._new_object(
+            key, content_type, len(body), digest, extra, write_once, replaces
+        )
+        return await self._store(spooled, functools.partial(self._write_files, spooled, body))
+
+    async def adopt(
+        self,
+        key: str,
+        path: Path,
+        size: int,
+        sha256: str,
+        content_type: str,
+        extra: dict[str, Any] | None = None,
+        write_once: bool = False,
+    ) -> SpooledObject:
+        """Like `write`, for a body already complete and fsynced in a file of this spool's
+        disk (a segment written as it was made): the file is moved in, not copied. It must
+        not be in the spool's own folder."""
+        await self._make_room(size)
+        spooled = self._new_object(key, content_type, size, sha256, extra, write_once)
+        return await self._store(spooled, functools.partial(self._move_in, spooled, path))
+
+    async def _make_room(self, size: int) -> None:
         async with self._room:
-            if self.pending_bytes + len(body) > self.cap_bytes and self.pending_bytes > 0:
+            if self.pending_bytes + size > self.cap_bytes and self.pending_bytes > 0:
                 self.counters["waits_for_room"] += 1
                 self._waiting_for_room += 1
                 try:
                     await self._room.wait_for(
                         lambda: (
-                            self.pending_bytes + len(body) <= self.cap_bytes
-                            or self.pending_bytes == 0
+                            self.pending_bytes + size <= self.cap_bytes or self.pending_bytes == 0
                         )
                     )
                 finally:
                     self._waiting_for_room -= 1
-            self.pending_bytes += len(body)
+            self.pending_bytes += size
             self._update_state()
+
+    def _new_object(
+        self,
+        key: str,
+        content_type: str,
+        size: int,
+        sha256: str,
+        extra: dict[str, Any] | None,
+        write_once: bool,
+        replaces: str | None = None,
+    ) -> SpooledObject:
         seq = next(self._seq)
         name = f"{seq:020d}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        spooled = SpooledObject(
+        return SpooledObject(
             key=key,
             content_type=content_type,
-            size=len(body),
-            sha256=sha256_digest(body)[0],
+            size=size,
+            sha256=sha256,
             seq=seq,
             path=self.folder / name,
             write_once=write_once,
             replaces=replaces,
             extra=extra,
         )
+
+    async def _store(self, spooled: SpooledObject, put_files: Callable[[], None]) -> SpooledObject:
+        """Run `put_files` on a thread; the object counts as written once it returned."""
         try:
-            await asyncio.to_thread(self._write_files, spooled, body)
+            await asyncio.to_thread(put_files)
         except OSError as exc:
             self._note_write_failure(exc)
             await self._release(spooled)
-            raise StoreError(key, f"spool write failed: {exc}") from exc
+            raise StoreError(spooled.key, f"spool write failed: {exc}") from exc
         if not self.writable:
             self.writable = True
             log.warning("spool_writable_again", folder=str(self.folder), **self.write_failures)
-        self._latest[key] = seq
+        self._latest[spooled.key] = spooled.seq
         return spooled
 
     def _note_write_failure(self, exc: OSError) -> None:
@@ -224,6 +265,11 @@ class Spool:
         self.folder.mkdir(parents=True, exist_ok=True)
         _write_durably(spooled.path.with_suffix(_DATA), body)
         # The metadata file appears last: its presence means the data is complete.
+        _write_durably(spooled.path.with_suffix(_META), _meta(spooled))
+
+    def _move_in(self, spooled: SpooledObject, path: Path) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        os.replace(path, spooled.path.with_suffix(_DATA))
         _write_durably(spooled.path.with_suffix(_META), _meta(spooled))
 
     # Uploading.

@@ -3,14 +3,17 @@ same sample bytes, and the same pictures at the same 90 kHz times when decoded."
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 from datetime import UTC, datetime
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import pytest
 
+from archiver.segmenting import fmp4
 from archiver.segmenting.fmp4 import TIMESCALE, H264Segmenter, MediaSegment
 from archiver.segmenting.fragments import avcc
 from archiver.segmenting.h264 import analyse
@@ -104,3 +107,36 @@ def test_avcc_follows_ffmpeg_around_odd_start_codes() -> None:
     assert avcc(data) == (
         b"\x00\x00\x00\x02\x67\xaa" + b"\x00\x00\x00\x03\x68\xbb\x00" + b"\x00\x00\x00\x02\x65\xcc"
     )
+
+
+def test_open_segments_are_written_through_in_fragments_and_decode_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live stream's segmenter writes each open segment to a file as it goes, many small
+    fragments here, and the result plays exactly like the segment kept in memory."""
+    monkeypatch.setattr(fmp4, "FRAGMENT_BYTES", 2000)
+    sent = units(keyframe_interval_s=None)
+    in_memory = H264Segmenter(target_s=1)
+    written = H264Segmenter(target_s=1, folder=tmp_path)
+    kept: list[MediaSegment] = []
+    through: list[MediaSegment] = []
+    for index, (t, data) in enumerate(sent):
+        kept += in_memory.push(data, t, NOW)
+        through += written.push(data, t, NOW)
+        if index == 5:  # the first segment is open, its first fragments are on disk
+            assert not through
+            assert (tmp_path / "0000000000000.mp4").stat().st_size > 2000
+    kept += in_memory.flush()
+    through += written.flush()
+    assert len(through) == len(kept) >= 2
+    for ours, reference in zip(through, kept, strict=True):
+        assert ours.body_path is not None
+        assert ours.body_data is None
+        assert reference.body_path is None
+        body = ours.body_path.read_bytes()
+        assert len(body) == ours.size
+        assert hashlib.sha256(body).hexdigest() == ours.sha256
+        assert sum(kind == b"moof" for kind, _ in boxes(body)) > 1
+    played = pictures(through[0].init + b"".join(s.body for s in through))
+    assert played == pictures(kept[0].init + b"".join(s.body for s in kept))
+    assert [ticks for ticks, _ in played] == [round(t * TIMESCALE) for t, _ in sent]

@@ -169,7 +169,7 @@ def parse_message(raw: str | bytes) -> MediaMessage | EventMessage:
         raise InputError("bad_json", str(exc)) from exc
     if not isinstance(body, dict) or not isinstance(body.get("event"), str):
         raise InputError("bad_envelope", "expected an object with a string 'event'")
-    if _may_nest_deeper(raw) and _deeper_than(body, MAX_DEPTH):
+    if _deeper_than(body, MAX_DEPTH):
         raise InputError("too_deep", f"nested deeper than {MAX_DEPTH} levels")
     event: str = body["event"]
     media_format = MEDIA_EVENTS.get(event)
@@ -223,29 +223,15 @@ def _parse_media(body: dict[str, Any], media_format: MediaFormat) -> MediaMessag
     )
 
 
-def _may_nest_deeper(raw: str | bytes) -> bool:
-    """Nesting needs an opening bracket per level: a message with no more of them than the
-    limit (counted in strings too) cannot nest deeper, and is not walked."""
-    if isinstance(raw, str):
-        return raw.count("{") + raw.count("[") > MAX_DEPTH
-    return raw.count(b"{") + raw.count(b"[") > MAX_DEPTH
-
-
-def _deeper_than(value: object, limit: int) -> bool:
-    """Whether objects and arrays nest more than `limit` levels (iterative: JSON may nest
-    deeper than Python's recursion limit)."""
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > limit:
+def _deeper_than(container: dict[str, Any] | list[Any], levels: int) -> bool:
+    """Whether objects and arrays nest more than `levels` levels below and including
+    `container`. Recursive, but never more than `levels` calls deep, whatever the JSON."""
+    if levels == 0:
+        return True
+    children = container.values() if type(container) is dict else container
+    for child in children:
+        if (type(child) is dict or type(child) is list) and _deeper_than(child, levels - 1):
             return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
 
 

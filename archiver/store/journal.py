@@ -45,11 +45,11 @@ class JournaledSegment:
 class StreamJournal:
     """Appends one stream's accepted frames; used by whichever thread segments the stream.
 
-    It holds the open segment's file open (one descriptor per live stream: opening and
-    closing it for every batch cost more than the write). A buffered journal (media)
-    collects a batch's records and writes them in one write at `flush`, fsyncing at most
-    once a second; an unbuffered one (events, on the receive loop) writes each record at
-    once to the page cache."""
+    It holds no file open between writes: a process serving a thousand streams would
+    otherwise hold a thousand descriptors. A buffered journal (media) collects a batch's
+    records and writes them in one open-write-close at `flush`, fsyncing at most once a
+    second; an unbuffered one (events, on the receive loop) writes each record at once to
+    the page cache."""
 
     def __init__(self, folder: Path, header: dict[str, Any], buffered: bool = False) -> None:
         self.folder = folder
@@ -61,8 +61,6 @@ class StreamJournal:
             tmp.write_bytes(orjson.dumps(header))
             os.replace(tmp, header_path)
         self._name: str | None = None
-        self._fd: int | None = None
-        """The open segment's file, opened at its first write."""
         self._records: list[bytes] = []
         self._synced_at = time.monotonic()
         self.held_bytes = 0
@@ -76,20 +74,21 @@ class StreamJournal:
     def begin(self, name: str, config: dict[str, Any] | None) -> None:
         """Start the file of a new open segment, named like its segment."""
         self.flush()
-        self._close_file()
         self._name = name
         if config is not None:
             body = orjson.dumps(config)
-            self._add(_FRAME.pack(_CONFIG, 0.0, 0, len(body)) + body)
+            self._add(_FRAME.pack(_CONFIG, 0.0, 0, len(body)), body)
 
     def record(self, relative_s: float, absolute: datetime, data: bytes) -> None:
         stamp = absolute.isoformat().encode()
-        self._add(_FRAME.pack(_DATA, relative_s, len(stamp), len(data)) + stamp + data)
+        self._add(_FRAME.pack(_DATA, relative_s, len(stamp), len(data)) + stamp, data)
 
-    def _add(self, record: bytes) -> None:
+    def _add(self, *parts: bytes) -> None:
+        """Buffer one record, in parts: the payload is copied once, when the batch is
+        written."""
         if self._name is None:
             return
-        self._records.append(record)
+        self._records.extend(parts)
         if not self.buffered:
             self.flush()
 
@@ -103,41 +102,29 @@ class StreamJournal:
         now = time.monotonic()
         sync = self.buffered and now - self._synced_at >= SYNC_INTERVAL_S
         try:
-            if self._fd is None:
-                path = self.folder / f"{self._name}.jnl"
-                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-            os.write(self._fd, body)
-            if sync:
-                self._synced_at = now
-                os.fsync(self._fd)
+            fd = os.open(self.folder / f"{self._name}.jnl", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+            try:
+                os.write(fd, body)
+                if sync:
+                    self._synced_at = now
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             self.failures += 1
             self.last_error = str(exc)
-            self._close_file()  # the next write opens it afresh
             return
         self._file_bytes[self._name] = self._file_bytes.get(self._name, 0) + len(body)
         self.held_bytes += len(body)
 
-    def _close_file(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.close(fd)
-            except OSError as exc:
-                self.failures += 1
-                self.last_error = str(exc)
-
     def discard(self, name: str) -> None:
         """Forget a segment's frames: it is in the spool now."""
-        if name == self._name:
-            self._close_file()
         (self.folder / f"{name}.jnl").unlink(missing_ok=True)
         self.held_bytes -= self._file_bytes.pop(name, 0)
 
     def close(self, remove: bool) -> None:
         """Write what is buffered; with `remove`, the stream ended cleanly: drop the folder."""
         self.flush()
-        self._close_file()
         if remove:
             shutil.rmtree(self.folder, ignore_errors=True)
             self._file_bytes.clear()

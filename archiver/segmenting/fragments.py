@@ -14,6 +14,7 @@ each NAL unit without its start code, behind a 4-byte big-endian length.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -48,7 +49,8 @@ def _find_start(data: bytes, begin: int) -> int:
 def avcc(data: bytes) -> bytes:
     """An Annex-B access unit as length-prefixed NAL units, as FFmpeg's muxer writes it."""
     end = len(data)
-    parts: list[bytes] = []
+    view = memoryview(data)
+    parts: list[bytes | memoryview] = []
     start = _find_start(data, 0)
     while True:
         # Past the zeros of the start code and its 0x01.
@@ -60,7 +62,7 @@ def avcc(data: bytes) -> bytes:
             break
         nal_end = _find_start(data, start)
         parts.append(struct.pack(">I", nal_end - start))
-        parts.append(data[start:nal_end])
+        parts.append(view[start:nal_end])
         start = nal_end
     return b"".join(parts)
 
@@ -116,60 +118,58 @@ class SegmentBody:
 
     With a path (a live stream's, beside its journal) they are written through to that
     file, so a stream holds one fragment in memory rather than its whole open segment;
-    the spool then takes the file as it is. Without one (recovery, tests), or once the file
-    cannot be written, they stay in memory."""
+    the spool then takes the file as it is. Like the journal, it holds no descriptor
+    between writes (hundreds of open streams must not take as many files). Without a path
+    (recovery, tests), or once the file cannot be written, fragments stay in memory."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.size = 0
+        self._on_disk = 0
         self._hash = hashlib.sha256()
         self._parts: list[bytes] = []
-        self._fd: int | None = None
-        if path is not None:
-            try:
-                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            except OSError:
-                self.path = None
 
     def write(self, data: bytes) -> None:
         self._hash.update(data)
         self.size += len(data)
-        if self._fd is not None:
-            try:
-                os.write(self._fd, data)
-                return
-            except OSError:
-                self._keep_in_memory()
+        if self.path is not None:
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if self._on_disk else os.O_TRUNC)
+            with contextlib.suppress(OSError):
+                fd = os.open(self.path, flags, 0o644)
+                try:
+                    written = os.write(fd, data)
+                finally:
+                    os.close(fd)
+                if written == len(data):
+                    self._on_disk += written
+                    return
+            self._keep_in_memory()
         self._parts.append(data)
 
     def _keep_in_memory(self) -> None:
         """The file failed (a full disk): what it holds comes back, the rest stays here."""
         assert self.path is not None
-        self._close()
-        written = self.path.read_bytes()
+        written = self.path.read_bytes()[: self._on_disk] if self._on_disk else b""
         self.path.unlink(missing_ok=True)
         self.path = None
         self._parts = [written]
 
     def finish(self) -> None:
         """The file is complete and on disk (fsynced), as the spool takes nothing less."""
-        if self._fd is None:
+        if self.path is None:
             return
         try:
-            os.fsync(self._fd)
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError:
             self._keep_in_memory()
-        self._close()
 
     def discard(self) -> None:
-        self._close()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
 
     @property
     def sha256(self) -> str:

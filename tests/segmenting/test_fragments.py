@@ -3,8 +3,10 @@ same sample bytes, and the same pictures at the same 90 kHz times when decoded."
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import struct
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -13,7 +15,7 @@ from pathlib import Path
 import av
 import pytest
 
-from archiver.segmenting import fmp4
+from archiver.segmenting import fmp4, fragments
 from archiver.segmenting.fmp4 import TIMESCALE, H264Segmenter, MediaSegment
 from archiver.segmenting.fragments import avcc
 from archiver.segmenting.h264 import analyse
@@ -140,3 +142,38 @@ def test_open_segments_are_written_through_in_fragments_and_decode_the_same(
     played = pictures(through[0].init + b"".join(s.body for s in through))
     assert played == pictures(kept[0].init + b"".join(s.body for s in kept))
     assert [ticks for ticks, _ in played] == [round(t * TIMESCALE) for t, _ in sent]
+
+
+@pytest.mark.parametrize("failure", ["short_write", "no_space"])
+def test_a_segment_whose_file_fails_is_kept_whole_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """A full disk part way through an open segment: what was written comes back from the
+    file, the rest stays in memory, and the segment is whole."""
+    monkeypatch.setattr(fmp4, "FRAGMENT_BYTES", 2000)
+    sent = units(keyframe_interval_s=None)[:8]
+    reference = H264Segmenter(target_s=10)
+    failing = H264Segmenter(target_s=10, folder=tmp_path)
+    real_write = os.write
+    writes = 0
+
+    def disk_fills_up(fd: int, data: bytes) -> int:
+        nonlocal writes
+        writes += 1
+        if writes < 3:
+            return real_write(fd, data)
+        if failure == "short_write":
+            return real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fragments.os, "write", disk_fills_up)
+    for t, data in sent:
+        assert not reference.push(data, t, NOW)
+        assert not failing.push(data, t, NOW)
+    (kept,) = reference.flush()
+    (recovered,) = failing.flush()
+    assert writes == 3
+    assert recovered.body_path is None
+    assert list(tmp_path.iterdir()) == []
+    assert recovered.body == kept.body
+    assert recovered.sha256 == hashlib.sha256(kept.body).hexdigest()

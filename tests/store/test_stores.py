@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -83,6 +84,28 @@ async def test_spool_leftovers_survive_a_restart_newest_version_only(tmp_path: P
     assert await target.get("m/manifest.json") == b"v2"
     assert await target.get("m/segments/1.m4s") == b"media"
     assert second.pending_bytes == 0
+    assert not list((tmp_path / "spool" / "objects").iterdir())
+
+
+async def test_an_adopted_file_is_moved_in_and_survives_a_restart(tmp_path: Path) -> None:
+    """A segment written through to disk as it was made is moved into the spool, not
+    copied; from then on it is like any written object."""
+    target = LocalFolderStore(tmp_path / "archive")
+    made = tmp_path / "journal" / "0000000000000.mp4"
+    made.parent.mkdir()
+    made.write_bytes(b"media")
+    first = Spool(tmp_path / "spool", target, cap_bytes=1024**2)
+    digest = hashlib.sha256(b"media").hexdigest()
+    spooled = await first.adopt("m/segments/1.m4s", made, 5, digest, "video/iso.segment")
+    assert not made.exists()
+    assert spooled.sha256 == digest
+    assert first.pending_bytes == 5
+
+    second = Spool(tmp_path / "spool", target, cap_bytes=1024**2)
+    (leftover,) = await second.leftovers()
+    assert (leftover.key, leftover.size, leftover.sha256) == ("m/segments/1.m4s", 5, digest)
+    await second.confirm(leftover)
+    assert await target.get("m/segments/1.m4s") == b"media"
     assert not list((tmp_path / "spool" / "objects").iterdir())
 
 

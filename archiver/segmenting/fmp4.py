@@ -30,7 +30,7 @@ _DEFAULT_DURATION = TIMESCALE // 30
 FRAGMENT_BYTES = 256 * 1024
 """An open segment is written out in fragments of about this much sample data."""
 _MAX_TICKS = 2**53
-"""Far beyond any meeting, and well inside what the muxer's 64-bit timestamps hold."""
+"""Far beyond any meeting, and well inside what a fragment's 64-bit decode time holds."""
 _MUXER_OPTIONS = {
     # The header of a fragmented file (fragments are written by `fragments`), no edit list.
     "movflags": "frag_keyframe+empty_moov+default_base_moof+frag_discont+skip_trailer",
@@ -290,8 +290,8 @@ class H264Segmenter:
         return [self._close(self._pending.ticks + self._last_duration)]
 
     def _segment_full(self, next_unit_bytes: int) -> bool:
-        """An open segment is held in memory: cut it at a size as well as a duration, so
-        units that do not advance time (repeated timestamps) cannot grow it without end."""
+        """Cut an open segment at a size as well as a duration, so units that do not
+        advance time (repeated timestamps) cannot grow it without end."""
         return (
             self._segment_frames >= self.max_frames
             or self._segment_bytes + next_unit_bytes > self.max_bytes

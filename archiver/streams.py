@@ -66,11 +66,12 @@ log = structlog.get_logger(__name__)
 
 EndReason = Literal["connection_closed", "participant_left", "idle", "shutdown"]
 _BATCH_MAX = 64
-_BATCH_WINDOW_S = 0.2
+_BATCH_WINDOW_S = 0.5
 """How long a worker lets frames gather after a batch before it takes the next. In real time
 a stream gets a frame every 33 ms; a wake-up, a thread hop and a journal write per frame
-cost more than the frame itself. It delays a segment's upload by as much, never a frame's
-safety: frames still queued are in memory either way until the journal has them."""
+cost more than the frame itself. The price: a segment's upload starts up to this much
+later, and frames are journaled when their batch is taken, so a killed process loses up
+to this much more of each stream."""
 _OUR_FAILURES = frozenset({"segmenter_error", "worker_error"})
 
 

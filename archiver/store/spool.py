@@ -37,7 +37,7 @@ import stat
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -108,6 +108,7 @@ class Spool:
         fallback: ListingStore | None = None,
         fallback_after_s: float = 60.0,
         merge_documents: Callable[[str, bytes, bytes], bytes] | None = None,
+        upload_read_bytes: int = 8 * 1024**2,
     ) -> None:
         self.folder = Path(directory) / "objects"
         self.fallback = fallback
@@ -151,6 +152,12 @@ class Spool:
         self._room = asyncio.Condition()
         self._waiting_for_room = 0
         self._uploads = asyncio.Semaphore(concurrency)
+        self.upload_read_bytes = upload_read_bytes
+        """Bytes read back from disk for uploads at once (at least one object): segments
+        that close together (every stream of a bot, cut in the same frame) take turns
+        instead of all sitting in memory."""
+        self._reading_bytes = 0
+        self._read_room = asyncio.Condition()
         self._reachable_again = asyncio.Event()
 
     # Writing.
@@ -362,7 +369,7 @@ class Spool:
             if self._latest.get(spooled.key, spooled.seq) != spooled.seq:
                 return None
             try:
-                async with self._uploads:
+                async with self._uploads, self._reading(spooled.size if body is None else 0):
                     if body is None:
                         body = await asyncio.to_thread(spooled.path.with_suffix(_DATA).read_bytes)
                     if self.using_fallback and self.fallback is not None:
@@ -399,6 +406,25 @@ class Spool:
             self._mark_store(reachable=True)
             self.counters["uploaded"] += 1
             return stored
+
+    @contextlib.asynccontextmanager
+    async def _reading(self, size: int) -> AsyncIterator[None]:
+        """Hold `size` bytes of the upload read budget while an upload holds its body."""
+        async with self._read_room:
+            await self._read_room.wait_for(
+                lambda: (
+                    not size
+                    or not self._reading_bytes
+                    or self._reading_bytes + size <= self.upload_read_bytes
+                )
+            )
+            self._reading_bytes += size
+        try:
+            yield
+        finally:
+            async with self._read_room:
+                self._reading_bytes -= size
+                self._read_room.notify_all()
 
     async def _put_in_fallback(
         self, fallback: ListingStore, spooled: SpooledObject, body: bytes

@@ -15,7 +15,7 @@ from pathlib import Path
 import av
 import pytest
 
-from archiver.segmenting import fmp4, fragments
+from archiver.segmenting import fmp4
 from archiver.segmenting.fmp4 import TIMESCALE, H264Segmenter, MediaSegment
 from archiver.segmenting.fragments import avcc
 from archiver.segmenting.h264 import analyse
@@ -71,7 +71,7 @@ def boxes(data: bytes) -> list[tuple[bytes, bytes]]:
 def pictures(mp4: bytes) -> list[tuple[int, bytes]]:
     with av.open(io.BytesIO(mp4), "r") as container:
         return [
-            (int(frame.pts), bytes(frame.planes[0]))
+            (frame.pts or 0, bytes(frame.planes[0]))
             for frame in container.decode(container.streams.video[0])
         ]
 
@@ -166,7 +166,7 @@ def test_a_segment_whose_file_fails_is_kept_whole_in_memory(
             return real_write(fd, data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fragments.os, "write", disk_fills_up)
+    monkeypatch.setattr("archiver.segmenting.fragments.os.write", disk_fills_up)
     for t, data in sent:
         assert not reference.push(data, t, NOW)
         assert not failing.push(data, t, NOW)

@@ -21,7 +21,7 @@ import av
 
 from archiver.errors import MediaError, SegmenterFailure
 from archiver.segmenting.base import DropCounters, SegmentJournal
-from archiver.segmenting.fragments import Fragment, SegmentBody, avcc
+from archiver.segmenting.fragments import Fragment, SegmentBody
 from archiver.segmenting.h264 import AccessUnit, StreamConfig, analyse, probe_config
 
 TIMESCALE = 90_000
@@ -94,8 +94,6 @@ class SegmenterCounters(DropCounters):
 @dataclass(slots=True)
 class _Pending:
     unit: AccessUnit
-    sample: bytes
-    """The unit as an MP4 sample (length-prefixed NAL units)."""
     ticks: int
 
 
@@ -249,7 +247,7 @@ class H264Segmenter:
             self._open(ticks, absolute, unit.is_keyframe)
         elif self._pending is not None:
             self._add_pending(ticks - self._pending.ticks)
-        self._pending = _Pending(unit, avcc(unit.data), ticks)
+        self._pending = _Pending(unit, ticks)
         self._segment_frames += 1
         self._segment_bytes += len(unit.data)
         if self.journal is not None:
@@ -339,7 +337,7 @@ class H264Segmenter:
         assert fragment is not None
         assert self._body is not None
         assert self._pending is not None
-        fragment.add(self._pending.sample, duration, self._pending.unit.is_keyframe)
+        fragment.add(self._pending.unit.sample, duration, self._pending.unit.is_keyframe)
         if fragment.size >= FRAGMENT_BYTES:
             self._body.write(fragment.to_bytes())
             next_time = self._pending.ticks + duration

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import av
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from archiver.errors import MediaError
 from archiver.segmenting import fmp4
 from archiver.segmenting.fmp4 import TIMESCALE, H264Segmenter, MediaSegment
 from archiver.segmenting.fragments import avcc
@@ -177,3 +180,30 @@ def test_a_segment_whose_file_fails_is_kept_whole_in_memory(
     assert list(tmp_path.iterdir()) == []
     assert recovered.body == kept.body
     assert recovered.sha256 == hashlib.sha256(kept.body).hexdigest()
+
+
+_PIECES = [
+    b"\x00",
+    b"\x00\x00\x01",
+    b"\x00\x00\x00\x01",
+    b"\x65\x88",
+    b"\x41\x9a",
+    b"\x67",
+    b"\x68",
+]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from(_PIECES) | st.binary(min_size=1, max_size=6), max_size=12),
+    st.sampled_from([b"\x00\x00\x01", b"\x00\x00\x00\x01"]),
+)
+def test_the_sample_made_while_classifying_is_ffmpegs_for_any_bytes(
+    pieces: list[bytes], start: bytes
+) -> None:
+    data = start + b"".join(pieces)
+    try:
+        unit = analyse(data)
+    except MediaError:
+        return
+    assert unit.sample == avcc(data)

@@ -21,11 +21,13 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal
 
 import structlog
 
+from archiver import metrics
 from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
 from archiver.events import EventArchive
 from archiver.ingest.messages import MediaMessage
@@ -180,13 +182,14 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         """Set when a frame is queued or the stream is asked to end."""
         self.hurry = asyncio.Event()
         """Set when waiting for frames to gather would hold up a sender or the end."""
-        self.batch_taken_at = 0.0
         self.ending: EndReason | None = None
         self.next_ending: EndReason | None = None
         self.finishing = False
         self.users = 0
         """Connections feeding this stream; the last one to close ends it."""
         self.last_progress = time.monotonic()
+        self.taken_at = self.last_progress
+        """When the latest batch was taken from the queue: what closes a segment arrived."""
         self.opening = False
         """Waiting for recovery or the store before its first frame: not a stall."""
         self.segmenter: Segmenter[FinishedT] | None = None
@@ -240,6 +243,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     def start(self) -> None:
         self.last_progress = time.monotonic()
         self.task = asyncio.create_task(self._supervise(), name=f"stream {self.id}")
+        metrics.stream_running(self.id.media_format, self.task)
 
     async def feed(self, message: MediaMessage, budget: QueuedBytes) -> None:
         """Enqueue. While the queue is full (in messages or bytes: this stream's, or the
@@ -381,7 +385,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     async def _let_frames_gather(self) -> None:
         """Wait until `_BATCH_WINDOW_S` after the last batch was taken, unless a batch is
         already queued, a sender waits for room, or the stream is asked to end."""
-        due = self.batch_taken_at + _BATCH_WINDOW_S - time.monotonic()
+        due = self.taken_at + _BATCH_WINDOW_S - time.monotonic()
         if due <= 0 or self.hurry.is_set():
             return
         with contextlib.suppress(TimeoutError):
@@ -398,7 +402,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             budget.free(size)
             taken.append(message)
         if taken:
-            self.last_progress = self.batch_taken_at = time.monotonic()
+            self.last_progress = self.taken_at = time.monotonic()
         if len(self.queue) < _BATCH_MAX and self.ending is None:
             self.hurry.clear()
         self.in_hand_frames = len(taken)
@@ -491,6 +495,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.held_frames = result.held_frames
         self.in_flight_frames += sum(finished.frame_count for finished in result.finished)
         self.segmenter_counters = result.counters
+        metrics.stream_counters(self, self.id.media_format, result.counters, self.counters)
         self.manifest.gaps.extend(result.gaps)
         for error in result.rejected:
             self._log_reject(error)
@@ -609,7 +614,12 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         if self.journal is not None:
             self.journal.discard(finished.name)
             self._account_journal()
-        publish.hand_over(entry, spooled, finished.frame_count)
+        publish.hand_over(
+            entry,
+            spooled,
+            finished.frame_count,
+            partial(metrics.segment_durable, self.id.media_format, self.taken_at),
+        )
 
     async def _list(self, entry: EntryT, frames: int) -> None:
         """A segment or batch the store confirmed, in order: into the manifest."""
@@ -617,6 +627,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         if self.manifest is None:
             return
         self.manifest.add(entry)
+        metrics.frames_archived(self.id.media_format, frames)
         self.counters[self.published_counter] += 1
         if self.budget.allows(len(self.manifest.entries)):
             await self._write_manifest()
@@ -683,6 +694,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             self._account_journal()
             self.journal = None
         self.sessions.record(self.id, self.manifest, "complete")
+        metrics.stream_counters(self, self.id.media_format, self.segmenter_counters, self.counters)
         self.log.info(
             "stream_ended",
             reason=reason,

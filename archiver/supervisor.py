@@ -9,6 +9,10 @@ SIGKILL), the master starts a new one on the same machine; the kernel released t
 one's lock, so the new one claims exactly that slot and recovers what it left, while its
 siblings go on with their own. SIGTERM to the master drains every worker (1012 to every
 bot, streams flushed, spool uploaded) within the drain deadline, then all exit.
+
+The master also serves the metrics of every worker together (`archiver.metrics`): it makes
+the run's metrics folder before the first fork, serves `/metrics` on its own port and
+writes the CloudWatch documents, and marks each dead worker's figures as such.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from aiohttp import web
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
-from archiver import logs, workers
+from archiver import logs, metrics, workers
 from archiver.ingest.server import DrainingAppRunner, RedactingAccessLogger, create_app
 from archiver.settings import Settings
 
@@ -33,6 +37,7 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.exporter = metrics.Exporter(settings, multiprocess_folder=True)
         super().__init__()
 
     def load_config(self) -> None:
@@ -50,6 +55,10 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
             "control_socket_disable": True,
             "loglevel": settings.log_level,
             "logger_class": _logger_class(settings),
+            "when_ready": lambda arbiter: self.exporter.start(),
+            "post_fork": lambda arbiter, worker: self.exporter.forked(),
+            "child_exit": lambda arbiter, worker: self.exporter.process_exited(worker.pid),
+            "on_exit": lambda arbiter: self.exporter.stop(),
         }
         for name, value in options.items():
             self.cfg.set(name, value)

@@ -108,15 +108,27 @@ async def spool_segment(
         segment,
         key=spool.location(key),
         init_key=spool.location(init_key),
-        size=len(segment.body),
-        sha256=sha256_digest(segment.body)[0],
+        size=segment.size,
+        sha256=segment.sha256,
         recovered=recovered,
     )
     extra = {"manifest_key": stream.manifest_key, "entry": asdict(entry), **header}
     spooled = []
     if with_init:
-        spooled.append(await spool.write(init_key, segment.init, MP4_TYPE, write_once=True))
-    spooled.append(await spool.write(key, segment.body, SEGMENT_TYPE, extra, write_once=True))
+        spooled.append(
+            await spool.write(
+                init_key, segment.init, MP4_TYPE, write_once=True, sha256=segment.init_sha256
+            )
+        )
+    if segment.body_path is not None:
+        body = await spool.adopt(
+            key, segment.body_path, segment.size, segment.sha256, SEGMENT_TYPE, extra, True
+        )
+    else:
+        body = await spool.write(
+            key, segment.body, SEGMENT_TYPE, extra, write_once=True, sha256=segment.sha256
+        )
+    spooled.append(body)
     return entry, spooled
 
 

@@ -10,15 +10,16 @@ deeper than the archive's own JSON writers can serialise.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 import pydantic
 
 from archiver.errors import InputError
-from archiver.layout import MediaFormat, RecordingId, StreamId, safe_id
+from archiver.layout import MediaFormat, RecordingId, StreamId, VideoType, safe_id
 
 MEDIA_EVENTS: dict[str, MediaFormat] = {
     "video_separate_h264.data": "h264",
@@ -29,65 +30,101 @@ MAX_DEPTH = 64
 six levels, customer metadata a few more; the JSON writers of manifests and journals stop at
 254, and a message they cannot write back must not get as far as a worker."""
 
-_Id = pydantic.StrictInt | pydantic.StrictStr
+_DATETIME = pydantic.TypeAdapter(datetime)
+_LAX_BOOL = pydantic.TypeAdapter(bool)
+"""Pydantic's readings of a time and of a flag, so that every accepted spelling is read as
+it always was; the rest of the envelope is checked by plain code (a model per message cost
+more than the rest of parsing)."""
+_VIDEO_TYPES: dict[str, VideoType] = {"webcam": "webcam", "screenshare": "screenshare"}
 
 
-class _Ref(pydantic.BaseModel):
-    id: _Id
-    metadata: dict[str, Any] | None = None
+class _Refused(Exception):
+    """Where the envelope is not what it should be, and what was expected there."""
+
+    def __init__(self, where: str, expected: str) -> None:
+        super().__init__(f"{where}: {expected}")
 
 
-class _Timestamp(pydantic.BaseModel):
-    relative: float = pydantic.Field(allow_inf_nan=False, strict=True)
-    """Any finite number: whether it is a plausible time is the stream's to judge and count."""
-    absolute: datetime
+def _object(parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = parent.get(key)
+    if not isinstance(value, dict):
+        raise _Refused(f"{where}{key}", "expected an object")
+    return value
 
-    @pydantic.field_validator("absolute", mode="before")
-    @classmethod
-    def _iso_text(cls, value: object) -> object:
-        if not isinstance(value, str):
-            raise ValueError("expected an ISO-8601 string")
-        return value
 
-    @pydantic.field_validator("absolute")
-    @classmethod
-    def _in_utc(cls, value: datetime) -> datetime:
-        """Naive times are taken as UTC; every time leaves here in UTC, so no later
-        conversion can step outside the calendar (year 1 at +01:00, year 9999 at -05:00)."""
-        if value.tzinfo is None or value.utcoffset() is None:
-            return value.replace(tzinfo=UTC)
+def _id(parent: dict[str, Any], where: str) -> int | str:
+    """An id is a string or an integer, never a float or a boolean."""
+    value = parent.get("id")
+    if type(value) is not int and type(value) is not str:
+        raise _Refused(f"{where}id", "expected a string or an integer")
+    return value
+
+
+def _optional(parent: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = parent.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise _Refused(f"{where}{key}", f"expected {kind.__name__} or null")
+    return value
+
+
+def _optional_ref(parent: dict[str, Any], key: str) -> dict[str, Any] | None:
+    return None if parent.get(key) is None else _ref(parent, key)
+
+
+def _ref(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    """`bot`, `recording` and the like: an id and optional metadata."""
+    ref = _object(parent, key, "data.")
+    where = f"data.{key}."
+    return {"id": _id(ref, where), "metadata": _optional(ref, "metadata", dict, where)}
+
+
+def _participant(media: dict[str, Any]) -> dict[str, Any]:
+    participant = _object(media, "participant", "data.data.")
+    where = "data.data.participant."
+    is_host = participant.get("is_host")
+    if is_host is not None and type(is_host) is not bool:
         try:
-            return value.astimezone(UTC)
-        except OverflowError as exc:
-            raise ValueError("outside the representable range in UTC") from exc
+            is_host = _LAX_BOOL.validate_python(is_host)
+        except pydantic.ValidationError:
+            raise _Refused(f"{where}is_host", "expected a boolean or null") from None
+    return {
+        "id": _id(participant, where),
+        "name": _optional(participant, "name", str, where),
+        "is_host": is_host,
+        "platform": _optional(participant, "platform", str, where),
+        "extra_data": _optional(participant, "extra_data", dict, where),
+        "email": _optional(participant, "email", str, where),
+    }
 
 
-class _Participant(pydantic.BaseModel):
-    id: _Id
-    name: str | None = None
-    is_host: bool | None = None
-    platform: str | None = None
-    extra_data: dict[str, Any] | None = None
-    email: str | None = None
+def _relative(timestamp: dict[str, Any]) -> float:
+    """Any finite number: whether it is a plausible time is the stream's to judge and count."""
+    value = timestamp.get("relative")
+    if type(value) is int:
+        return float(value)
+    if type(value) is not float or not math.isfinite(value):
+        raise _Refused("data.data.timestamp.relative", "expected a finite number")
+    return value
 
 
-class _MediaData(pydantic.BaseModel):
-    buffer: str
-    timestamp: _Timestamp
-    type: Literal["webcam", "screenshare"]
-    participant: _Participant
-
-
-class _MediaEnvelopeData(pydantic.BaseModel):
-    data: _MediaData
-    bot: _Ref
-    recording: _Ref
-    realtime_endpoint: _Ref | None = None
-    video_separate: _Ref | None = None
-
-
-class _MediaEnvelope(pydantic.BaseModel):
-    data: _MediaEnvelopeData
+def _absolute(timestamp: dict[str, Any]) -> datetime:
+    """An ISO-8601 string. Naive times are taken as UTC; every time leaves here in UTC, so
+    no later conversion can step outside the calendar (year 1 at +01:00, year 9999 at
+    -05:00)."""
+    where = "data.data.timestamp.absolute"
+    value = timestamp.get("absolute")
+    if not isinstance(value, str):
+        raise _Refused(where, "expected an ISO-8601 string")
+    try:
+        when = _DATETIME.validate_python(value)
+    except pydantic.ValidationError:
+        raise _Refused(where, "not an ISO-8601 time") from None
+    if when.tzinfo is None or when.utcoffset() is None:
+        return when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC)
+    except OverflowError:
+        raise _Refused(where, "outside the representable range in UTC") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,57 +176,63 @@ def parse_message(raw: str | bytes) -> MediaMessage | EventMessage:
     if media_format is None:
         return _parse_event(event, body, raw if isinstance(raw, bytes) else raw.encode())
     try:
-        envelope = _MediaEnvelope.model_validate(body).data
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InputError("bad_envelope", f"{where}: {first['msg']}") from exc
-    media = envelope.data
-    recording = RecordingId(
-        bot_id=safe_id("bot.id", envelope.bot.id),
-        recording_id=safe_id("recording.id", envelope.recording.id),
+        return _parse_media(body, media_format)
+    except _Refused as exc:
+        raise InputError("bad_envelope", str(exc)) from None
+
+
+def _parse_media(body: dict[str, Any], media_format: MediaFormat) -> MediaMessage:
+    """The envelope's shape first (`_Refused`), then its ids (`InputError` invalid_id)."""
+    envelope = _object(body, "data", "")
+    media = _object(envelope, "data", "data.")
+    buffer = media.get("buffer")
+    if not isinstance(buffer, str):
+        raise _Refused("data.data.buffer", "expected a string")
+    timestamp = _object(media, "timestamp", "data.data.")
+    relative_s = _relative(timestamp)
+    absolute = _absolute(timestamp)
+    kind = media.get("type")
+    video_type = _VIDEO_TYPES.get(kind) if type(kind) is str else None
+    if video_type is None:
+        raise _Refused("data.data.type", "expected 'webcam' or 'screenshare'")
+    participant = _participant(media)
+    bot = _ref(envelope, "bot")
+    recording = _ref(envelope, "recording")
+    context = RecordingContext(
+        bot=bot,
+        recording=recording,
+        realtime_endpoint=_optional_ref(envelope, "realtime_endpoint"),
+        video_separate=_optional_ref(envelope, "video_separate"),
     )
     stream = StreamId(
-        recording=recording,
-        participant_id=safe_id("participant.id", media.participant.id),
-        video_type=media.type,
+        recording=RecordingId(
+            bot_id=safe_id("bot.id", bot["id"]),
+            recording_id=safe_id("recording.id", recording["id"]),
+        ),
+        participant_id=safe_id("participant.id", participant["id"]),
+        video_type=video_type,
         media_format=media_format,
     )
     return MediaMessage(
         stream=stream,
-        buffer_b64=media.buffer,
-        relative_s=media.timestamp.relative,
-        absolute=media.timestamp.absolute,
-        participant=media.participant.model_dump(),
-        context=RecordingContext(
-            bot=envelope.bot.model_dump(),
-            recording=envelope.recording.model_dump(),
-            realtime_endpoint=_dump(envelope.realtime_endpoint),
-            video_separate=_dump(envelope.video_separate),
-        ),
+        buffer_b64=buffer,
+        relative_s=relative_s,
+        absolute=absolute,
+        participant=participant,
+        context=context,
     )
 
 
-def _deeper_than(value: object, limit: int) -> bool:
-    """Whether objects and arrays nest more than `limit` levels (iterative: JSON may nest
-    deeper than Python's recursion limit)."""
-    stack: list[tuple[object, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > limit:
+def _deeper_than(container: dict[str, Any] | list[Any], levels: int) -> bool:
+    """Whether objects and arrays nest more than `levels` levels below and including
+    `container`. Recursive, but never more than `levels` calls deep, whatever the JSON."""
+    if levels == 0:
+        return True
+    children = container.values() if type(container) is dict else container
+    for child in children:
+        if (type(child) is dict or type(child) is list) and _deeper_than(child, levels - 1):
             return True
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
-
-
-def _dump(ref: _Ref | None) -> dict[str, Any] | None:
-    return None if ref is None else ref.model_dump()
 
 
 def _parse_event(event: str, body: dict[str, Any], raw: bytes) -> EventMessage:

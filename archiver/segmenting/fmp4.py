@@ -1,9 +1,9 @@
-"""H.264 access units into CMAF-style fragmented MP4, remuxed with FFmpeg, never re-encoded.
+"""H.264 access units into CMAF-style fragmented MP4, remuxed, never re-encoded.
 
-Each segment is muxed by its own short-lived MP4 muxer that writes `ftyp+moov` (the init
-segment, identical for every segment of one configuration) then `moof+mdat` fragments whose
-`tfdt` carries the stream's own timeline, so segments concatenate behind their init segment.
-A packet is muxed one step late, once the next timestamp gives it its exact duration.
+Each configuration (SPS/PPS) gets its init segment (`ftyp+moov`) from FFmpeg's MP4 muxer,
+once. A segment is `moof+mdat` fragments written here (`fragments`), whose `tfdt` carries
+the stream's own timeline, so segments concatenate behind their init segment. A frame is
+added one step late, once the next timestamp gives it its exact duration.
 """
 
 from __future__ import annotations
@@ -14,21 +14,25 @@ import struct
 from dataclasses import dataclass
 from datetime import datetime
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import av
 
 from archiver.errors import MediaError, SegmenterFailure
 from archiver.segmenting.base import DropCounters, SegmentJournal
+from archiver.segmenting.fragments import Fragment, SegmentBody
 from archiver.segmenting.h264 import AccessUnit, StreamConfig, analyse, probe_config
 
 TIMESCALE = 90_000
 _TIME_BASE = Fraction(1, TIMESCALE)
 _DEFAULT_DURATION = TIMESCALE // 30
+FRAGMENT_BYTES = 256 * 1024
+"""An open segment is written out in fragments of about this much sample data."""
 _MAX_TICKS = 2**53
-"""Far beyond any meeting, and well inside what the muxer's 64-bit timestamps hold."""
+"""Far beyond any meeting, and well inside what a fragment's 64-bit decode time holds."""
 _MUXER_OPTIONS = {
-    # One fragment per key frame, timeline from our own timestamps, no index at the end.
+    # The header of a fragmented file (fragments are written by `fragments`), no edit list.
     "movflags": "frag_keyframe+empty_moov+default_base_moof+frag_discont+skip_trailer",
     "use_editlist": "0",
     "avoid_negative_ts": "disabled",
@@ -53,7 +57,20 @@ class MediaSegment:
     config: StreamConfig
     init: bytes
     init_sha256: str
-    body: bytes
+    size: int
+    sha256: str
+    body_path: Path | None
+    """The written-through file of the media segment, complete and fsynced, when it has one."""
+    body_data: bytes | None
+    """The media segment's bytes when it was kept in memory instead."""
+
+    @property
+    def body(self) -> bytes:
+        """The media segment's bytes (read from its file when it has one)."""
+        if self.body_data is not None:
+            return self.body_data
+        assert self.body_path is not None
+        return self.body_path.read_bytes()
 
     @property
     def name(self) -> str:
@@ -80,37 +97,24 @@ class _Pending:
     ticks: int
 
 
-class _SegmentMuxer:
-    """One segment's MP4 muxer, writing into memory."""
-
-    def __init__(self, config: StreamConfig, seq: int) -> None:
-        self.buffer = io.BytesIO()
-        options = {**_MUXER_OPTIONS, "fragment_index": str(seq + 1)}
-        self.container = av.open(self.buffer, "w", format="mp4", options=options)
-        self.video = self.container.add_stream("h264")
-        self.video.codec_context.width = config.width
-        self.video.codec_context.height = config.height
-        self.video.codec_context.extradata = config.parameter_sets
-        self.video.time_base = _TIME_BASE
-
-    def mux(self, unit: AccessUnit, ticks: int, duration: int) -> None:
-        packet = av.Packet(unit.data)
-        packet.pts = packet.dts = ticks
-        packet.duration = duration
-        packet.time_base = _TIME_BASE
-        packet.is_keyframe = unit.is_keyframe
-        packet.stream = self.video
-        try:
-            self.container.mux(packet)
-        except av.FFmpegError as exc:
-            raise MediaError("mux_failed", str(exc)) from exc
-
-    def finish(self) -> tuple[bytes, bytes]:
-        """Close the muxer; return (init segment, media segment)."""
-        self.container.close()
-        data = self.buffer.getvalue()
-        split = _first_box_offset(data, b"moof")
-        return data[:split], data[split:]
+def init_segment(config: StreamConfig) -> bytes:
+    """The init segment of one configuration, from FFmpeg's MP4 muxer (header only)."""
+    buffer = io.BytesIO()
+    try:
+        container = av.open(buffer, "w", format="mp4", options=_MUXER_OPTIONS)
+        video = container.add_stream("h264")
+        video.codec_context.width = config.width
+        video.codec_context.height = config.height
+        video.codec_context.extradata = config.parameter_sets
+        video.time_base = _TIME_BASE
+        container.start_encoding()
+        container.close()
+    except av.FFmpegError as exc:
+        raise MediaError("mux_failed", str(exc)) from exc
+    data = buffer.getvalue()
+    if _first_box_offset(data, b"moov") < 0:
+        raise MediaError("mux_failed", "muxer wrote no moov box")
+    return data
 
 
 def _gap(start_ticks: int, end_ticks: int) -> dict[str, Any]:
@@ -122,6 +126,7 @@ def _gap(start_ticks: int, end_ticks: int) -> dict[str, Any]:
 
 
 def _first_box_offset(data: bytes, box_type: bytes) -> int:
+    """Where the first top-level box of a type starts, or -1."""
     offset = 0
     while offset + 8 <= len(data):
         size, kind = struct.unpack_from(">I4s", data, offset)
@@ -130,7 +135,7 @@ def _first_box_offset(data: bytes, box_type: bytes) -> int:
         if size < 8:
             break
         offset += size
-    raise MediaError("mux_failed", f"muxer wrote no {box_type.decode()} box")
+    return -1
 
 
 class H264Segmenter:
@@ -150,6 +155,7 @@ class H264Segmenter:
         journal: SegmentJournal | None = None,
         max_frames: int = 2**31,
         max_bytes: int = 2**62,
+        folder: Path | None = None,
     ) -> None:
         self.target_ticks = round(target_s * TIMESCALE)
         self.max_frames = max_frames
@@ -161,7 +167,14 @@ class H264Segmenter:
         self._last_ticks = last_ticks
         self._last_duration = _DEFAULT_DURATION
         self._config: StreamConfig | None = None
-        self._muxer: _SegmentMuxer | None = None
+        self._init = b""
+        self._init_sha256 = ""
+        self._init_config: StreamConfig | None = None
+        self.folder = folder
+        """Where open segments are written through to (None: they are kept in memory)."""
+        self._fragment: Fragment | None = None
+        """The open segment's fragment being filled, or None between segments."""
+        self._body: SegmentBody | None = None
         self._pending: _Pending | None = None
         self._segment_start = 0
         self._segment_wallclock: datetime | None = None
@@ -181,7 +194,7 @@ class H264Segmenter:
     @property
     def held_frames(self) -> int:
         """Frames taken into the open segment, not yet in a finished one."""
-        return self._segment_frames if self._muxer is not None else 0
+        return self._segment_frames if self._fragment is not None else 0
 
     def push(self, data: bytes, relative_s: float, absolute: datetime) -> list[MediaSegment]:
         """Add one access unit; return the segments it closed (zero or one, rarely two).
@@ -220,7 +233,7 @@ class H264Segmenter:
 
         closed: list[MediaSegment] = []
         elapsed = ticks - self._segment_start
-        if self._muxer is not None:
+        if self._fragment is not None:
             reconfigured = new_config is not None and new_config != self._config
             if reconfigured or (unit.is_keyframe and elapsed >= self.target_ticks):
                 closed.append(self._close(ticks))
@@ -230,10 +243,10 @@ class H264Segmenter:
         if new_config is not None and new_config != self._config:
             self._config = new_config
             self.counters.configurations += 1
-        if self._muxer is None:
+        if self._fragment is None:
             self._open(ticks, absolute, unit.is_keyframe)
         elif self._pending is not None:
-            self._mux_pending(ticks - self._pending.ticks)
+            self._add_pending(ticks - self._pending.ticks)
         self._pending = _Pending(unit, ticks)
         self._segment_frames += 1
         self._segment_bytes += len(unit.data)
@@ -247,12 +260,15 @@ class H264Segmenter:
         if self._pending is None or self._pending.unit is not unit:
             self.counters.drop("segmenter_error")
         salvaged: list[MediaSegment] = []
-        if self._muxer is not None and self._pending is not None:
+        if self._fragment is not None and self._pending is not None:
             try:
                 salvaged.append(self._close(self._pending.ticks + self._last_duration))
             except Exception:  # noqa: BLE001 (the segment is lost; say how many frames)
                 self.counters.drop("segmenter_error", self._segment_frames)
-        self._muxer = None
+        if self._body is not None:
+            self._body.discard()
+            self._body = None
+        self._fragment = None
         self._pending = None
         self._segment_frames = 0
         self._config = None
@@ -267,13 +283,13 @@ class H264Segmenter:
         if self._gap_start is not None:
             self.gaps.append(_gap(self._gap_start, max(self._gap_start, self._last_ticks)))
             self._gap_start = None
-        if self._muxer is None or self._pending is None:
+        if self._fragment is None or self._pending is None:
             return []
         return [self._close(self._pending.ticks + self._last_duration)]
 
     def _segment_full(self, next_unit_bytes: int) -> bool:
-        """An open segment is held in memory: cut it at a size as well as a duration, so
-        units that do not advance time (repeated timestamps) cannot grow it without end."""
+        """Cut an open segment at a size as well as a duration, so units that do not
+        advance time (repeated timestamps) cannot grow it without end."""
         return (
             self._segment_frames >= self.max_frames
             or self._segment_bytes + next_unit_bytes > self.max_bytes
@@ -298,36 +314,48 @@ class H264Segmenter:
 
     def _open(self, ticks: int, absolute: datetime, keyframe: bool) -> None:
         assert self._config is not None
-        self._muxer = _SegmentMuxer(self._config, self._next_seq)
+        if self._init_config != self._config:
+            self._init = init_segment(self._config)
+            self._init_sha256 = hashlib.sha256(self._init).hexdigest()
+            self._init_config = self._config
+        self._fragment = Fragment(sequence=self._next_seq + 1, decode_time=ticks)
+        name = segment_name(ticks)
+        self._body = SegmentBody(None if self.folder is None else self.folder / f"{name}.mp4")
         if self._gap_start is not None:
             self.gaps.append(_gap(self._gap_start, ticks))
             self._gap_start = None
         if self.journal is not None:
-            self.journal.begin(segment_name(ticks), self._config.as_record())
+            self.journal.begin(name, self._config.as_record())
         self._segment_start = ticks
         self._segment_wallclock = absolute
         self._segment_frames = 0
         self._segment_bytes = 0
         self._segment_keyframe_start = keyframe
 
-    def _mux_pending(self, duration: int) -> None:
-        assert self._muxer is not None
+    def _add_pending(self, duration: int) -> None:
+        fragment = self._fragment
+        assert fragment is not None
+        assert self._body is not None
         assert self._pending is not None
-        try:
-            self._muxer.mux(self._pending.unit, self._pending.ticks, duration)
-        except MediaError as exc:
-            self.counters.drop(exc.reason)
-            self._segment_frames -= 1
+        fragment.add(self._pending.unit.sample, duration, self._pending.unit.is_keyframe)
+        if fragment.size >= FRAGMENT_BYTES:
+            self._body.write(fragment.to_bytes())
+            next_time = self._pending.ticks + duration
+            self._fragment = Fragment(sequence=fragment.sequence + 1, decode_time=next_time)
         self._last_duration = duration
         self._pending = None
 
     def _close(self, end_ticks: int) -> MediaSegment:
-        assert self._muxer is not None
+        assert self._fragment is not None
         assert self._config is not None
         assert self._pending is not None
         assert self._segment_wallclock is not None
-        self._mux_pending(end_ticks - self._pending.ticks)
-        init, body = self._muxer.finish()
+        body = self._body
+        assert body is not None
+        self._add_pending(end_ticks - self._pending.ticks)
+        if self._fragment.table:
+            body.write(self._fragment.to_bytes())
+        body.finish()
         segment = MediaSegment(
             seq=self._next_seq,
             start_ticks=self._segment_start,
@@ -336,10 +364,14 @@ class H264Segmenter:
             frames=self._segment_frames,
             starts_with_keyframe=self._segment_keyframe_start,
             config=self._config,
-            init=init,
-            init_sha256=hashlib.sha256(init).hexdigest(),
-            body=body,
+            init=self._init,
+            init_sha256=self._init_sha256,
+            size=body.size,
+            sha256=body.sha256,
+            body_path=body.path,
+            body_data=body.data,
         )
         self._next_seq += 1
-        self._muxer = None
+        self._fragment = None
+        self._body = None
         return segment

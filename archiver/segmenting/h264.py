@@ -8,6 +8,7 @@ bytes, both raise `MediaError` and nothing else, in time bounded by the buffer's
 from __future__ import annotations
 
 import base64
+import struct
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -15,12 +16,14 @@ from typing import Any
 import av
 
 from archiver.errors import MediaError
+from archiver.segmenting.fragments import avcc
 
 NAL_IDR = 5
 NAL_SPS = 7
 NAL_PPS = 8
 _VCL = frozenset(range(1, 6))
 _START = b"\x00\x00\x01"
+_LENGTH = struct.Struct(">I")
 MAX_NAL_UNITS = 1024
 """More NAL units than any encoder puts in one picture (a slice per macroblock row of a 4K
 frame is 135): a buffer of nothing but start codes would otherwise cost seconds of scanning
@@ -32,6 +35,9 @@ class AccessUnit:
     """One access unit as the segmenter sees it."""
 
     data: bytes
+    sample: bytes
+    """The unit as an MP4 sample: each NAL unit behind its 4-byte length, as FFmpeg's MP4
+    muxer writes it."""
     is_keyframe: bool
     parameter_sets: bytes
     """SPS and PPS NAL units in Annex-B form (empty when the unit carries none)."""
@@ -39,12 +45,18 @@ class AccessUnit:
 
 
 def analyse(data: bytes) -> AccessUnit:
-    """Classify an Annex-B access unit: key frame when its first slice is IDR."""
+    """Classify an Annex-B access unit (key frame when its first slice is IDR) and convert
+    it to an MP4 sample in the same scan."""
     if not data.startswith(_START) and not data.startswith(b"\x00" + _START):
         raise MediaError("not_annexb", "access unit does not start with a start code")
     first_slice = 0
     params: list[bytes] = []
     sps = b""
+    view = memoryview(data)
+    sample: list[bytes | memoryview] = []
+    # Regular: every NAL unit starts with a non-zero byte, as encoders write them. Where one
+    # does not, the sample follows FFmpeg's rules for where it starts instead (`avcc`).
+    regular = True
     pos = data.find(_START)
     units = 0
     while pos >= 0:
@@ -55,6 +67,11 @@ def analyse(data: bytes) -> AccessUnit:
         nxt = data.find(_START, begin)
         if begin >= len(data):
             break
+        regular = regular and data[begin] != 0
+        if regular:
+            # The NAL unit ends where the next start code begins, a zero before it included.
+            end = len(data) if nxt < 0 else nxt - 1 if nxt > begin and not data[nxt - 1] else nxt
+            sample += (_LENGTH.pack(end - begin), view[begin:end])
         nal_type = data[begin] & 0x1F
         if nal_type in (NAL_SPS, NAL_PPS):
             end = len(data) if nxt < 0 else nxt
@@ -69,6 +86,7 @@ def analyse(data: bytes) -> AccessUnit:
         raise MediaError("no_slice", "access unit carries no picture slice")
     return AccessUnit(
         data=data,
+        sample=b"".join(sample) if regular else avcc(data),
         is_keyframe=first_slice == NAL_IDR,
         parameter_sets=b"".join(params),
         sps=sps,

@@ -77,16 +77,18 @@ class StreamJournal:
         self._name = name
         if config is not None:
             body = orjson.dumps(config)
-            self._add(_FRAME.pack(_CONFIG, 0.0, 0, len(body)) + body)
+            self._add(_FRAME.pack(_CONFIG, 0.0, 0, len(body)), body)
 
     def record(self, relative_s: float, absolute: datetime, data: bytes) -> None:
         stamp = absolute.isoformat().encode()
-        self._add(_FRAME.pack(_DATA, relative_s, len(stamp), len(data)) + stamp + data)
+        self._add(_FRAME.pack(_DATA, relative_s, len(stamp), len(data)) + stamp, data)
 
-    def _add(self, record: bytes) -> None:
+    def _add(self, *parts: bytes) -> None:
+        """Buffer one record, in parts: the payload is copied once, when the batch is
+        written."""
         if self._name is None:
             return
-        self._records.append(record)
+        self._records.extend(parts)
         if not self.buffered:
             self.flush()
 

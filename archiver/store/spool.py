@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import itertools
 import os
@@ -36,7 +37,7 @@ import stat
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -108,6 +109,7 @@ class Spool:
         fallback: ListingStore | None = None,
         fallback_after_s: float = 60.0,
         merge_documents: Callable[[str, bytes, bytes], bytes] | None = None,
+        upload_read_bytes: int = 8 * 1024**2,
     ) -> None:
         self.folder = Path(directory) / "objects"
         self.fallback = fallback
@@ -151,6 +153,12 @@ class Spool:
         self._room = asyncio.Condition()
         self._waiting_for_room = 0
         self._uploads = asyncio.Semaphore(concurrency)
+        self.upload_read_bytes = upload_read_bytes
+        """Bytes read back from disk for uploads at once (at least one object): segments
+        that close together (every stream of a bot, cut in the same frame) take turns
+        instead of all sitting in memory."""
+        self._reading_bytes = 0
+        self._read_room = asyncio.Condition()
         self._reachable_again = asyncio.Event()
 
     # Writing.
@@ -163,46 +171,86 @@ class Spool:
         extra: dict[str, Any] | None = None,
         write_once: bool = False,
         replaces: str | None = None,
+        sha256: str | None = None,
     ) -> SpooledObject:
-        """Put `body` on disk durably; waits while the spool is at its cap."""
+        """Put `body` on disk durably; waits while the spool is at its cap. `sha256` is the
+        body's hex digest when the caller has it already (it is not computed twice)."""
+        await self._make_room(len(body))
+        digest = sha256 or sha256_digest(body)[0]
+        spooled = self._new_object(
+            key, content_type, len(body), digest, extra, write_once, replaces
+        )
+        return await self._store(spooled, functools.partial(self._write_files, spooled, body))
+
+    async def adopt(
+        self,
+        key: str,
+        path: Path,
+        size: int,
+        sha256: str,
+        content_type: str,
+        extra: dict[str, Any] | None = None,
+        write_once: bool = False,
+    ) -> SpooledObject:
+        """Like `write`, for a body already complete and fsynced in a file of this spool's
+        disk (a segment written as it was made): the file is moved in, not copied. It must
+        not be in the spool's own folder."""
+        await self._make_room(size)
+        spooled = self._new_object(key, content_type, size, sha256, extra, write_once)
+        return await self._store(spooled, functools.partial(self._move_in, spooled, path))
+
+    async def _make_room(self, size: int) -> None:
         async with self._room:
-            if self.pending_bytes + len(body) > self.cap_bytes and self.pending_bytes > 0:
+            if self.pending_bytes + size > self.cap_bytes and self.pending_bytes > 0:
                 self.counters["waits_for_room"] += 1
                 self._waiting_for_room += 1
                 try:
                     await self._room.wait_for(
                         lambda: (
-                            self.pending_bytes + len(body) <= self.cap_bytes
-                            or self.pending_bytes == 0
+                            self.pending_bytes + size <= self.cap_bytes or self.pending_bytes == 0
                         )
                     )
                 finally:
                     self._waiting_for_room -= 1
-            self.pending_bytes += len(body)
+            self.pending_bytes += size
             self._update_state()
+
+    def _new_object(
+        self,
+        key: str,
+        content_type: str,
+        size: int,
+        sha256: str,
+        extra: dict[str, Any] | None,
+        write_once: bool,
+        replaces: str | None = None,
+    ) -> SpooledObject:
         seq = next(self._seq)
         name = f"{seq:020d}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        spooled = SpooledObject(
+        return SpooledObject(
             key=key,
             content_type=content_type,
-            size=len(body),
-            sha256=sha256_digest(body)[0],
+            size=size,
+            sha256=sha256,
             seq=seq,
             path=self.folder / name,
             write_once=write_once,
             replaces=replaces,
             extra=extra,
         )
+
+    async def _store(self, spooled: SpooledObject, put_files: Callable[[], None]) -> SpooledObject:
+        """Run `put_files` on a thread; the object counts as written once it returned."""
         try:
-            await asyncio.to_thread(self._write_files, spooled, body)
+            await asyncio.to_thread(put_files)
         except OSError as exc:
             self._note_write_failure(exc)
             await self._release(spooled)
-            raise StoreError(key, f"spool write failed: {exc}") from exc
+            raise StoreError(spooled.key, f"spool write failed: {exc}") from exc
         if not self.writable:
             self.writable = True
             log.warning("spool_writable_again", folder=str(self.folder), **self.write_failures)
-        self._latest[key] = seq
+        self._latest[spooled.key] = spooled.seq
         return spooled
 
     def _note_write_failure(self, exc: OSError) -> None:
@@ -225,6 +273,11 @@ class Spool:
         self.folder.mkdir(parents=True, exist_ok=True)
         _write_durably(spooled.path.with_suffix(_DATA), body)
         # The metadata file appears last: its presence means the data is complete.
+        _write_durably(spooled.path.with_suffix(_META), _meta(spooled))
+
+    def _move_in(self, spooled: SpooledObject, path: Path) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        os.replace(path, spooled.path.with_suffix(_DATA))
         _write_durably(spooled.path.with_suffix(_META), _meta(spooled))
 
     # Uploading.
@@ -317,7 +370,7 @@ class Spool:
             if self._latest.get(spooled.key, spooled.seq) != spooled.seq:
                 return None
             try:
-                async with self._uploads:
+                async with self._uploads, self._reading(spooled.size if body is None else 0):
                     if body is None:
                         body = await asyncio.to_thread(spooled.path.with_suffix(_DATA).read_bytes)
                     if self.using_fallback and self.fallback is not None:
@@ -358,6 +411,25 @@ class Spool:
             self._mark_store(reachable=True)
             self.counters["uploaded"] += 1
             return stored
+
+    @contextlib.asynccontextmanager
+    async def _reading(self, size: int) -> AsyncIterator[None]:
+        """Hold `size` bytes of the upload read budget while an upload holds its body."""
+        async with self._read_room:
+            await self._read_room.wait_for(
+                lambda: (
+                    not size
+                    or not self._reading_bytes
+                    or self._reading_bytes + size <= self.upload_read_bytes
+                )
+            )
+            self._reading_bytes += size
+        try:
+            yield
+        finally:
+            async with self._read_room:
+                self._reading_bytes -= size
+                self._read_room.notify_all()
 
     async def _put_in_fallback(
         self, fallback: ListingStore, spooled: SpooledObject, body: bytes

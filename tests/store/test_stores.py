@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from archiver.errors import ObjectConflictError, StoreError
 from archiver.store import LocalFolderStore, ObjectStore, S3Store
+from archiver.store.base import StoredObject
 from archiver.store.spool import Spool, SpoolState
 
 
@@ -84,6 +87,58 @@ async def test_spool_leftovers_survive_a_restart_newest_version_only(tmp_path: P
     assert await target.get("m/segments/1.m4s") == b"media"
     assert second.pending_bytes == 0
     assert not list((tmp_path / "spool" / "objects").iterdir())
+
+
+async def test_an_adopted_file_is_moved_in_and_survives_a_restart(tmp_path: Path) -> None:
+    """A segment written through to disk as it was made is moved into the spool, not
+    copied; from then on it is like any written object."""
+    target = LocalFolderStore(tmp_path / "archive")
+    made = tmp_path / "journal" / "0000000000000.mp4"
+    made.parent.mkdir()
+    made.write_bytes(b"media")
+    first = Spool(tmp_path / "spool", target, cap_bytes=1024**2)
+    digest = hashlib.sha256(b"media").hexdigest()
+    spooled = await first.adopt("m/segments/1.m4s", made, 5, digest, "video/iso.segment")
+    assert not made.exists()
+    assert spooled.sha256 == digest
+    assert first.pending_bytes == 5
+
+    second = Spool(tmp_path / "spool", target, cap_bytes=1024**2)
+    (leftover,) = await second.leftovers()
+    assert (leftover.key, leftover.size, leftover.sha256) == ("m/segments/1.m4s", 5, digest)
+    await second.confirm(leftover)
+    assert await target.get("m/segments/1.m4s") == b"media"
+    assert not list((tmp_path / "spool" / "objects").iterdir())
+
+
+class _SlowStore(LocalFolderStore):
+    """A real folder store whose writes take a while, counting the bytes they hold."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.holding = 0
+        self.most = 0
+
+    async def put(self, key: str, body: bytes, *args: Any, **kwargs: Any) -> StoredObject:
+        self.holding += len(body)
+        self.most = max(self.most, self.holding)
+        try:
+            await asyncio.sleep(0.05)
+            return await super().put(key, body, *args, **kwargs)
+        finally:
+            self.holding -= len(body)
+
+
+async def test_uploads_read_back_only_so_many_bytes_at_once(tmp_path: Path) -> None:
+    """Segments that close together take turns to be read back for their upload; small
+    documents are not held up by them."""
+    store = _SlowStore(tmp_path / "archive")
+    spool = Spool(tmp_path / "spool", store, cap_bytes=64 * 1024**2, upload_read_bytes=2_500_000)
+    big = [await spool.write(f"s/{n}.m4s", bytes(1_000_000), "video/mp4") for n in range(6)]
+    small = await spool.write("s/manifest.json", b"{}", "application/json")
+    await asyncio.gather(*(spool.confirm(spooled) for spooled in [*big, small]))
+    assert store.most <= 2_000_002
+    assert [await store.get(f"s/{n}.m4s") for n in range(6)] == [bytes(1_000_000)] * 6
 
 
 async def test_upload_stopped_by_shutdown_stays_in_the_spool(tmp_path: Path) -> None:

@@ -244,6 +244,15 @@ class Settings(BaseSettings):
         description="A stream whose worker takes nothing from its full queue for this long "
         "sheds new frames (counted) instead of stalling the connection's other streams.",
     )
+    batch_window_s: float = Field(
+        default=0.5,
+        ge=0,
+        le=5,
+        description="How long a stream's worker lets frames gather before it takes the next "
+        "batch: a wake-up, a thread hop and a journal write per batch instead of per frame. "
+        "Frames are journaled when taken, so a killed process can lose up to this much more "
+        "of each stream; 0 takes each frame as it comes (more CPU).",
+    )
     timestamp_tolerance_s: float = Field(
         default=2.0,
         gt=0,

@@ -68,12 +68,6 @@ log = structlog.get_logger(__name__)
 
 EndReason = Literal["connection_closed", "participant_left", "idle", "shutdown"]
 _BATCH_MAX = 64
-_BATCH_WINDOW_S = 0.5
-"""How long a worker lets frames gather after a batch before it takes the next. In real time
-a stream gets a frame every 33 ms; a wake-up, a thread hop and a journal write per frame
-cost more than the frame itself. The price: a segment's upload starts up to this much
-later, and frames are journaled when their batch is taken, so a killed process loses up
-to this much more of each stream."""
 _OUR_FAILURES = frozenset({"segmenter_error", "worker_error"})
 
 
@@ -383,9 +377,10 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
                 await self._finish(reason)
 
     async def _let_frames_gather(self) -> None:
-        """Wait until `_BATCH_WINDOW_S` after the last batch was taken, unless a batch is
-        already queued, a sender waits for room, or the stream is asked to end."""
-        due = self.taken_at + _BATCH_WINDOW_S - time.monotonic()
+        """Wait until `batch_window_s` after the last batch was taken (fewer wake-ups, thread
+        hops and journal writes per frame), unless a batch is already queued, a sender waits
+        for room, or the stream is asked to end."""
+        due = self.taken_at + self.settings.batch_window_s - time.monotonic()
         if due <= 0 or self.hurry.is_set():
             return
         with contextlib.suppress(TimeoutError):

@@ -29,12 +29,15 @@ class ObjectStore(Protocol):
         content_type: str,
         write_once: bool = False,
         replaces: str | None = None,
+        sha256: str | None = None,
     ) -> StoredObject:
         """Store `body` under `key` (same key, same bytes on retry); raise `StoreError`.
         With `write_once`, an existing object is never replaced: the same bytes count as
         stored, different bytes raise `ObjectConflictError`. With `replaces`, the write
         happens only over that version (an ETag; "" for no object yet), else
-        `ObjectConflictError`: how two writers of one manifest notice each other."""
+        `ObjectConflictError`: how two writers of one manifest notice each other. `sha256`
+        (hex) is the body's digest where the caller has it already: a segment is hashed once,
+        as it is written, not again on the event loop for every upload."""
         ...
 
     async def fetch(self, key: str) -> tuple[bytes, str] | None:
@@ -99,7 +102,8 @@ def md5_hex(body: bytes) -> str:
     return hashlib.md5(body, usedforsecurity=False).hexdigest()
 
 
-def sha256_digest(body: bytes) -> tuple[str, str]:
-    """Return the SHA-256 of `body` as (hex, base64): the manifest uses hex, S3 base64."""
-    digest = hashlib.sha256(body).digest()
+def sha256_digest(body: bytes, known: str | None = None) -> tuple[str, str]:
+    """Return the SHA-256 of `body` as (hex, base64): the manifest uses hex, S3 base64.
+    `known` is its hex digest where already computed, so the body is not hashed again."""
+    digest = bytes.fromhex(known) if known is not None else hashlib.sha256(body).digest()
     return digest.hex(), base64.b64encode(digest).decode("ascii")

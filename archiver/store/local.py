@@ -33,11 +33,12 @@ class LocalFolderStore:
         content_type: str,
         write_once: bool = False,
         replaces: str | None = None,
+        sha256: str | None = None,
     ) -> StoredObject:
         """ETags are the MD5 of the content, as S3's are for single-part objects. Conditions
         are checked, not locked: this store has one writer, the local process."""
         path = self._path(key)
-        stored = StoredObject(key, len(body), sha256_digest(body)[0], md5_hex(body))
+        stored = StoredObject(key, len(body), sha256_digest(body, sha256)[0], md5_hex(body))
         if write_once or replaces is not None:
             existing = await self.get(key)
             current = "" if existing is None else md5_hex(existing)

@@ -84,8 +84,9 @@ class S3Store:
         content_type: str,
         write_once: bool = False,
         replaces: str | None = None,
+        sha256: str | None = None,
     ) -> StoredObject:
-        sha_hex, sha_b64 = sha256_digest(body)
+        sha_hex, sha_b64 = sha256_digest(body, sha256)
         conditions: dict[str, str] = {}
         if write_once or replaces == "":
             conditions["IfNoneMatch"] = "*"

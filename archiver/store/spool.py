@@ -387,6 +387,7 @@ class Spool:
                         spooled.content_type,
                         spooled.write_once,
                         spooled.replaces,
+                        sha256=spooled.sha256,
                     )
                     metrics.upload_stored(time.monotonic() - started)
             except ObjectConflictError as exc:
@@ -438,7 +439,11 @@ class Spool:
         merged with what the fallback holds and written over that instead."""
         if spooled.replaces is None:
             stored = await fallback.put(
-                spooled.key, body, spooled.content_type, write_once=spooled.write_once
+                spooled.key,
+                body,
+                spooled.content_type,
+                write_once=spooled.write_once,
+                sha256=spooled.sha256,
             )
             if spooled.write_once:
                 self.in_fallback.add(spooled.key)

@@ -32,12 +32,15 @@ from archiver.manifests import (
     ArchiveManifest,
     EventsManifest,
     StreamStatus,
+    parse_document,
     write_merging,
 )
 from archiver.manifests import dumps as dump_json
+from archiver.notices import ReadyNotice
 from archiver.settings import Settings
 
 if TYPE_CHECKING:
+    from archiver.notices import ReadyNotices
     from archiver.store.spool import Spool
 
 log = structlog.get_logger(__name__)
@@ -128,6 +131,11 @@ class SessionIndex:
         """Updates about participants not listed: the document was at its size budget."""
         self.streams: dict[str, dict[str, Any]] = {}
         self.events: dict[str, Any] | None = None
+        self.complete: bool | None = None
+        """Whether the recording has ended for good; None: as the stored document says."""
+        self.completed_at: str | None = None
+        self.completions = 0
+        """How often the recording completed: a connection that came back reopens it."""
 
     @property
     def live(self) -> bool:
@@ -246,6 +254,40 @@ class SessionIndex:
             self.omitted = max(self.omitted, carried_omitted)
         if self.events is None:
             self.events = previous.get("events")
+        carried_completions = previous.get("completions")
+        if isinstance(carried_completions, int):
+            self.completions = max(self.completions, carried_completions)
+        if self.complete is None:
+            self.complete = previous.get("complete") is True
+            self.completed_at = previous.get("completed_at") if self.complete else None
+
+    def reopen(self) -> None:
+        """Something of the recording arrived: it is not complete (again) until it ends."""
+        self.complete = False
+        self.completed_at = None
+
+    def mark_complete(self, stored: dict[str, Any] | None) -> None:
+        """Complete the recording, as the next of its completions; or, when the stored
+        document (another task's) already says complete, as that one."""
+        if stored is not None and stored.get("complete") is True:
+            self.resume(stored)
+            self.complete = True
+            self.completed_at = stored.get("completed_at") or _now()
+            return
+        self.completions += 1
+        self.complete = True
+        self.completed_at = _now()
+
+    def time_range(self) -> tuple[float, float] | None:
+        """From the earliest stream start to the latest stream end (relative seconds)."""
+        spans = [
+            (s["start"], s["end"])
+            for s in self.streams.values()
+            if isinstance(s.get("start"), int | float) and isinstance(s.get("end"), int | float)
+        ]
+        if not spans:
+            return None
+        return min(start for start, _ in spans), max(end for _, end in spans)
 
     def _participant(self, participant_id: str, info: dict[str, Any]) -> dict[str, Any]:
         entry = {"id": participant_id, **{k: v for k, v in info.items() if k != "id"}}
@@ -279,6 +321,9 @@ class SessionIndex:
             ],
             "streams": [dict(self.streams[k]) for k in sorted(self.streams)],
             "events": None if self.events is None else dict(self.events),
+            "complete": self.complete is True,
+            "completed_at": self.completed_at if self.complete else None,
+            "completions": self.completions,
         }
         if self.omitted:
             document["participant_updates_omitted"] = self.omitted
@@ -297,19 +342,54 @@ class _Session:
     holds: int = 0
     """Events logs of the recording that may still add to it."""
     task: asyncio.Task[None] | None = None
+    grace: asyncio.TimerHandle | None = None
+    """Ended, waiting out the grace before it completes."""
+    changes: int = 0
+    """Changes asked for so far: a completion gives way to any that arrives meanwhile."""
+
+
+class _ReopenedElsewhere(Exception):
+    """The stored document lists something live another task writes: not complete."""
+
+
+def lists_live(document: dict[str, Any]) -> bool:
+    """Whether a stored `session.json` lists a stream or events archive being written."""
+    events = document.get("events")
+    if isinstance(events, dict) and events.get("status") == "live":
+        return True
+    streams = document.get("streams")
+    return isinstance(streams, list) and any(
+        isinstance(stream, dict) and stream.get("status") == "live" for stream in streams
+    )
 
 
 class SessionWriter:
     """Keeps each recording's `session.json` current, coalescing bursts of changes into one
     write at a time per recording (serialised on a thread). Writes are conditional: what
     another connection, process or machine listed is kept. An index is dropped from memory
-    once its last change is stored and nothing holds it or is live in it."""
+    once its last change is stored and nothing holds it or is live in it.
 
-    def __init__(self, store: Spool, settings: Settings | None = None) -> None:
+    With `notices`, an ended recording waits `recording_ready_grace_s` and then completes:
+    unless something of it arrived meanwhile, here or (as the stored document tells) on
+    another task, session.json says `complete` and `notices` announces it. Whatever arrives
+    later reopens it; its next end completes it again, as the next of its `completions`.
+    """
+
+    def __init__(
+        self,
+        store: Spool,
+        settings: Settings | None = None,
+        notices: ReadyNotices | None = None,
+    ) -> None:
         self.store = store
         self.limits = SessionLimits() if settings is None else SessionLimits.from_settings(settings)
         self.sessions: dict[RecordingId, _Session] = {}
         self.writes: set[asyncio.Task[None]] = set()
+        self.notices = notices
+        self.grace_s = 0.0 if settings is None else settings.recording_ready_grace_s
+        self.draining = False
+        """Recordings ending now were ended by this task's drain: their bots reconnect
+        elsewhere, and that task completes them."""
 
     def record(
         self, stream: StreamId, manifest: ArchiveManifest[Any], status: StreamStatus
@@ -355,9 +435,15 @@ class SessionWriter:
             self._forget_if_done(recording)
 
     def _session(self, recording: RecordingId) -> _Session:
+        """The recording's index, about to change: it is not complete until it ends again."""
         session = self.sessions.get(recording)
         if session is None:
             session = self.sessions[recording] = _Session(SessionIndex(recording, self.limits))
+        session.changes += 1
+        session.index.reopen()
+        if session.grace is not None:
+            session.grace.cancel()
+            session.grace = None
         return session
 
     def _schedule(self, recording: RecordingId) -> None:
@@ -404,8 +490,98 @@ class SessionWriter:
         writing = session.task is not None and not session.task.done()
         if writing and session.task is not asyncio.current_task():
             return
-        if not session.index.live:
+        if session.index.live:
+            return
+        if self.notices is not None and not session.index.complete and not self.draining:
+            if session.grace is None:
+                session.grace = asyncio.get_running_loop().call_later(
+                    self.grace_s, self._grace_over, recording, session
+                )
+            return
+        del self.sessions[recording]
+
+    def _grace_over(self, recording: RecordingId, session: _Session) -> None:
+        session.grace = None
+        task = asyncio.create_task(
+            self._complete(recording, session), name=f"complete {recording.prefix}"
+        )
+        self.writes.add(task)
+        task.add_done_callback(self.writes.discard)
+
+    async def _complete(self, recording: RecordingId, session: _Session) -> None:
+        """Write session.json as complete and hand the notice on; give way to anything of
+        the recording that arrived meanwhile, here or on another task."""
+        assert self.notices is not None
+        changes = session.changes
+        key = recording.session_key
+        try:
+            fetched = await self.store.fetch(key)
+        except StoreError as exc:
+            log.warning("recording_completion_deferred", recording=recording.prefix, error=str(exc))
+            if self.sessions.get(recording) is session and session.changes == changes:
+                self._forget_if_done(recording)  # waits another grace, then tries again
+            return
+        if self.sessions.get(recording) is not session or session.changes != changes:
+            return
+        stored = None if fetched is None else parse_document(fetched[0], key)
+        elsewhere = fetched is not None and fetched[1] != session.etag
+        if stored is not None and elsewhere and lists_live(stored):
+            log.info("recording_continues_elsewhere", recording=recording.prefix)
             del self.sessions[recording]
+            return
+        index = session.index
+        index.mark_complete(stored)
+        rendered: dict[str, Any] = {}
+
+        async def render() -> bytes:
+            rendered.clear()
+            rendered.update(index.document())
+            return await asyncio.to_thread(dump_json, rendered)
+
+        def take_in(theirs: dict[str, Any]) -> None:
+            if lists_live(theirs):
+                raise _ReopenedElsewhere
+            index.resume(theirs)
+
+        try:
+            written, _ = await write_merging(self.store, key, session.etag, render, take_in)
+        except _ReopenedElsewhere:
+            log.info("recording_continues_elsewhere", recording=recording.prefix)
+            index.reopen()
+            if self.sessions.get(recording) is session and session.changes == changes:
+                del self.sessions[recording]
+            return
+        except StoreError as exc:
+            log.error("session_write_failed", recording=recording.prefix, error=str(exc))
+            index.reopen()
+            if self.sessions.get(recording) is session and session.changes == changes:
+                self._forget_if_done(recording)
+            return
+        session.etag = written.etag
+        time_range = index.time_range()
+        log.info(
+            "recording_complete", recording=recording.prefix, completion=rendered["completions"]
+        )
+        self.notices.send(
+            ReadyNotice(
+                recording=recording,
+                seq=rendered["completions"],
+                session_key=self.store.location(key),
+                streams=len(rendered["streams"]),
+                time_range=time_range,
+                completed_at=rendered["completed_at"],
+            )
+        )
+        self._forget_if_done(recording)
+
+    def drain(self) -> None:
+        """This task stops: recordings waiting out their grace complete now (a bot that
+        comes back to another task reopens its recording); those its drain ends do not."""
+        self.draining = True
+        for recording, session in list(self.sessions.items()):
+            if session.grace is not None:
+                session.grace.cancel()
+                self._grace_over(recording, session)
 
     async def flush(self) -> None:
         """Wait for every write already asked for."""

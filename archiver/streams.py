@@ -43,6 +43,7 @@ from archiver.manifests import (
 )
 from archiver.manifests import dumps as dump_json
 from archiver.memory import FreedMemory
+from archiver.notices import ReadyNotices
 from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
 from archiver.playlists import render_playlist
 from archiver.publishing import InOrderPublisher
@@ -747,13 +748,18 @@ class StreamRegistry:
     and ends streams."""
 
     def __init__(
-        self, settings: Settings, spool: Spool, executor: Executor, recovery: Recovery
+        self,
+        settings: Settings,
+        spool: Spool,
+        executor: Executor,
+        recovery: Recovery,
+        notices: ReadyNotices | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.executor = executor
         self.recovery = recovery
-        self.sessions = SessionWriter(spool, settings)
+        self.sessions = SessionWriter(spool, settings, notices)
         self.events = EventArchive(settings, spool, self.sessions, recovery)
         self.streams: dict[StreamId, Stream[Any, Any]] = {}
         self.queued = QueuedBytes(settings.queued_bytes_total)

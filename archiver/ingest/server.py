@@ -30,6 +30,7 @@ from archiver.errors import ConfigError, InputError, StoreError
 from archiver.events import AUDIO_EVENTS
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
 from archiver.layout import RecordingId, StreamId
+from archiver.notices import ReadyNotices
 from archiver.protection import SharedWants, TaskProtection
 from archiver.reconcile import primary_answers, reconcile
 from archiver.recovery import Recovery, merge_documents, recover
@@ -55,6 +56,7 @@ class ServiceState:
     registry: StreamRegistry
     protection: TaskProtection
     tokens: tuple[bytes, ...]
+    notices: ReadyNotices
     slot: Slot | None = None
     ready: bool = True
     connections: int = 0
@@ -135,6 +137,7 @@ async def readyz(request: web.Request) -> web.Response:
         "using_fallback": state.spool.using_fallback,
         "spool_writable": state.spool.writable,
         **state.spool.counters,
+        "notices": dict(state.notices.counters),
     }
     if reasons:
         return web.json_response({"status": "not ready", **body}, status=503)
@@ -316,6 +319,11 @@ def create_app(
             "no auth token configured: set ARCHIVER_AUTH_TOKENS to one or more "
             "comma-separated secrets (e.g. ARCHIVER_AUTH_TOKENS=$(openssl rand -hex 24))"
         )
+    if settings.webhook_url and settings.webhook_secret is None:
+        raise ConfigError(
+            "ARCHIVER_WEBHOOK_URL needs ARCHIVER_WEBHOOK_SECRET, the key its notices are "
+            "signed with (e.g. ARCHIVER_WEBHOOK_SECRET=$(openssl rand -hex 32))"
+        )
     app = web.Application(client_max_size=1024**2)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
@@ -354,7 +362,8 @@ def create_app(
         executor = ThreadPoolExecutor(
             max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="segment"
         )
-        registry = StreamRegistry(settings, spool, executor, recovery)
+        notices = ReadyNotices(settings, active_store)
+        registry = StreamRegistry(settings, spool, executor, recovery, notices)
         tokens = tuple(t.get_secret_value().encode() for t in settings.auth_tokens)
         shared = (
             SharedWants(slot.folder.parent / "protection", str(slot.number))
@@ -363,7 +372,7 @@ def create_app(
         )
         protection = TaskProtection(settings.ecs_agent_uri, shared=shared)
         await protection.start()
-        app[STATE] = ServiceState(settings, spool, registry, protection, tokens, slot)
+        app[STATE] = ServiceState(settings, spool, registry, protection, tokens, notices, slot)
         background = [asyncio.create_task(_protect_while_spooled(spool, protection))]
         if fallback is not None:
             background.append(
@@ -378,12 +387,13 @@ def create_app(
         )
         yield
         app[STATE].ready = False
-        await _drain(settings, spool, registry, recovery)
+        await _drain(settings, spool, registry, recovery, notices)
         for task in background:
             task.cancel()
         await asyncio.wait(background)
         await protection.hold("spool", spool.holds_only_copies)
         executor.shutdown(wait=False, cancel_futures=True)
+        await notices.close()
         await protection.close()
         if fallback is not None:
             await fallback.close()
@@ -397,11 +407,16 @@ def create_app(
 
 
 async def _drain(
-    settings: Settings, spool: Spool, registry: StreamRegistry, recovery: Recovery
+    settings: Settings,
+    spool: Spool,
+    registry: StreamRegistry,
+    recovery: Recovery,
+    notices: ReadyNotices,
 ) -> None:
-    """Flush every stream and empty the spool within the deadline. Nothing may stay on a
-    disk that goes with the task: with a fallback store, what the primary has not taken by
-    half the deadline (at once, when it is unreachable now) goes to the fallback."""
+    """Flush every stream, empty the spool and send the notices under way within the
+    deadline. Nothing may stay on a disk that goes with the task: with a fallback store,
+    what the primary has not taken by half the deadline (at once, when it is unreachable
+    now) goes to the fallback."""
     loop = asyncio.get_running_loop()
     evacuate = loop.call_later(
         settings.drain_deadline_s / 2, spool.use_fallback, "drain half over", True
@@ -413,6 +428,7 @@ async def _drain(
             await registry.close()
             if recovery.uploads is not None:
                 await recovery.uploads
+            await notices.wait()
     except TimeoutError:
         log.error(
             "drain_deadline_passed",
@@ -485,6 +501,9 @@ async def _ask_bots_to_reconnect(app: web.Application) -> None:
     is it closed from this side."""
     state = app[STATE]
     state.ready = False
+    # Before the bots leave: recordings their reconnects continue elsewhere must not be
+    # completed here.
+    state.registry.sessions.drain()
     if state.bots_asked_to_reconnect:
         return
     state.bots_asked_to_reconnect = True

@@ -50,6 +50,16 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
 _PRESENCE = ("joins", "leaves")
 _SHORT_TEXT = 256
 """Longest string a truncated participant's details keep."""
@@ -131,18 +141,26 @@ class SessionIndex:
         """Updates about participants not listed: the document was at its size budget."""
         self.streams: dict[str, dict[str, Any]] = {}
         self.events: dict[str, Any] | None = None
+        self.own: set[str] = set()
+        """Streams and events manifests this process writes: what it lists of the others
+        follows their latest stored word."""
         self.complete: bool | None = None
         """Whether the recording has ended for good; None: as the stored document says."""
         self.completed_at: str | None = None
         self.completions = 0
         """How often the recording completed: a connection that came back reopens it."""
+        self.active_at: datetime | None = None
+        """When something of the recording last arrived here (a stream opened, events)."""
 
     @property
     def live(self) -> bool:
-        """Whether a stream or the events archive it lists is still being written."""
+        """Whether a stream or the events archive this process writes is still live."""
         if self.events is not None and self.events.get("status") == "live":
-            return True
-        return any(stream.get("status") == "live" for stream in self.streams.values())
+            return self.recording.events_manifest_key in self.own
+        return any(
+            stream.get("status") == "live" and key in self.own
+            for key, stream in self.streams.items()
+        )
 
     def _keep_participant(self, participant_id: str, participant: dict[str, Any]) -> bool:
         """Store the participant's (bounded) details; False when the document has no room
@@ -179,6 +197,7 @@ class SessionIndex:
         if time_range is not None:
             entry["start"], entry["end"] = time_range
         self.streams[stream.manifest_key] = entry
+        self.own.add(stream.manifest_key)
 
     def record_presence(
         self, participant_id: str, participant: dict[str, Any], joined: bool, timestamp: Any
@@ -217,6 +236,7 @@ class SessionIndex:
             "batches": len(manifest.batches),
             "events": sum(batch.count for batch in manifest.batches),
         }
+        self.own.add(self.recording.events_manifest_key)
 
     def resume(self, previous: dict[str, Any]) -> None:
         """Keep what a previous connection or process listed and this one has not seen."""
@@ -224,8 +244,9 @@ class SessionIndex:
             name: previous[name] for name in ("bot", "recording") if name in previous
         }
         for stream in previous.get("streams", []):
-            if isinstance(stream, dict) and "manifest_key" in stream:
-                self.streams.setdefault(stream["manifest_key"], stream)
+            key = stream.get("manifest_key") if isinstance(stream, dict) else None
+            if isinstance(key, str) and key not in self.own:
+                self.streams[key] = stream
         for entry in previous.get("participants", []):
             if not isinstance(entry, dict):
                 continue
@@ -252,27 +273,38 @@ class SessionIndex:
         carried_omitted = previous.get("participant_updates_omitted")
         if isinstance(carried_omitted, int):
             self.omitted = max(self.omitted, carried_omitted)
-        if self.events is None:
-            self.events = previous.get("events")
+        theirs = previous.get("events")
+        if isinstance(theirs, dict) and self.recording.events_manifest_key not in self.own:
+            self.events = theirs
         carried_completions = previous.get("completions")
         if isinstance(carried_completions, int):
             self.completions = max(self.completions, carried_completions)
-        if self.complete is None:
-            self.complete = previous.get("complete") is True
-            self.completed_at = previous.get("completed_at") if self.complete else None
+        if previous.get("complete") is True and not self.complete:
+            # Completed elsewhere: it holds unless something arrived here since (a stream
+            # ending here late is no news; one opening is).
+            completed_at = _parse_time(previous.get("completed_at"))
+            if self.complete is None or (
+                completed_at is not None
+                and (self.active_at is None or completed_at >= self.active_at)
+            ):
+                self.complete = True
+                self.completed_at = previous.get("completed_at")
+        elif self.complete is None:
+            self.complete = False
 
     def reopen(self) -> None:
         """Something of the recording arrived: it is not complete (again) until it ends."""
         self.complete = False
         self.completed_at = None
+        self.active_at = datetime.now(UTC)
 
     def mark_complete(self, stored: dict[str, Any] | None) -> None:
         """Complete the recording, as the next of its completions; or, when the stored
-        document (another task's) already says complete, as that one."""
-        if stored is not None and stored.get("complete") is True:
+        document (another task's) says it completed since anything arrived here, as that
+        one: both tasks then claim the same notice, and one sends it."""
+        if stored is not None:
             self.resume(stored)
-            self.complete = True
-            self.completed_at = stored.get("completed_at") or _now()
+        if self.complete:
             return
         self.completions += 1
         self.complete = True
@@ -386,6 +418,9 @@ class SessionWriter:
         self.sessions: dict[RecordingId, _Session] = {}
         self.writes: set[asyncio.Task[None]] = set()
         self.notices = notices
+        self.waiting: dict[RecordingId, _Session] = {}
+        """Ended recordings waiting out their grace: out of `sessions`, which holds only
+        what is live or unwritten, until something of them arrives again."""
         self.grace_s = 0.0 if settings is None else settings.recording_ready_grace_s
         self.draining = False
         """Recordings ending now were ended by this task's drain: their bots reconnect
@@ -396,7 +431,7 @@ class SessionWriter:
     ) -> None:
         entries = manifest.entries
         time_range = (entries[0].start, entries[-1].end) if entries else None
-        self._session(stream.recording).index.record_stream(
+        self._session(stream.recording, active=status == "live").index.record_stream(
             stream, manifest.context, manifest.participant, status, time_range
         )
         self._schedule(stream.recording)
@@ -419,7 +454,7 @@ class SessionWriter:
     def record_events(
         self, recording: RecordingId, manifest: EventsManifest, status: StreamStatus
     ) -> None:
-        self._session(recording).index.record_events(manifest, status)
+        self._session(recording, active=status == "live").index.record_events(manifest, status)
         self._schedule(recording)
 
     def hold(self, recording: RecordingId) -> None:
@@ -434,13 +469,18 @@ class SessionWriter:
                 self._schedule(recording)
             self._forget_if_done(recording)
 
-    def _session(self, recording: RecordingId) -> _Session:
-        """The recording's index, about to change: it is not complete until it ends again."""
+    def _session(self, recording: RecordingId, active: bool = True) -> _Session:
+        """The recording's index, about to change; `active`: something of it arrived, so it
+        is not complete until it ends again (a stream's final write is no such news)."""
         session = self.sessions.get(recording)
         if session is None:
-            session = self.sessions[recording] = _Session(SessionIndex(recording, self.limits))
+            session = self.waiting.pop(recording, None) or _Session(
+                SessionIndex(recording, self.limits)
+            )
+            self.sessions[recording] = session
         session.changes += 1
-        session.index.reopen()
+        if active:
+            session.index.reopen()
         if session.grace is not None:
             session.grace.cancel()
             session.grace = None
@@ -492,13 +532,15 @@ class SessionWriter:
             return
         if session.index.live:
             return
-        if self.notices is not None and not session.index.complete and not self.draining:
-            if session.grace is None:
-                session.grace = asyncio.get_running_loop().call_later(
-                    self.grace_s, self._grace_over, recording, session
-                )
-            return
         del self.sessions[recording]
+        if self.notices is not None and not session.index.complete and not self.draining:
+            self._wait_out_grace(recording, session)
+
+    def _wait_out_grace(self, recording: RecordingId, session: _Session) -> None:
+        self.waiting[recording] = session
+        session.grace = asyncio.get_running_loop().call_later(
+            self.grace_s, self._grace_over, recording, session
+        )
 
     def _grace_over(self, recording: RecordingId, session: _Session) -> None:
         session.grace = None
@@ -512,24 +554,28 @@ class SessionWriter:
         """Write session.json as complete and hand the notice on; give way to anything of
         the recording that arrived meanwhile, here or on another task."""
         assert self.notices is not None
-        changes = session.changes
         key = recording.session_key
+
+        def still_waiting() -> bool:
+            return self.waiting.get(recording) is session
+
         try:
             fetched = await self.store.fetch(key)
         except StoreError as exc:
             log.warning("recording_completion_deferred", recording=recording.prefix, error=str(exc))
-            if self.sessions.get(recording) is session and session.changes == changes:
-                self._forget_if_done(recording)  # waits another grace, then tries again
+            if still_waiting():
+                self._wait_out_grace(recording, session)  # then tries again
             return
-        if self.sessions.get(recording) is not session or session.changes != changes:
+        if not still_waiting():
             return
         stored = None if fetched is None else parse_document(fetched[0], key)
         elsewhere = fetched is not None and fetched[1] != session.etag
         if stored is not None and elsewhere and lists_live(stored):
             log.info("recording_continues_elsewhere", recording=recording.prefix)
-            del self.sessions[recording]
+            del self.waiting[recording]
             return
         index = session.index
+        before = (index.complete, index.completed_at, index.completions)
         index.mark_complete(stored)
         rendered: dict[str, Any] = {}
 
@@ -547,38 +593,40 @@ class SessionWriter:
             written, _ = await write_merging(self.store, key, session.etag, render, take_in)
         except _ReopenedElsewhere:
             log.info("recording_continues_elsewhere", recording=recording.prefix)
-            index.reopen()
-            if self.sessions.get(recording) is session and session.changes == changes:
-                del self.sessions[recording]
+            index.complete, index.completed_at, index.completions = before
+            if still_waiting():
+                del self.waiting[recording]
             return
         except StoreError as exc:
             log.error("session_write_failed", recording=recording.prefix, error=str(exc))
-            index.reopen()
-            if self.sessions.get(recording) is session and session.changes == changes:
-                self._forget_if_done(recording)
+            index.complete, index.completed_at, index.completions = before
+            if still_waiting():
+                self._wait_out_grace(recording, session)
             return
         session.etag = written.etag
-        time_range = index.time_range()
         log.info(
             "recording_complete", recording=recording.prefix, completion=rendered["completions"]
         )
+        # Announced even if something arrived during the write: the recording was complete
+        # when written, and what arrived reopens it for a next completion.
         self.notices.send(
             ReadyNotice(
                 recording=recording,
                 seq=rendered["completions"],
                 session_key=self.store.location(key),
                 streams=len(rendered["streams"]),
-                time_range=time_range,
+                time_range=index.time_range(),
                 completed_at=rendered["completed_at"],
             )
         )
-        self._forget_if_done(recording)
+        if still_waiting():
+            del self.waiting[recording]
 
     def drain(self) -> None:
         """This task stops: recordings waiting out their grace complete now (a bot that
         comes back to another task reopens its recording); those its drain ends do not."""
         self.draining = True
-        for recording, session in list(self.sessions.items()):
+        for recording, session in list(self.waiting.items()):
             if session.grace is not None:
                 session.grace.cancel()
                 self._grace_over(recording, session)

@@ -513,8 +513,13 @@ async def _merge_session(
     """A session index this machine spooled (participants, joins and leaves, streams) is
     merged with the stored one; streams whose manifests recovery wrote carry its status."""
     assert listing.document is not None
-    index = SessionIndex(RecordingId(listing.header["bot_id"], listing.header["recording_id"]))
+    recording = RecordingId(listing.header["bot_id"], listing.header["recording_id"])
+    index = SessionIndex(recording)
     index.resume(listing.document)
+    # What the dead process wrote of its own streams is newer than what the store has.
+    index.own.update(index.streams)
+    if index.events is not None:
+        index.own.add(recording.events_manifest_key)
     stored, etag = await _read_when_reachable(spool, key)
     if stored is not None:
         index.resume(stored)

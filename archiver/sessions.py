@@ -537,6 +537,9 @@ class SessionWriter:
             self._wait_out_grace(recording, session)
 
     def _wait_out_grace(self, recording: RecordingId, session: _Session) -> None:
+        if self.draining:
+            self.waiting.pop(recording, None)
+            return
         self.waiting[recording] = session
         session.grace = asyncio.get_running_loop().call_later(
             self.grace_s, self._grace_over, recording, session

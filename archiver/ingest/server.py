@@ -413,10 +413,9 @@ async def _drain(
     recovery: Recovery,
     notices: ReadyNotices,
 ) -> None:
-    """Flush every stream, empty the spool and send the notices under way within the
-    deadline. Nothing may stay on a disk that goes with the task: with a fallback store,
-    what the primary has not taken by half the deadline (at once, when it is unreachable
-    now) goes to the fallback."""
+    """Flush every stream and empty the spool within the deadline. Nothing may stay on a
+    disk that goes with the task: with a fallback store, what the primary has not taken by
+    half the deadline (at once, when it is unreachable now) goes to the fallback."""
     loop = asyncio.get_running_loop()
     evacuate = loop.call_later(
         settings.drain_deadline_s / 2, spool.use_fallback, "drain half over", True
@@ -428,7 +427,6 @@ async def _drain(
             await registry.close()
             if recovery.uploads is not None:
                 await recovery.uploads
-            await notices.wait()
     except TimeoutError:
         log.error(
             "drain_deadline_passed",
@@ -437,6 +435,11 @@ async def _drain(
         )
     finally:
         evacuate.cancel()
+    # Notices under way get one more attempt's time; what is left keeps its claim for
+    # another task to take over.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(settings.webhook_timeout_s):
+            await notices.wait()
 
 
 async def _protect_while_spooled(spool: Spool, protection: TaskProtection) -> None:

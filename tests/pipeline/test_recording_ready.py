@@ -17,8 +17,10 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 
-from archiver.ingest.server import STATE
+from archiver.errors import ConfigError
+from archiver.ingest.server import STATE, create_app
 from archiver.layout import RecordingId
 from archiver.notices import ReadyNotice, ReadyNotices
 from archiver.settings import Settings
@@ -351,3 +353,38 @@ async def test_a_claim_whose_sender_died_is_taken_over_after_its_lease(
     assert marker["claimed_by"] == sender.owner
     delivery = orjson.loads((tmp_path / recording.delivery_key(1)).read_bytes())
     assert delivery["outcome"] == "delivered"
+
+
+async def test_a_drain_completes_recordings_in_their_grace_but_not_those_it_ends(
+    service: ServiceFactory, receiver: Receiver
+) -> None:
+    running = await service(webhook_url=receiver.url, **{**FAST, "recording_ready_grace_s": 600})
+    ended, cut = Meeting(), Meeting()
+    await ended.connect_and_send(running)
+    waiting = running.app[STATE].registry.sessions.waiting
+    deadline = time.monotonic() + 30
+    while ended.recording not in waiting:
+        assert time.monotonic() < deadline, "the ended recording never began its grace"
+        await asyncio.sleep(0.02)
+
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        for relative, data, _ in cut.units:
+            message = media_message(data, relative, cut.start, "webcam", 100, **cut.ids)
+            await ws.send_str(orjson.dumps(message).decode())
+        await wait_for_session(running, cut, lambda s: len(s["streams"]) == 1)
+        shutdown = asyncio.create_task(running.runner.cleanup())
+        closing = await ws.receive()
+        assert closing.type is aiohttp.WSMsgType.CLOSE
+        await shutdown
+
+    assert [n["recording_id"] for n in receiver.accepted] == [ended.plan.recording_id]
+    assert (await running.json(ended.recording.session_key))["complete"] is True
+    assert (await running.json(cut.recording.session_key))["complete"] is False
+    assert await running.store.get(cut.recording.ready_key(1)) is None
+
+
+def test_a_webhook_needs_its_secret_and_an_http_url() -> None:
+    with pytest.raises(ConfigError, match="ARCHIVER_WEBHOOK_SECRET"):
+        create_app(Settings(_env_file=None, auth_tokens="t", webhook_url="https://h.example/"))
+    with pytest.raises(ValidationError, match="webhook URL"):
+        Settings(_env_file=None, webhook_url="ftp://h.example/", webhook_secret="s")

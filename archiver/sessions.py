@@ -19,14 +19,15 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 
-from archiver.errors import StoreError
+from archiver.errors import InputError, StoreError
 from archiver.ingest.messages import RecordingContext
-from archiver.layout import RecordingId, StreamId
+from archiver.layout import RecordingId, StreamId, local_name, safe_id
 from archiver.manifests import (
     SCHEMA_VERSION,
     ArchiveManifest,
@@ -384,6 +385,31 @@ class _ReopenedElsewhere(Exception):
     """The stored document lists something live another task writes: not complete."""
 
 
+WAITING_FOLDER = "waiting"
+"""In a spool folder: one file per recording waiting out its grace."""
+
+
+def read_waiting(spool_dir: Path, take: bool = False) -> list[RecordingId]:
+    """The recordings a process on this spool folder left waiting out their grace; `take`
+    removes them (a dead worker's folder, whose recordings another one adopts)."""
+    folder = spool_dir / WAITING_FOLDER
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            ids = orjson.loads(path.read_bytes())
+            found.append(
+                RecordingId(
+                    safe_id("bot_id", ids["bot_id"]),
+                    safe_id("recording_id", ids["recording_id"]),
+                )
+            )
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, InputError):
+            log.warning("waiting_entry_unreadable", file=path.name)
+        if take:
+            path.unlink(missing_ok=True)
+    return found
+
+
 def lists_live(document: dict[str, Any]) -> bool:
     """Whether a stored `session.json` lists a stream or events archive being written."""
     events = document.get("events")
@@ -412,6 +438,7 @@ class SessionWriter:
         store: Spool,
         settings: Settings | None = None,
         notices: ReadyNotices | None = None,
+        waiting_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.limits = SessionLimits() if settings is None else SessionLimits.from_settings(settings)
@@ -421,6 +448,9 @@ class SessionWriter:
         self.waiting: dict[RecordingId, _Session] = {}
         """Ended recordings waiting out their grace: out of `sessions`, which holds only
         what is live or unwritten, until something of them arrives again."""
+        self.waiting_dir = waiting_dir
+        """Where each waiting recording has a small file, so that a process that starts on
+        this spool after a crash completes them."""
         self.grace_s = 0.0 if settings is None else settings.recording_ready_grace_s
         self.draining = False
         """Recordings ending now were ended by this task's drain: their bots reconnect
@@ -474,7 +504,7 @@ class SessionWriter:
         is not complete until it ends again (a stream's final write is no such news)."""
         session = self.sessions.get(recording)
         if session is None:
-            session = self.waiting.pop(recording, None) or _Session(
+            session = self._stop_waiting(recording) or _Session(
                 SessionIndex(recording, self.limits)
             )
             self.sessions[recording] = session
@@ -538,8 +568,11 @@ class SessionWriter:
 
     def _wait_out_grace(self, recording: RecordingId, session: _Session) -> None:
         if self.draining:
+            # Its file stays: a process that starts on this spool tries again.
             self.waiting.pop(recording, None)
             return
+        if recording not in self.waiting:
+            self._note_waiting(recording, True)
         self.waiting[recording] = session
         session.grace = asyncio.get_running_loop().call_later(
             self.grace_s, self._grace_over, recording, session
@@ -575,7 +608,7 @@ class SessionWriter:
         elsewhere = fetched is not None and fetched[1] != session.etag
         if stored is not None and elsewhere and lists_live(stored):
             log.info("recording_continues_elsewhere", recording=recording.prefix)
-            del self.waiting[recording]
+            self._stop_waiting(recording)
             return
         index = session.index
         before = (index.complete, index.completed_at, index.completions)
@@ -598,7 +631,7 @@ class SessionWriter:
             log.info("recording_continues_elsewhere", recording=recording.prefix)
             index.complete, index.completed_at, index.completions = before
             if still_waiting():
-                del self.waiting[recording]
+                self._stop_waiting(recording)
             return
         except StoreError as exc:
             log.error("session_write_failed", recording=recording.prefix, error=str(exc))
@@ -623,7 +656,37 @@ class SessionWriter:
             )
         )
         if still_waiting():
-            del self.waiting[recording]
+            self._stop_waiting(recording)
+
+    def _stop_waiting(self, recording: RecordingId) -> _Session | None:
+        session = self.waiting.pop(recording, None)
+        if session is not None:
+            self._note_waiting(recording, False)
+        return session
+
+    def _note_waiting(self, recording: RecordingId, waiting: bool) -> None:
+        """A few bytes, written on the loop: rare, and cheaper than a thread's hand-off."""
+        if self.waiting_dir is None:
+            return
+        path = self.waiting_dir / f"{local_name(recording.prefix)}.json"
+        try:
+            if waiting:
+                self.waiting_dir.mkdir(parents=True, exist_ok=True)
+                ids = {"bot_id": recording.bot_id, "recording_id": recording.recording_id}
+                path.write_bytes(orjson.dumps(ids))
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("waiting_list_failed", recording=recording.prefix, error=str(exc))
+
+    def wait_again(self, recordings: list[RecordingId]) -> None:
+        """Recordings a previous process on this spool left in their grace wait it out
+        again here (from the start: whether a connection came back is unknown)."""
+        for recording in recordings:
+            if recording not in self.sessions and recording not in self.waiting:
+                self._wait_out_grace(recording, _Session(SessionIndex(recording, self.limits)))
+        if recordings:
+            log.info("recordings_waiting_again", recordings=len(recordings))
 
     def drain(self) -> None:
         """This task stops: recordings waiting out their grace complete now (a bot that

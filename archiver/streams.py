@@ -58,7 +58,7 @@ from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.png import PngBatch, PngBatcher
 from archiver.segmenting.timestamps import TimestampGuard
-from archiver.sessions import SessionWriter
+from archiver.sessions import WAITING_FOLDER, SessionWriter
 from archiver.settings import Settings
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
@@ -759,7 +759,8 @@ class StreamRegistry:
         self.spool = spool
         self.executor = executor
         self.recovery = recovery
-        self.sessions = SessionWriter(spool, settings, notices)
+        waiting = Path(settings.spool_dir) / WAITING_FOLDER if notices is not None else None
+        self.sessions = SessionWriter(spool, settings, notices, waiting)
         self.events = EventArchive(settings, spool, self.sessions, recovery)
         self.streams: dict[StreamId, Stream[Any, Any]] = {}
         self.queued = QueuedBytes(settings.queued_bytes_total)

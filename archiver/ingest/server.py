@@ -34,6 +34,7 @@ from archiver.notices import ReadyNotices
 from archiver.protection import SharedWants, TaskProtection
 from archiver.reconcile import primary_answers, reconcile
 from archiver.recovery import Recovery, merge_documents, recover
+from archiver.sessions import read_waiting
 from archiver.settings import Settings
 from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_store
 from archiver.store.spool import Spool, SpoolState
@@ -356,6 +357,12 @@ def create_app(
             merge_documents=merge_documents,
         )
         adopted = slot.adopted if slot is not None else []
+        left_waiting = await asyncio.to_thread(
+            lambda: [
+                *read_waiting(Path(settings.spool_dir)),
+                *(r for folder in adopted for r in read_waiting(folder, take=True)),
+            ]
+        )
         recovery = await recover(
             spool, Path(settings.spool_dir), settings.segment_target_s, adopted
         )
@@ -364,6 +371,7 @@ def create_app(
         )
         notices = ReadyNotices(settings, active_store)
         registry = StreamRegistry(settings, spool, executor, recovery, notices)
+        registry.sessions.wait_again(left_waiting)
         tokens = tuple(t.get_secret_value().encode() for t in settings.auth_tokens)
         shared = (
             SharedWants(slot.folder.parent / "protection", str(slot.number))

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -90,6 +90,13 @@ async def receiver() -> AsyncIterator[Receiver]:
     await runner.cleanup()
 
 
+class Reachable(Protocol):
+    """A service a bot can connect to: in this process or another."""
+
+    @property
+    def url(self) -> str: ...
+
+
 class Meeting:
     """One bot's recording: webcam frames of participants and their joins."""
 
@@ -103,7 +110,7 @@ class Meeting:
 
     async def connect_and_send(
         self,
-        running: RunningService,
+        running: Reachable,
         participant_id: int = 100,
         hold_s: float = 0,
         events: bool = True,

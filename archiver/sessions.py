@@ -504,10 +504,9 @@ class SessionWriter:
         is not complete until it ends again (a stream's final write is no such news)."""
         session = self.sessions.get(recording)
         if session is None:
-            session = self._stop_waiting(recording) or _Session(
-                SessionIndex(recording, self.limits)
-            )
-            self.sessions[recording] = session
+            # Back within its grace, or later: a new index, merged with the stored one.
+            self._stop_waiting(recording)
+            session = self.sessions[recording] = _Session(SessionIndex(recording, self.limits))
         session.changes += 1
         if active:
             session.index.reopen()
@@ -564,7 +563,10 @@ class SessionWriter:
             return
         del self.sessions[recording]
         if self.notices is not None and not session.index.complete and not self.draining:
-            self._wait_out_grace(recording, session)
+            # Only the version it wrote waits: completing merges with the stored document.
+            self._wait_out_grace(
+                recording, _Session(SessionIndex(recording, self.limits), etag=session.etag)
+            )
 
     def _wait_out_grace(self, recording: RecordingId, session: _Session) -> None:
         if self.draining:

@@ -138,6 +138,7 @@ async def readyz(request: web.Request) -> web.Response:
         "using_fallback": state.spool.using_fallback,
         "spool_writable": state.spool.writable,
         **state.spool.counters,
+        "recordings_waiting": len(state.registry.sessions.waiting),
         "notices": dict(state.notices.counters),
     }
     if reasons:

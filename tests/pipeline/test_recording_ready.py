@@ -192,7 +192,9 @@ async def test_an_ended_meeting_completes_after_the_grace_with_one_signed_notice
     state = running.app[STATE]
     assert state.notices.counters["notices_delivered"] == 1
     async with aiohttp.ClientSession() as client, client.get(f"{running.http}/readyz") as r:
-        assert (await r.json())["notices"]["notices_delivered"] == 1
+        readiness = await r.json()
+    assert readiness["notices"]["notices_delivered"] == 1
+    assert readiness["recordings_waiting"] == 0
 
 
 async def test_a_failing_receiver_is_retried_and_gets_the_notice_once(

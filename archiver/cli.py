@@ -1,4 +1,4 @@
-"""`archiver serve | reconcile | simulate | demo | verify | export`."""
+"""`archiver serve | reconcile | token | simulate | demo | verify | export`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import structlog
 from archiver import logs
 from archiver.errors import ConfigError, StoreError
 from archiver.ingest.server import create_app
+from archiver.ingest.tokens import create_token
 from archiver.loadgen import Load, run_load
 from archiver.reconcile import reconcile
 from archiver.settings import Settings
@@ -37,6 +38,20 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "reconcile",
         help="move what the fallback store holds into the primary store, and report it",
+    )
+
+    token = commands.add_parser("token", help="short-lived signed tokens for bots")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser(
+        "create",
+        help="print a token signed with the first of ARCHIVER_TOKEN_KEYS, on one line",
+    )
+    create.add_argument(
+        "--ttl",
+        type=float,
+        required=True,
+        metavar="SECONDS",
+        help="lifetime: until the bot's meeting has ended, plus Recall's reconnect window",
     )
 
     simulate = commands.add_parser("simulate", help="stream a simulated meeting, like a bot")
@@ -117,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve()
         if args.command == "reconcile":
             return asyncio.run(reconcile_once())
+        if args.command == "token":
+            return print_token(args.ttl)
         if args.command == "simulate":
             return simulate(args)
         if args.command == "verify":
@@ -153,6 +170,14 @@ def serve() -> int:
     # A spool that cannot be written would lose every frame while looking ready.
     probe_folder(settings.spool_dir)
     Supervisor(settings).run()
+    return 0
+
+
+def print_token(ttl_s: float) -> int:
+    settings = _settings()
+    if not settings.token_keys:
+        raise ConfigError("no signing key configured: set ARCHIVER_TOKEN_KEYS")
+    print(create_token(settings.token_keys[0].get_secret_value(), ttl_s))
     return 0
 
 

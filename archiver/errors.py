@@ -70,3 +70,9 @@ class DamagedObjectError(ArchiverError):
         super().__init__(f"{key}: {cause}")
         self.key = key
         self.cause = cause
+
+
+class TokenError(InputError):
+    """Raised when an offered token is not accepted: missing, unknown, malformed, signed
+    by no configured key, tampered with or expired (`reason`); answered with 401 before
+    the websocket upgrade. The token itself is never part of it."""

@@ -8,6 +8,9 @@ process can drive many bots. Bots start a fraction of a frame apart, as real bot
 In real time each message has a due time; how late its send finished is its *lag* (a
 receiver that reads slowly makes the socket's buffer fill and the sends wait). With `fast`
 each bot sends as fast as the receiver reads.
+
+A load longer than its clip replays the clip back to back, timestamps running on: a long
+meeting costs one short clip's encoding. Each replay starts with the clip's key frame.
 """
 
 from __future__ import annotations
@@ -46,6 +49,16 @@ class Clip:
     units: list[tuple[float, str, int]]
     fps: float
     size: Size
+
+    def frames_for(self, seconds: float) -> int:
+        """Frames a stream of `seconds` sends: the whole clip at least, replayed as needed."""
+        return max(len(self.units), round(seconds * self.fps))
+
+    def frame(self, index: int) -> tuple[float, str]:
+        """The `index`th frame sent: its relative time and base64 access unit."""
+        replay, number = divmod(index, len(self.units))
+        relative, buffer, _ = self.units[number]
+        return replay * len(self.units) / self.fps + relative, buffer
 
 
 def encode_clip(seconds: float, fps: float, size: Size) -> Clip:
@@ -115,7 +128,8 @@ class LoadReport:
 
 @dataclass(slots=True)
 class Load:
-    """What to send: `bots` connections, each with `participants` webcam streams."""
+    """What to send: `bots` connections, each with `participants` webcam streams of
+    `seconds` of video (the clip replayed where it is shorter)."""
 
     url: str
     bots: int = 1
@@ -126,6 +140,9 @@ class Load:
     realtime: bool = True
     participant_events: bool = True
     record_send_times: bool = False
+    join_interval_s: float = 0.0
+    """How far apart the bots connect and start: a fleet's bots join meetings at different
+    times (0: all at once, each a fraction of a frame after the last)."""
 
 
 def _templates(bot_id: str, recording_id: str, participant_id: int) -> tuple[str, ...]:
@@ -156,6 +173,7 @@ async def _run_bot(
     report.send_times = [[] for _ in report.participant_ids]
     ids = {"bot_id": report.bot_id, "recording_id": report.recording_id}
     loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, start - loop.time()))
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(load.url, max_msg_size=0, compress=0) as ws,
@@ -168,7 +186,8 @@ async def _run_bot(
                     event = participant_event("join", pid, 0.0, wallclock_start, **ids)
                     await ws.send_str(orjson.dumps(event).decode())
                     report.messages += 1
-            for index, (relative, buffer, _) in enumerate(clip.units):
+            for index, absolute in enumerate(absolutes):
+                relative, buffer = clip.frame(index)
                 if load.realtime:
                     delay = start + relative - loop.time()
                     if delay > 0:
@@ -178,7 +197,7 @@ async def _run_bot(
                     if closed.is_set():
                         return
                     text = head + buffer + middle + relative_text + between
-                    text += absolutes[index] + tail
+                    text += absolute + tail
                     await ws.send_str(text)
                     done = loop.time()
                     if load.realtime:
@@ -189,7 +208,7 @@ async def _run_bot(
                     report.frames += 1
                     totals.bytes += len(text)
             if load.participant_events:
-                end = clip.units[-1][0] if clip.units else 0.0
+                end = clip.frame(len(absolutes) - 1)[0] if absolutes else 0.0
                 for pid in report.participant_ids:
                     event = participant_event("leave", pid, end, wallclock_start, **ids)
                     await ws.send_str(orjson.dumps(event).decode())
@@ -206,17 +225,22 @@ async def run_load(load: Load, clip: Clip | None = None) -> LoadReport:
         loop = asyncio.get_running_loop()
         clip = await loop.run_in_executor(None, encode_clip, load.seconds, load.fps, load.size)
     wallclock_start = datetime.now(UTC)
-    absolutes = [(wallclock_start + timedelta(seconds=r)).isoformat() for r, _, _ in clip.units]
+    frames = clip.frames_for(load.seconds) if clip.units else 0
+    absolutes = [
+        (wallclock_start + timedelta(seconds=clip.frame(index)[0])).isoformat()
+        for index in range(frames)
+    ]
     reports = [
         BotReport(str(uuid.uuid4()), str(uuid.uuid4()), list(range(100, 100 + load.participants)))
         for _ in range(load.bots)
     ]
-    totals = LoadReport(reports, load.realtime, len(reports) * load.participants * len(clip.units))
+    totals = LoadReport(reports, load.realtime, len(reports) * load.participants * frames)
     loop = asyncio.get_running_loop()
     began = loop.time()
     totals.started_at = time.time()
-    # Real bots are not in step: spread their sends over one frame interval.
-    stagger = 1.0 / clip.fps / max(1, load.bots)
+    # Real bots are not in step: each starts a fraction of a frame after the last, and
+    # `join_interval_s` later still.
+    stagger = load.join_interval_s + 1.0 / clip.fps / max(1, load.bots)
     await asyncio.gather(
         *(
             _run_bot(load, clip, absolutes, report, totals, began + n * stagger, wallclock_start)

@@ -13,7 +13,9 @@ import orjson
 import structlog
 
 _SECRET_QUERY = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
-_SECRET_KEYS = frozenset({"token", "auth_tokens", "authorization", "password", "secret"})
+_SECRET_KEYS = frozenset(
+    {"token", "auth_tokens", "token_keys", "authorization", "password", "secret"}
+)
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

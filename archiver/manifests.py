@@ -2,8 +2,9 @@
 
 A stream's `manifest.json` lists only segments (H.264) or batches (PNG) the store has
 confirmed, in order; so does a recording's `events/manifest.json` for its events batches. Live
-writes follow a budget: they may add at most `overhead_ratio` of the stream's own requests
-and bytes, so a manifest that grows over a long meeting is rewritten less and less often.
+writes follow a budget (`WriteBudget`): with the reads and the final write, a stream's
+manifest and playlist requests stay within `overhead_ratio` of all its requests, and a
+live reader sees each segment listed within a bounded number of later ones.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, Typ
 import orjson
 import structlog
 
+from archiver import metrics
 from archiver.errors import ObjectConflictError, StoreError
 from archiver.ingest.messages import RecordingContext
 from archiver.layout import MediaFormat, RecordingId, StreamId
@@ -73,7 +75,7 @@ async def write_merging(
             rendered = render()
             body = rendered if isinstance(rendered, bytes) else await rendered
             try:
-                return await spool.put(key, body, JSON_TYPE, replaces=version), body
+                stored = await spool.put(key, body, JSON_TYPE, replaces=version)
             except ObjectConflictError:
                 fetched = await spool.fetch(key)
                 version = "" if fetched is None else fetched[1]
@@ -81,6 +83,9 @@ async def write_merging(
                 if theirs is not None:
                     take_in(theirs)
                     log.info("document_merged", key=key)
+                continue
+            metrics.document_written(key)
+            return stored, body
     raise StoreError(key, "the document kept changing under other writers")
 
 
@@ -226,8 +231,20 @@ def _unknown(entries: list[_KeyedT], known: set[str]) -> list[_KeyedT]:
     return new
 
 
+LIVE_SHARE = 0.8
+"""Of the overhead share of requests, what live writes may take: the rest is kept for what
+every stream writes anyway (its final listing, the read that resumes it) and its part of its
+recording's `session.json` and events manifest."""
+
+
 class WriteBudget:
-    """Decides when a live manifest may be rewritten without exceeding its overhead share."""
+    """Decides when a live manifest may be rewritten. The first listing goes out at once, so a
+    reader finds a new stream. After it, the manifest's requests (each write with its
+    playlist, if any) stay within `LIVE_SHARE` of `overhead_ratio` of all the stream's
+    requests, and its bytes within `overhead_ratio` of its media bytes. As writes cost alike,
+    that is one write per `requests per write / (LIVE_SHARE x ratio) - requests per write`
+    media objects: a live reader sees each segment listed within 23 objects with a playlist
+    at 10%, 12 without."""
 
     def __init__(self, overhead_ratio: float) -> None:
         self.ratio = overhead_ratio
@@ -243,13 +260,16 @@ class WriteBudget:
         self.media_bytes += size
 
     def allows(self, entries: int) -> bool:
-        """Whether a manifest listing `entries` segments may be written now. Its size is
-        estimated from the last write, so the document is only built when it will be sent."""
+        """Whether a manifest listing `entries` segments may be written now. The requests
+        written so far stand for the live ones and the next (the first listing is not a live
+        one; writes cost alike). The size is estimated from the last write, so the document is
+        only built when it will be sent."""
         if self.manifest_requests == 0:
             return self.media_requests > 0
         estimated_size = self.last_size * entries // max(1, self.last_entries)
+        share = LIVE_SHARE * self.ratio
         return (
-            self.manifest_requests + 1 <= self.ratio * self.media_requests
+            self.manifest_requests <= share * (self.media_requests + self.manifest_requests)
             and self.manifest_bytes + estimated_size <= self.ratio * self.media_bytes
         )
 

@@ -45,19 +45,30 @@ class InOrderPublisher(Generic[EntryT]):
         self._queue: asyncio.Queue[tuple[asyncio.Task[EntryT], int] | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._publish())
 
-    def hand_over(self, entry: EntryT, spooled: list[SpooledObject], weight: int) -> None:
-        """Start the upload of a spooled object now; list its entry after those before it."""
-        upload = asyncio.create_task(self._confirm(entry, spooled))
+    def hand_over(
+        self,
+        entry: EntryT,
+        spooled: list[SpooledObject],
+        weight: int,
+        stored: Callable[[], None] | None = None,
+    ) -> None:
+        """Start the upload of a spooled object now; list its entry after those before it.
+        `stored` is called as soon as the store holds it (for the metrics)."""
+        upload = asyncio.create_task(self._confirm(entry, spooled, stored))
         self._queue.put_nowait((upload, weight))
 
     async def close(self) -> None:
         self._queue.put_nowait(None)
         await self._task
 
-    async def _confirm(self, entry: EntryT, spooled: list[SpooledObject]) -> EntryT:
+    async def _confirm(
+        self, entry: EntryT, spooled: list[SpooledObject], stored: Callable[[], None] | None
+    ) -> EntryT:
         for spooled_object in spooled:
             await self.spool.confirm(spooled_object)
             self.budget.count_media(spooled_object.size)
+        if stored is not None:
+            stored()
         return entry
 
     async def _publish(self) -> None:

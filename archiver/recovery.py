@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 import structlog
 
+from archiver import metrics
 from archiver.errors import InputError, SegmenterFailure, StoreError
 from archiver.ingest.messages import RecordingContext
 from archiver.layout import RecordingId, StreamId, key_micros
@@ -272,6 +273,7 @@ async def _recover_journal(
             if not listing.knows(spool.location(stream.segment_key(segment.start_ticks))):
                 stored.append(await spool_segment(spool, stream, segment, header, recovered=True))
     recovery.replayed_frames += frames
+    metrics.frames_recovered(stream.media_format, frames)
     for entry, objects in stored:
         replayed.extend(objects)
         listing.entries.append(asdict(entry))

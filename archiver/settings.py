@@ -17,10 +17,16 @@ class Settings(BaseSettings):
         env_prefix="ARCHIVER_", env_file=".env", extra="ignore", frozen=True
     )
 
-    # Required for `serve`: who may connect.
+    # Required for `serve`, one kind or both: who may connect.
     auth_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         default=(),
         description="Accepted `token` query values, comma-separated; several allow rotation.",
+    )
+    token_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        default=(),
+        description="Keys (at least 32 characters each) of short-lived signed tokens, "
+        "comma-separated: the first signs (`archiver token create`), every one verifies, so "
+        "a new key goes first and the old one stays second until its tokens have expired.",
     )
 
     # Listening.
@@ -98,8 +104,10 @@ class Settings(BaseSettings):
         default=0.1,
         gt=0,
         le=1,
-        description="Live manifest writes may add at most this share of a stream's "
-        "requests and bytes.",
+        description="A stream's manifest and playlist requests stay within this share of "
+        "all its requests (live writes within 80% of it, the rest kept for its final write, "
+        "its read and its recording's session.json), and their bytes within this share of "
+        "its media bytes.",
     )
     segment_max_frames: int = Field(
         default=3600,
@@ -328,13 +336,37 @@ class Settings(BaseSettings):
         description="Lifetime of the presigned S3 URLs the viewer hands the browser, seconds.",
     )
 
+    # Metrics.
+    metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="TCP port (on `host`) where Prometheus scrapes /metrics, the whole task's "
+        "figures (every worker); 0: not served. Never the public port.",
+    )
+    cloudwatch_metrics: bool = Field(
+        default=False,
+        description="Log the key figures every `cloudwatch_metrics_interval_s` in CloudWatch's "
+        "embedded metric format (on ECS the awslogs driver makes them metrics).",
+    )
+    cloudwatch_namespace: str = Field(
+        default="RecallArchiver", description="CloudWatch namespace of those metrics."
+    )
+    cloudwatch_service: str = Field(
+        default="recall-archiver",
+        description="Value of their one dimension, `Service`: the deployment's name.",
+    )
+    cloudwatch_metrics_interval_s: float = Field(
+        default=60.0, gt=0, description="Seconds between two CloudWatch metric documents."
+    )
+
     # Logging.
     log_level: str = Field(default="info", description="debug, info, warning or error.")
     log_format: str = Field(
         default="auto", description="json, console, or auto (console on a terminal)."
     )
 
-    @field_validator("auth_tokens", mode="before")
+    @field_validator("auth_tokens", "token_keys", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):

@@ -21,11 +21,13 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal
 
 import structlog
 
+from archiver import metrics
 from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
 from archiver.events import EventArchive
 from archiver.ingest.messages import MediaMessage
@@ -179,6 +181,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.users = 0
         """Connections feeding this stream; the last one to close ends it."""
         self.last_progress = time.monotonic()
+        self.taken_at = self.last_progress
+        """When the latest batch was taken from the queue: what closes a segment arrived."""
         self.opening = False
         """Waiting for recovery or the store before its first frame: not a stall."""
         self.segmenter: Segmenter[FinishedT] | None = None
@@ -227,6 +231,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     def start(self) -> None:
         self.last_progress = time.monotonic()
         self.task = asyncio.create_task(self._supervise(), name=f"stream {self.id}")
+        metrics.stream_running(self.id.media_format, self.task)
 
     async def feed(self, message: MediaMessage, budget: QueuedBytes) -> None:
         """Enqueue. While the queue is full (in messages or bytes: this stream's, or the
@@ -369,7 +374,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             budget.free(size)
             taken.append(message)
         if taken:
-            self.last_progress = time.monotonic()
+            self.last_progress = self.taken_at = time.monotonic()
         self.in_hand_frames = len(taken)
         return taken
 
@@ -459,6 +464,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.held_frames = result.held_frames
         self.in_flight_frames += sum(finished.frame_count for finished in result.finished)
         self.segmenter_counters = result.counters
+        metrics.stream_counters(self, self.id.media_format, result.counters, self.counters)
         self.manifest.gaps.extend(result.gaps)
         for error in result.rejected:
             self._log_reject(error)
@@ -577,7 +583,12 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         if self.journal is not None:
             self.journal.discard(finished.name)
             self._account_journal()
-        publish.hand_over(entry, spooled, finished.frame_count)
+        publish.hand_over(
+            entry,
+            spooled,
+            finished.frame_count,
+            partial(metrics.segment_durable, self.id.media_format, self.taken_at),
+        )
 
     async def _list(self, entry: EntryT, frames: int) -> None:
         """A segment or batch the store confirmed, in order: into the manifest."""
@@ -585,6 +596,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         if self.manifest is None:
             return
         self.manifest.add(entry)
+        metrics.frames_archived(self.id.media_format, frames)
         self.counters[self.published_counter] += 1
         if self.budget.allows(len(self.manifest.entries)):
             await self._write_manifest()
@@ -651,6 +663,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             self._account_journal()
             self.journal = None
         self.sessions.record(self.id, self.manifest, "complete")
+        metrics.stream_counters(self, self.id.media_format, self.segmenter_counters, self.counters)
         self.log.info(
             "stream_ended",
             reason=reason,

@@ -1,12 +1,17 @@
-"""The floor: the least any receiver must do per message. An aiohttp websocket server (one
-process, like the archiver's one worker) that parses each message's JSON with orjson and
-decodes its base64 buffer, and keeps nothing. `python -m benchmarks.floor --port P`"""
+"""The floor: the least any receiver must do per message. An aiohttp websocket server that
+parses each message's JSON with orjson and decodes its base64 buffer, and keeps nothing.
+`--workers N` forks N server processes accepting on one listening socket, as the archiver's
+workers do; each answers `/stats` with its own counts and its number.
+`python -m benchmarks.floor --port P [--workers N]`"""
 
 from __future__ import annotations
 
 import argparse
 import base64
 import binascii
+import multiprocessing
+import signal
+import socket
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -44,22 +49,40 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
 
 
-def app() -> web.Application:
+def app(worker: int) -> web.Application:
     application = web.Application()
     application[COUNTS] = dict.fromkeys(
         ("connections", "messages", "frames", "decoded_bytes", "bad"), 0
     )
+    application[COUNTS]["worker"] = worker
     application.add_routes(
         [web.get("/ws", websocket), web.get("/stats", stats), web.get("/healthz", healthz)]
     )
     return application
 
 
+def serve(sock: socket.socket, worker: int) -> None:
+    web.run_app(app(worker), sock=sock, access_log=None, print=None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    web.run_app(app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    sock = socket.create_server(("127.0.0.1", args.port), backlog=128)
+    context = multiprocessing.get_context("fork")
+    children = [context.Process(target=serve, args=(sock, n)) for n in range(args.workers)]
+    for child in children:
+        child.start()
+
+    def stop(signum: int, frame: object) -> None:
+        for child in children:
+            child.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    for child in children:
+        child.join()
 
 
 if __name__ == "__main__":

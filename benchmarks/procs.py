@@ -79,3 +79,12 @@ def machine() -> dict[str, object]:
         "memory_gib": round(total_kib / 1024**2, 1),
         "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
     }
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """CPU seconds the whole machine has spent busy, and in all, over every core: busy over
+    all of two readings, times the cores, is how many cores were busy between them."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    total = sum(fields[:8])  # user .. steal (guest time is already in user)
+    return (total - idle) / _TICKS_PER_S, total / _TICKS_PER_S

@@ -1,19 +1,28 @@
 """The archiver beside a floor and a naive receiver, on this machine, in one run.
 
     python -m benchmarks.run [--seconds 30 --realtime-bots 1 --fast-bots 2 --json out.json]
+                             [--workers 1,2] [--half-rate] [--meeting-hours 2]
 
-Each receiver runs as its own process tree on a loopback port, one worker process each, and
-gets the same load from `archiver.loadgen` (run in this process): bots of `--participants`
-webcams at `--fps`, replaying one clip encoded before the clock starts.
+Each receiver runs as its own process tree on a loopback port and gets the same load from
+`archiver.loadgen` (run in this process): bots of `--participants` webcams at `--fps`,
+replaying one clip encoded before the clock starts.
 
 - real time: `--realtime-bots` bots for `--seconds`. Server CPU per message (utime + stime
   of the receiver's whole process tree, ffmpeg children included, from /proc, from the first
   send until the receiver has handled every frame), and memory per stream (the tree's
   peak RSS and PSS under load minus its RSS and PSS idle before, over the streams).
   For the archiver also: upload latency, S3 requests, and every frame read back.
-- fast: `--fast-bots` bots sending as fast as the receiver reads (TCP backpressure). The
-  rate is frames over the time from the first send until the receiver has handled the last
-  (archiver: every stream's final manifest stored and the spool empty).
+- fast: `--fast-bots` bots per worker sending as fast as the receiver reads (TCP
+  backpressure). The rate is frames over the time from the first send until the receiver
+  has handled the last (archiver: every stream's final manifest stored and the spool empty).
+- workers: the floor and the archiver run with each count in `--workers` (the first count
+  runs everything above; the others the fast run), the naive receiver (one process and its
+  ffmpeg children) once. Besides each tree's CPU share (its CPU seconds over the wall
+  seconds: cores kept busy), the machine's, generator and S3 server included.
+- half rate (`--half-rate`): after each of the archiver's fast runs, real time with as many
+  bots as make about half the rate it reached, for the segment-durable latency.
+- meeting (`--meeting-hours`): one bot of `--meeting-streams` webcams sends that much video
+  as fast as the archiver reads, and every S3 request is counted by kind.
 
 The archiver (`archiver serve`) stores into moto's S3 server, run in a process of its own
 (`benchmarks.s3`) that logs each request it answered. Upload latency: for each segment, the
@@ -39,7 +48,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +62,7 @@ import orjson
 
 from archiver.layout import RecordingId, StreamId
 from archiver.loadgen import Clip, Load, LoadReport, encode_clip, run_load
+from archiver.settings import Settings
 from archiver.store import S3Store
 from archiver.verify import check_stream
 from benchmarks import procs
@@ -67,8 +78,10 @@ BUCKET = "benchmark"
 PREFIX = "archive"
 RECEIVERS = ("floor", "naive", "archiver")
 CPU_TARGET = 0.6
+SEGMENT_TARGET_S: float = Settings.model_fields["segment_target_s"].default
+"""The archiver's default, which the benchmark keeps."""
 # AWS list prices, us-east-1, as published in November 2026 (not fetched by this script).
-PRICES = {
+PRICES: dict[str, Any] = {
     "date": "2026-11",
     "region": "us-east-1",
     "s3_put_per_1000": 0.005,
@@ -155,31 +168,82 @@ class MemorySampler(threading.Thread):
         return self.peak
 
 
-Done = Callable[[LoadReport], Awaitable[None]]
+Answer = dict[str, Any]
 
 
-async def measure(
-    pid: int, load: Load, clip: Clip, done: Done
-) -> tuple[dict[str, Any], LoadReport]:
-    """Send `load`, wait until the receiver has handled it, and measure the receiver."""
+@dataclass(frozen=True, slots=True)
+class Receiver:
+    """A running receiver's process tree, and how to ask each of its workers how far it got:
+    each request opens a connection of its own, which the kernel hands to one of them."""
+
+    name: str
+    process: Process
+    base_url: str
+    workers: int
+    stats_path: str
+    worker_field: str | None
+    """The field of an answer that names its worker (None: one process)."""
+    work_field: str
+    """A counter of what each worker did: how the bots were spread over the workers."""
+    idle: Callable[[Answer], bool]
+    counts_frames: bool
+    """Whether answers count frames (floor, naive): then every frame sent must be counted."""
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws{self.base_url.removeprefix('http')}/ws?token={TOKEN}"
+
+    async def ask_every_worker(
+        self, finished: Callable[[list[Answer]], bool], timeout_s: float = 900.0
+    ) -> list[Answer]:
+        """Ask until every worker has answered and their latest answers say `finished`."""
+        latest: dict[Any, Answer] = {}
+        async with asyncio.timeout(timeout_s):
+            while True:
+                answer = await get_json(self.base_url + self.stats_path)
+                latest[answer[self.worker_field] if self.worker_field else 0] = answer
+                if len(latest) >= self.workers:
+                    answers = [latest[worker] for worker in sorted(latest)]
+                    if finished(answers):
+                        return answers
+                await asyncio.sleep(0.02)
+
+
+async def measure(receiver: Receiver, load: Load, clip: Clip) -> tuple[dict[str, Any], LoadReport]:
+    """Send `load`, wait until every worker has handled it, and measure the receiver."""
+    before = await receiver.ask_every_worker(lambda answers: all(map(receiver.idle, answers)))
+    frames_before = sum(answer.get("frames", 0) for answer in before)
+    pid = receiver.process.pid
     idle = procs.memory(pid)
     sampler = MemorySampler(pid)
     cpu_before = procs.cpu_s(pid)
+    machine_before = procs.machine_cpu_s()
     self_before = resource.getrusage(resource.RUSAGE_SELF)
     sampler.start()
     began = time.monotonic()
     report = await run_load(load, clip)
     sent_s = time.monotonic() - began
-    await done(report)
+
+    def finished(answers: list[Answer]) -> bool:
+        handled = sum(answer.get("frames", 0) for answer in answers) - frames_before
+        done = all(map(receiver.idle, answers))
+        return done and (not receiver.counts_frames or handled >= report.frames)
+
+    after = await receiver.ask_every_worker(finished)
     elapsed = time.monotonic() - began
     cpu = procs.cpu_s(pid) - cpu_before
+    machine_busy, machine_all = (
+        now - then for now, then in zip(procs.machine_cpu_s(), machine_before, strict=True)
+    )
     self_after = resource.getrusage(resource.RUSAGE_SELF)
     peak = sampler.stop()
     streams = load.bots * load.participants
     generator_cpu = (self_after.ru_utime + self_after.ru_stime) - (
         self_before.ru_utime + self_before.ru_stime
     )
+    field = receiver.work_field
     result: dict[str, Any] = {
+        "workers": receiver.workers,
         "bots": load.bots,
         "streams": streams,
         "realtime": load.realtime,
@@ -192,8 +256,18 @@ async def measure(
         "frames_per_s": round(report.frames / elapsed, 1),
         "server_cpu_s": round(cpu, 3),
         "server_cpu_us_per_message": round(cpu / report.messages * 1e6, 1),
+        # Cores the receiver's tree kept busy on average, and the whole machine's (the
+        # generator and the S3 server included).
         "server_cpu_share": round(cpu / elapsed, 3),
+        # (A tiny run may end within /proc's clock tick.)
+        "machine_cpu_busy_cores": round(machine_busy / machine_all * (os.cpu_count() or 1), 2)
+        if machine_all
+        else 0.0,
         "generator_cpu_us_per_message": round(generator_cpu / report.messages * 1e6, 1),
+        # How the bots were spread: frames each worker read (floor, naive) or objects it
+        # uploaded (archiver).
+        "work_counted": field,
+        "work_per_worker": [a[field] - b[field] for a, b in zip(after, before, strict=True)],
     }
     if load.realtime:
         result |= {
@@ -212,45 +286,9 @@ async def measure(
     return result, report
 
 
-async def poll(check: Callable[[], Awaitable[bool]], timeout_s: float = 300.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await check():  # noqa: ASYNC110 (another process's counters)
-            await asyncio.sleep(0.05)
-
-
-def counts_done(url: str, streams_key: str | None) -> Done:
-    """floor and naive: every frame counted, every connection (and ffmpeg) finished."""
-
-    async def done(report: LoadReport) -> None:
-        async def check() -> bool:
-            stats = await get_json(url)
-            finished = stats["connections"] == 0 and stats["frames"] >= report.frames
-            return finished and (streams_key is None or stats[streams_key] == 0)
-
-        await poll(check)
-
-    return done
-
-
-def archiver_done(url: str) -> Done:
-    """Every connection closed, every stream ended (final manifest written), spool empty."""
-
-    async def done(report: LoadReport) -> None:
-        async def check() -> bool:
-            ready = await get_json(url)
-            return (
-                ready["connections"] == 0
-                and ready["streams"] == 0
-                and ready["spool_pending_bytes"] == 0
-            )
-
-        await poll(check)
-
-    return done
-
-
 def key_class(key: str) -> str:
-    name = key.rsplit("/", 1)[-1]
+    parts = key.rsplit("/", 2)
+    name, folder = parts[-1], parts[-2] if len(parts) > 1 else ""
     if name.endswith(".jsonl"):
         return "events"
     if name.endswith(".m4s"):
@@ -258,10 +296,16 @@ def key_class(key: str) -> str:
     if name.startswith("init-"):
         return "init"
     if name == "manifest.json":
-        return "manifest"
-    if name in ("playlist.m3u8", "session.json"):
-        return "index"
+        return "events manifest" if folder == "events" else "manifest"
+    if name == "playlist.m3u8":
+        return "playlist"
+    if name == "session.json":
+        return "session"
     return "other"
+
+
+DOCUMENTS = ("manifest", "playlist", "session", "events manifest")
+"""The manifests and indexes: what the target of at most 10% of S3 requests is about."""
 
 
 def s3_requests(log_path: Path, bot_ids: set[str]) -> list[dict[str, Any]]:
@@ -274,6 +318,30 @@ def s3_requests(log_path: Path, bot_ids: set[str]) -> list[dict[str, Any]]:
             line["key"] = "/".join(parts[1:])
             mine.append(line)
     return mine
+
+
+def count_requests(requests: list[dict[str, Any]], stream_hours: float) -> dict[str, Any]:
+    """S3 requests and bytes by method and kind of object, per stream-hour, and the share of
+    requests (any method) that manifests and indexes take."""
+    by_class: Counter[str] = Counter()
+    bytes_by_class: Counter[str] = Counter()
+    documents = 0
+    for request in requests:
+        kind = key_class(request["key"])
+        by_class[f"{request['method']} {kind}"] += 1
+        bytes_by_class[kind] += request["bytes_in"]
+        documents += kind in DOCUMENTS
+    total = sum(by_class.values())
+    return {
+        "s3_requests": dict(sorted(by_class.items())),
+        "s3_bytes_in": dict(sorted(bytes_by_class.items())),
+        "s3_requests_per_stream_hour": {
+            name: round(count / stream_hours, 1) for name, count in sorted(by_class.items())
+        },
+        "s3_requests_per_stream_hour_total": round(total / stream_hours, 1),
+        "s3_bytes_per_stream_hour": round(sum(bytes_by_class.values()) / stream_hours),
+        "manifest_and_index_share_of_requests": round(documents / total, 4) if total else None,
+    }
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -318,17 +386,7 @@ async def archiver_details(
     finally:
         await store.close()
     streams = load.bots * load.participants
-    stream_hours = streams * load.seconds / 3600
-    by_class: Counter[str] = Counter()
-    bytes_by_class: Counter[str] = Counter()
-    for request in requests:
-        kind = key_class(request["key"])
-        by_class[f"{request['method']} {kind}"] += 1
-        bytes_by_class[kind] += request["bytes_in"]
-    puts = {k.split()[1]: v for k, v in by_class.items() if k.startswith("PUT ")}
-    all_requests = sum(by_class.values())
-    documents = puts.get("manifest", 0) + puts.get("index", 0)
-    per_hour = {name: round(count / stream_hours, 1) for name, count in sorted(by_class.items())}
+    counts = count_requests(requests, streams * load.seconds / 3600)
     full = sorted(segment_s)[len(segment_s) // 2] if segment_s else None
     return {
         "frames_archived": frames_archived,
@@ -343,14 +401,7 @@ async def archiver_details(
         "final_segment_latency_p50_ms": _ms(percentile(final_latencies, 0.5)),
         "final_segment_latency_p99_ms": _ms(percentile(final_latencies, 0.99)),
         "segment_median_s": full,
-        "s3_requests": dict(sorted(by_class.items())),
-        "s3_bytes_in": dict(sorted(bytes_by_class.items())),
-        "s3_requests_per_stream_hour": per_hour,
-        "s3_requests_per_stream_hour_total": round(all_requests / stream_hours, 1),
-        "s3_bytes_per_stream_hour": round(sum(bytes_by_class.values()) / stream_hours),
-        "manifest_and_index_share_of_requests": round(documents / all_requests, 3)
-        if all_requests
-        else None,
+        **counts,
         # Over an hour, a stream's fixed writes (init, final manifest and playlist, its
         # share of session.json) are spread; live manifest writes stay within the 10%
         # budget, so documents <= 10% of the media requests plus the fixed writes.
@@ -362,22 +413,43 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
 
-async def run_receiver(
-    name: str, options: argparse.Namespace, clip: Clip, workdir: Path, s3: dict[str, Any]
-) -> dict[str, Any]:
+def _shape(options: argparse.Namespace, receiver: Receiver) -> dict[str, Any]:
+    return {
+        "url": receiver.ws_url,
+        "participants": options.participants,
+        "seconds": options.seconds,
+        "fps": options.fps,
+        "size": options.size,
+        # Bots close without leave events: a leave holds a stream open for
+        # ARCHIVER_LEAVE_GRACE_S more (5 s), which would count as time to archive.
+        "participant_events": False,
+        "join_interval_s": options.join_interval_s,
+    }
+
+
+async def start_receiver(
+    name: str, workers: int, workdir: Path, s3: dict[str, Any], label: str = ""
+) -> Receiver:
     port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
     python = sys.executable
+    label = label or f"{name}-{workers}w"
     if name == "floor":
-        process = Process(
-            name, [python, "-m", "benchmarks.floor", "--port", str(port)], workdir, {}
-        )
-        url, done = f"http://127.0.0.1:{port}", counts_done(f"http://127.0.0.1:{port}/stats", None)
+        args = [python, "-m", "benchmarks.floor", "--port", str(port), "--workers", str(workers)]
+        process = Process(label, args, workdir, {})
+        receiver = Receiver(
+            name, process, base_url, workers, "/stats", "worker", "frames",
+            lambda answer: answer["connections"] == 0, counts_frames=True,
+        )  # fmt: skip
     elif name == "naive":
         args = [python, "-m", "benchmarks.naive", "--port", str(port)]
-        args += ["--folder", str(workdir / "naive"), "--fps", str(options.fps)]
-        process = Process(name, args, workdir, {})
-        url = f"http://127.0.0.1:{port}"
-        done = counts_done(f"{url}/stats", "streams_open")
+        args += ["--folder", str(workdir / label), "--fps", str(s3["fps"])]
+        process = Process(label, args, workdir, {})
+        receiver = Receiver(
+            name, process, base_url, 1, "/stats", None, "frames",
+            lambda answer: answer["connections"] == 0 and answer["streams_open"] == 0,
+            counts_frames=True,
+        )  # fmt: skip
     else:
         env = {
             "ARCHIVER_AUTH_TOKENS": TOKEN,
@@ -386,48 +458,222 @@ async def run_receiver(
             "ARCHIVER_HOST": "127.0.0.1",
             "ARCHIVER_PORT": str(port),
             "ARCHIVER_LOG_FORMAT": "json",
-            "ARCHIVER_SPOOL_DIR": str(workdir / "spool"),
-            # One worker, like the floor and each naive receiver's server: per-message
-            # figures side by side. (/readyz, which tells when all is archived, is per worker.)
-            "ARCHIVER_WORKERS": "1",
+            "ARCHIVER_SPOOL_DIR": str(workdir / f"spool-{label}"),
+            "ARCHIVER_WORKERS": str(workers),
             **CREDENTIALS,
         }
-        process = Process(name, [python, "-m", "archiver", "serve"], workdir, env)
-        url, done = f"http://127.0.0.1:{port}", archiver_done(f"http://127.0.0.1:{port}/readyz")
-    ws_url = f"ws://127.0.0.1:{port}/ws?token={TOKEN}"
+        process = Process(label, [python, "-m", "archiver", "serve"], workdir, env)
+        # Done: every connection closed, every stream ended (its final manifest written),
+        # the spool empty, in every worker.
+        receiver = Receiver(
+            name, process, base_url, workers, "/readyz", "slot", "uploaded",
+            lambda answer: answer["connections"] == 0 and answer["streams"] == 0
+            and answer["spool_pending_bytes"] == 0,
+            counts_frames=False,
+        )  # fmt: skip
     try:
-        await wait_http(f"{url}/healthz")
-        await asyncio.sleep(1.0)  # Let start-up work settle before the idle sample.
-        shape = {
-            "url": ws_url,
-            "participants": options.participants,
-            "seconds": options.seconds,
-            "fps": options.fps,
-            "size": options.size,
-            # Bots close without leave events: a leave holds a stream open for
-            # ARCHIVER_LEAVE_GRACE_S more (5 s), which would count as time to archive.
-            "participant_events": False,
-        }
-        realtime_load = Load(bots=options.realtime_bots, record_send_times=True, **shape)
-        realtime, report = await measure(process.pid, realtime_load, clip, done)
-        result: dict[str, Any] = {"realtime": realtime}
-        if name == "archiver":
-            result["archive"] = await archiver_details(
-                s3["endpoint"], s3["log"], report, realtime_load
-            )
-        fast_load = Load(bots=options.fast_bots, realtime=False, record_send_times=False, **shape)
-        fast, report = await measure(process.pid, fast_load, clip, done)
+        await wait_http(f"{base_url}/healthz")
+    except BaseException:
+        process.stop()
+        raise
+    await asyncio.sleep(1.0)  # Let start-up work settle before the idle sample.
+    return receiver
+
+
+async def run_receiver(
+    name: str,
+    options: argparse.Namespace,
+    clip: Clip,
+    workdir: Path,
+    s3: dict[str, Any],
+    workers: int,
+    full: bool,
+) -> dict[str, Any]:
+    """`full`: the real-time run and the fast one; else the fast one only."""
+    receiver = await start_receiver(name, workers, workdir, s3)
+    shape = _shape(options, receiver)
+    result: dict[str, Any] = {"workers": workers}
+    try:
+        if full:
+            realtime_load = Load(bots=options.realtime_bots, record_send_times=True, **shape)
+            result["realtime"], report = await measure(receiver, realtime_load, clip)
+            if name == "archiver":
+                result["archive"] = await archiver_details(
+                    s3["endpoint"], s3["log"], report, realtime_load
+                )
+        # Bots per worker: the kernel spreads connections over the workers, not frames.
+        bots = options.fast_bots * workers
+        fast_load = Load(bots=bots, realtime=False, record_send_times=False, **shape)
+        fast, report = await measure(receiver, fast_load, clip)
         result["fast"] = fast
         if name == "archiver":
             archive = await archiver_details(s3["endpoint"], s3["log"], report, fast_load)
             fast["every_frame_archived"] = archive["every_frame_archived"]
             fast["frames_archived"] = archive["frames_archived"]
+            if options.half_rate:
+                result["half_rate"] = await half_rate(
+                    receiver, options, clip, s3, fast["frames_per_s"]
+                )
         return result
     finally:
-        process.stop()
+        receiver.process.stop()
 
 
-def capacity(results: dict[str, Any], options: argparse.Namespace) -> dict[str, Any]:
+async def half_rate(
+    receiver: Receiver,
+    options: argparse.Namespace,
+    clip: Clip,
+    s3: dict[str, Any],
+    max_frames_per_s: float,
+) -> dict[str, Any]:
+    """Real time at about half the rate the fast run reached: segment-durable latency."""
+    bot_frames_per_s = options.participants * options.fps
+    bots = max(1, round(max_frames_per_s / 2 / bot_frames_per_s))
+    load = Load(bots=bots, record_send_times=True, **_shape(options, receiver))
+    measured, report = await measure(receiver, load, clip)
+    archive = await archiver_details(s3["endpoint"], s3["log"], report, load)
+    target_ms = (SEGMENT_TARGET_S + 2) * 1000
+    p99 = archive["upload_latency_p99_ms"]
+    return {
+        "bots": bots,
+        "frames_per_s_offered": bot_frames_per_s * bots,
+        "share_of_max_rate": round(bot_frames_per_s * bots / max_frames_per_s, 2),
+        "frames_per_s": measured["frames_per_s"],
+        "server_cpu_share": measured["server_cpu_share"],
+        "machine_cpu_busy_cores": measured["machine_cpu_busy_cores"],
+        "send_lag_p99_ms": measured["send_lag_p99_ms"],
+        "every_frame_archived": archive["every_frame_archived"],
+        "segment_durable_p50_ms": archive["upload_latency_p50_ms"],
+        "segment_durable_p99_ms": p99,
+        "segment_durable_max_ms": archive["upload_latency_max_ms"],
+        "segments_timed": archive["segments_timed"],
+        "final_segment_durable_p99_ms": archive["final_segment_latency_p99_ms"],
+        "target_p99_ms": target_ms,
+        "target_met": None if p99 is None else p99 <= target_ms,
+    }
+
+
+async def run_meeting(
+    options: argparse.Namespace, workdir: Path, s3: dict[str, Any], workers: int
+) -> dict[str, Any]:
+    """One bot of `--meeting-streams` webcams for `--meeting-hours`, as fast as the archiver
+    reads; every S3 request counted by kind. The clip lasts two segment targets and is
+    replayed: each replay's key frame falls where the segmenter would force a cut anyway, so
+    segments are as long as a WebRTC stream's without key frames: the fewest media requests,
+    the largest share for the manifests and indexes."""
+    clip = encode_clip(2 * SEGMENT_TARGET_S, options.meeting_fps, options.size)
+    receiver = await start_receiver("archiver", workers, workdir, s3, label="meeting")
+    seconds = options.meeting_hours * 3600
+    load = Load(
+        receiver.ws_url,
+        participants=options.meeting_streams,
+        seconds=seconds,
+        fps=options.meeting_fps,
+        size=options.size,
+        realtime=False,
+        participant_events=True,
+    )
+    try:
+        measured, report = await measure(receiver, load, clip)
+    finally:
+        receiver.process.stop()
+    bot = report.bots[0]
+    requests = s3_requests(s3["log"], {bot.bot_id})
+    counts = count_requests(requests, options.meeting_streams * seconds / 3600)
+    store = S3Store(BUCKET, PREFIX, endpoint_url=s3["endpoint"], attempts=2)
+    streams = []
+    try:
+        for participant_id in bot.participant_ids:
+            recording = RecordingId(bot.bot_id, bot.recording_id)
+            stream = StreamId(recording, str(participant_id), "webcam", "h264")
+            streams.append(await _meeting_stream(store, stream, requests))
+    finally:
+        await store.close()
+    frames_per_stream = report.frames // options.meeting_streams
+    return {
+        "hours": options.meeting_hours,
+        "streams": options.meeting_streams,
+        "fps": options.meeting_fps,
+        "workers": workers,
+        "frames_sent": report.frames,
+        "elapsed_s": measured["elapsed_s"],
+        "every_frame_listed": all(
+            s["status"] == "complete" and s["frames"] == frames_per_stream for s in streams
+        ),
+        "segments_per_stream": [s["segments"] for s in streams],
+        "segment_median_s": statistics.median(s["segment_median_s"] for s in streams),
+        # A live reader's delay: segments stored but not yet listed by a live manifest
+        # write, at most, in segments and in seconds of video.
+        "unlisted_segments_max": max(s["unlisted_max"] for s in streams),
+        "unlisted_video_max_s": max(s["unlisted_video_max_s"] for s in streams),
+        **counts,
+    }
+
+
+async def _meeting_stream(
+    store: S3Store, stream: StreamId, requests: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A stream's final manifest, and how far its live manifest writes lagged its uploads."""
+    body = await store.get(stream.manifest_key)
+    manifest = orjson.loads(body or b"{}")
+    segments = manifest.get("segments", [])
+    unlisted = unlisted_max = 0
+    prefix = f"{PREFIX}/{stream.prefix}/"
+    for request in sorted(requests, key=lambda r: r["t"]):
+        if request["method"] != "PUT" or not request["key"].startswith(prefix):
+            continue
+        kind = key_class(request["key"])
+        if kind == "segment":
+            unlisted += 1
+        elif kind == "manifest":
+            unlisted_max, unlisted = max(unlisted_max, unlisted), 0
+    lengths = [segment["end"] - segment["start"] for segment in segments]
+    longest = sum(sorted(lengths, reverse=True)[:unlisted_max])
+    return {
+        "status": manifest.get("status"),
+        "frames": sum(segment["frames"] for segment in segments),
+        "segments": len(segments),
+        "segment_median_s": statistics.median(lengths) if lengths else 0.0,
+        "unlisted_max": unlisted_max,
+        "unlisted_video_max_s": round(longest, 1),
+    }
+
+
+def scaling(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Per receiver and worker count: the fast run's rate, its CPU, and the cores kept busy."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for name, results in runs.items():
+        first = results[0]["fast"]["frames_per_s"]
+        rows[name] = []
+        for result in results:
+            fast = result["fast"]
+            row = {
+                "workers": result["workers"],
+                "bots": fast["bots"],
+                "frames_per_s": fast["frames_per_s"],
+                "frames_per_s_per_worker": round(fast["frames_per_s"] / result["workers"], 1),
+                "speedup": round(fast["frames_per_s"] / first, 2) if first else None,
+                "server_cpu_us_per_message": fast["server_cpu_us_per_message"],
+                "messages_per_core_s": round(1e6 / max(fast["server_cpu_us_per_message"], 1e-3)),
+                "server_cpu_share": fast["server_cpu_share"],
+                "machine_cpu_busy_cores": fast["machine_cpu_busy_cores"],
+            }
+            row["work_counted"] = fast["work_counted"]
+            row["work_per_worker"] = fast["work_per_worker"]
+            if "every_frame_archived" in fast:
+                row["every_frame_archived"] = fast["every_frame_archived"]
+            if "half_rate" in result:
+                half = result["half_rate"]
+                row["half_rate_bots"] = half["bots"]
+                row["half_rate_segment_durable_p50_ms"] = half["segment_durable_p50_ms"]
+                row["half_rate_segment_durable_p99_ms"] = half["segment_durable_p99_ms"]
+            rows[name].append(row)
+    return rows
+
+
+def capacity(
+    results: dict[str, Any], meeting: dict[str, Any] | None, options: argparse.Namespace
+) -> dict[str, Any]:
     """Bots per vCPU at 60% CPU from CPU per message, and the cost of a bot-hour."""
     messages_per_bot_s = 16 * 30.0
     lines: dict[str, Any] = {"prices": PRICES, "bot": "16 webcams x 30 fps = 480 messages/s"}
@@ -443,21 +689,38 @@ def capacity(results: dict[str, Any], options: argparse.Namespace) -> dict[str, 
         }
         archive = result.get("archive")
         if archive is not None:
-            per_hour = archive["s3_requests_per_stream_hour"]
-            puts = sum(v for k, v in per_hour.items() if k.startswith(("PUT", "POST", "LIST")))
-            gets = sum(v for k, v in per_hour.items() if k.startswith(("GET", "HEAD")))
-            s3_usd = 16 * (puts * PRICES["s3_put_per_1000"] + gets * PRICES["s3_get_per_1000"])
-            entry["s3_requests_usd_per_bot_hour"] = round(s3_usd / 1000, 5)
+            entry["s3_requests_usd_per_bot_hour"] = _s3_usd_per_bot_hour(
+                archive["s3_requests_per_stream_hour"]
+            )
             projected = archive["s3_puts_per_stream_hour_projected"]
             if projected is not None:
                 entry["s3_requests_usd_per_bot_hour_projected"] = round(
                     16 * projected * PRICES["s3_put_per_1000"] / 1000, 5
                 )
+            if meeting is not None:
+                # Measured over the meeting: its recording's session.json and events are
+                # shared by fewer streams than a 16-participant bot's, so this errs high.
+                entry["s3_requests_usd_per_bot_hour_meeting"] = _s3_usd_per_bot_hour(
+                    meeting["s3_requests_per_stream_hour"]
+                )
         lines[name] = entry
     return lines
 
 
-def table(results: dict[str, Any]) -> str:
+def _s3_usd_per_bot_hour(per_stream_hour: dict[str, float]) -> float:
+    puts = sum(v for k, v in per_stream_hour.items() if k.startswith(("PUT", "POST", "LIST")))
+    gets = sum(v for k, v in per_stream_hour.items() if k.startswith(("GET", "HEAD")))
+    usd: float = 16 * (puts * PRICES["s3_put_per_1000"] + gets * PRICES["s3_get_per_1000"])
+    return round(usd / 1000, 5)
+
+
+def table(
+    results: dict[str, Any],
+    rows_by_workers: dict[str, list[dict[str, Any]]],
+    meeting: dict[str, Any] | None,
+) -> str:
+    """The README's tables: receivers side by side, then workers, the half-rate latency and
+    the meeting's requests where they ran."""
     rows = [
         ("server CPU per message (us)", "realtime", "server_cpu_us_per_message"),
         ("server CPU share (cores)", "realtime", "server_cpu_share"),
@@ -478,6 +741,56 @@ def table(results: dict[str, Any]) -> str:
             else:
                 cells.append(str(values[field]))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    archive = results.get("archiver", {}).get("archive")
+    if archive is not None:
+        lines.append(
+            "| segment durable after its last frame p50 / p99 (ms) | "
+            + " | ".join(
+                f"{archive['upload_latency_p50_ms']} / {archive['upload_latency_p99_ms']}"
+                if name == "archiver"
+                else ""
+                for name in names
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "| fast run | workers | bots | frames/s | per worker | speed-up | CPU per message (us) "
+        "| tree CPU (cores) | machine CPU (cores) | work per worker "
+        "| half rate: bots, durable p50 / p99 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, scaled in rows_by_workers.items():
+        for row in scaled:
+            half = (
+                f"{row['half_rate_bots']}, {row['half_rate_segment_durable_p50_ms']} / "
+                f"{row['half_rate_segment_durable_p99_ms']}"
+                if "half_rate_bots" in row
+                else ""
+            )
+            work = " / ".join(map(str, row["work_per_worker"])) + f" {row['work_counted']}"
+            lines.append(
+                f"| {name} | {row['workers']} | {row['bots']} | {row['frames_per_s']} "
+                f"| {row['frames_per_s_per_worker']} | {row['speedup']} "
+                f"| {row['server_cpu_us_per_message']} | {row['server_cpu_share']} "
+                f"| {row['machine_cpu_busy_cores']} | {work} | {half} |"
+            )
+    if meeting is not None:
+        share = meeting["manifest_and_index_share_of_requests"]
+        lines += [
+            "",
+            f"Meeting: {meeting['hours']} h, {meeting['streams']} streams at "
+            f"{meeting['fps']} fps, every frame listed: {meeting['every_frame_listed']}; "
+            f"manifests and indexes {share:.1%} of S3 requests; a live reader sees a segment "
+            f"listed after at most {meeting['unlisted_segments_max']} more segments "
+            f"({meeting['unlisted_video_max_s']} s of video).",
+            "",
+            "| S3 requests per stream-hour | count |",
+            "|---|---|",
+        ]
+        for name, count in meeting["s3_requests_per_stream_hour"].items():
+            lines.append(f"| {name} | {count} |")
+        lines.append(f"| total | {meeting['s3_requests_per_stream_hour_total']} |")
     return "\n".join(lines)
 
 
@@ -491,9 +804,12 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
         "s3",
         [sys.executable, "-m", "benchmarks.s3", "--port", str(s3_port), "--log", str(s3_log)],
         workdir,
-        {},
+        # Objects over 256 KiB go to files in the working folder, not the server's memory: a
+        # long meeting stores gigabytes.
+        {"MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(256 * 1024), "TMPDIR": str(workdir)},
     )
     endpoint = f"http://127.0.0.1:{s3_port}"
+    s3 = {"endpoint": endpoint, "log": s3_log, "fps": options.fps}
     try:
         await wait_http(endpoint)
         boto3.session.Session().client(
@@ -510,12 +826,25 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
             file=sys.stderr,
         )
         results: dict[str, Any] = {}
-        for name in options.receivers:
-            print(f"{name}: running", file=sys.stderr)
-            results[name] = await run_receiver(
-                name, options, clip, workdir, {"endpoint": endpoint, "log": s3_log}
-            )
-            print(f"{name}: {orjson.dumps(results[name]).decode()}", file=sys.stderr)
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for number, workers in enumerate(options.workers):
+            for name in options.receivers:
+                if number and name == "naive":
+                    continue  # One process and its ffmpeg children: no worker count.
+                print(f"{name}, {workers} worker(s): running", file=sys.stderr)
+                result = await run_receiver(
+                    name, options, clip, workdir, s3, workers, full=not number
+                )
+                print(f"{name}: {orjson.dumps(result).decode()}", file=sys.stderr)
+                runs.setdefault(name, []).append(result)
+                if not number:
+                    results[name] = result
+        meeting = None
+        if options.meeting_hours > 0:
+            print(f"meeting: {options.meeting_hours} h", file=sys.stderr)
+            meeting = await run_meeting(options, workdir, s3, max(options.workers))
+            print(f"meeting: {orjson.dumps(meeting).decode()}", file=sys.stderr)
+        rows_by_workers = scaling(runs)
         return {
             "machine": machine,
             "load": {
@@ -524,13 +853,18 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
                 "size": f"{options.size[0]}x{options.size[1]}",
                 "seconds": options.seconds,
                 "realtime_bots": options.realtime_bots,
-                "fast_bots": options.fast_bots,
+                "fast_bots_per_worker": options.fast_bots,
+                "join_interval_s": options.join_interval_s,
+                "workers": options.workers,
+                "segment_target_s": SEGMENT_TARGET_S,
                 "mean_access_unit_bytes": round(statistics.mean(u[2] for u in clip.units)),
             },
             "receivers": results,
+            "scaling": rows_by_workers,
+            "meeting": meeting,
             "ratios": ratios(results),
-            "capacity": capacity(results, options),
-            "table": table(results),
+            "capacity": capacity(results, meeting, options),
+            "table": table(results, rows_by_workers, meeting),
         }
     finally:
         s3_process.stop()
@@ -572,6 +906,21 @@ def _size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def _receivers(text: str) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = set(names) - set(RECEIVERS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown receivers: {', '.join(sorted(unknown))}")
+    return names
+
+
+def _counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",")]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("worker counts are whole numbers from 1")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--participants", type=int, default=16)
@@ -579,8 +928,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=_size, default=(640, 360), help="WIDTHxHEIGHT")
     parser.add_argument("--seconds", type=float, default=30.0, help="of video per bot")
     parser.add_argument("--realtime-bots", type=int, default=1)
-    parser.add_argument("--fast-bots", type=int, default=2)
-    parser.add_argument("--receivers", type=lambda text: text.split(","), default=list(RECEIVERS))
+    parser.add_argument("--fast-bots", type=int, default=2, help="per worker")
+    parser.add_argument(
+        "--receivers",
+        type=_receivers,
+        default=list(RECEIVERS),
+        help="which to run, e.g. archiver ('' for none: the meeting only)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_counts,
+        default=[1],
+        help="worker counts for the floor and the archiver, e.g. 1,2: the first runs "
+        "everything, the others the fast run",
+    )
+    parser.add_argument(
+        "--half-rate",
+        action="store_true",
+        help="after each archiver fast run, real time at about half its rate: latency",
+    )
+    parser.add_argument(
+        "--meeting-hours",
+        type=float,
+        default=0.0,
+        help="also stream a meeting this long (fast) and count S3 requests by kind",
+    )
+    parser.add_argument("--meeting-streams", type=int, default=4)
+    parser.add_argument("--meeting-fps", type=float, default=30.0)
+    parser.add_argument(
+        "--join-interval-s",
+        type=float,
+        default=0.5,
+        help="bots connect this far apart (0: at once; workers share one listening socket, "
+        "so connections that arrive together may all go to one worker)",
+    )
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     parser.add_argument(
         "--keep", action="store_true", help="keep the receivers' logs, spool and outputs"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import os
 import struct
 import time
@@ -25,10 +24,12 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
+from archiver import metrics
 from archiver.consumers.viewer import ViewerConfig, add_viewer, find_hls_js
-from archiver.errors import ConfigError, InputError, StoreError
+from archiver.errors import ConfigError, InputError, StoreError, TokenError
 from archiver.events import AUDIO_EVENTS
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
+from archiver.ingest.tokens import TokenCheck
 from archiver.layout import RecordingId, StreamId
 from archiver.notices import ReadyNotices
 from archiver.protection import SharedWants, TaskProtection
@@ -56,7 +57,7 @@ class ServiceState:
     spool: Spool
     registry: StreamRegistry
     protection: TaskProtection
-    tokens: tuple[bytes, ...]
+    tokens: TokenCheck
     notices: ReadyNotices
     slot: Slot | None = None
     ready: bool = True
@@ -82,17 +83,6 @@ class ServiceState:
 
 
 STATE = web.AppKey("state", ServiceState)
-
-
-def token_accepted(offered: str | None, tokens: tuple[bytes, ...]) -> bool:
-    """Constant-time check against every configured token (no early exit on a match)."""
-    if not offered:
-        return False
-    candidate = offered.encode()
-    matched = False
-    for token in tokens:
-        matched |= hmac.compare_digest(candidate, token)
-    return matched
 
 
 class RedactingAccessLogger(AbstractAccessLogger):
@@ -148,14 +138,19 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    if not token_accepted(request.query.get("token"), state.tokens):
+    try:
+        state.tokens.verify(request.query.get("token"))
+    except TokenError as error:
         state.totals["refused_unauthorized"] += 1
-        log.warning("connection_refused", reason="bad or missing token", remote=request.remote)
-        raise web.HTTPUnauthorized(text="missing or wrong token\n")
+        state.totals[f"refused_token_{error.reason}"] += 1
+        metrics.connection_refused(f"token_{error.reason}")
+        log.warning("connection_refused", reason=f"token {error.reason}", remote=request.remote)
+        raise web.HTTPUnauthorized(text="missing, wrong or expired token\n") from None
     reasons = state.refusals()
     if reasons:
         # Before the upgrade: the bot retries and the load balancer picks another task.
         state.totals["refused_unavailable"] += 1
+        metrics.connection_refused("unavailable")
         raise web.HTTPServiceUnavailable(
             text=f"not accepting connections: {'; '.join(reasons)}\n",
             headers={"Retry-After": "1"},
@@ -167,6 +162,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     state.next_connection += 1
     connection = Connection(state, ws, state.next_connection, request.remote)
     state.connections += 1
+    metrics.connection_opened()
     state.sockets.add(ws)
     await state.protection.connection_opened()
     try:
@@ -176,6 +172,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if not state.sockets:
             state.all_closed.set()
         state.connections -= 1
+        metrics.connection_closed()
         await connection.close()
         await state.protection.connection_closed()
     return ws
@@ -221,8 +218,10 @@ class Connection:
             self.refuse(error)
             return
         if isinstance(message, MediaMessage):
+            metrics.media_received(message.stream.media_format)
             await self.route_media(message)
         else:
+            metrics.message_received(message.event)
             await self.route_event(message)
 
     async def route_media(self, message: MediaMessage) -> None:
@@ -294,6 +293,7 @@ class Connection:
         """Count and log a refused message; the connection goes on."""
         self.counts[f"refused_{error.reason}"] += 1
         self.state.totals[f"refused_{error.reason}"] += 1
+        metrics.message_refused(error.reason)
         seen = self.counts[f"refused_{error.reason}"]
         if seen == 1 or seen % 100 == 0:
             self.log.warning("message_refused", reason=error.reason, detail=error.detail, seen=seen)
@@ -316,11 +316,7 @@ def create_app(
     """The service as an aiohttp app; it opens the store and worker threads on start-up.
     Under the supervisor, `slot` is the worker's claim on its part of the spool
     (`settings.spool_dir` is then the slot's folder) and the orphaned parts it adopted."""
-    if not settings.auth_tokens:
-        raise ConfigError(
-            "no auth token configured: set ARCHIVER_AUTH_TOKENS to one or more "
-            "comma-separated secrets (e.g. ARCHIVER_AUTH_TOKENS=$(openssl rand -hex 24))"
-        )
+    tokens = _token_check(settings)
     if settings.webhook_url and settings.webhook_secret is None:
         raise ConfigError(
             "ARCHIVER_WEBHOOK_URL needs ARCHIVER_WEBHOOK_SECRET, the key its notices are "
@@ -331,13 +327,12 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if settings.viewer:
-        viewer_tokens = tuple(t.get_secret_value().encode() for t in settings.auth_tokens)
         add_viewer(
             app,
             ViewerConfig(
                 store_url=settings.store,
                 endpoint_url=settings.s3_endpoint_url,
-                accepts=lambda offered: token_accepted(offered, viewer_tokens),
+                accepts=tokens.accepts,
                 hls_js=find_hls_js(settings.viewer_hls_js_path),
                 url_expiry_s=settings.viewer_url_expiry_s,
             ),
@@ -373,7 +368,6 @@ def create_app(
         notices = ReadyNotices(settings, active_store)
         registry = StreamRegistry(settings, spool, executor, recovery, notices)
         registry.sessions.wait_again(left_waiting)
-        tokens = tuple(t.get_secret_value().encode() for t in settings.auth_tokens)
         shared = (
             SharedWants(slot.folder.parent / "protection", str(slot.number))
             if slot is not None and settings.ecs_agent_uri
@@ -381,6 +375,10 @@ def create_app(
         )
         protection = TaskProtection(settings.ecs_agent_uri, shared=shared)
         await protection.start()
+        # Under the supervisor the master serves every worker's metrics; alone, this process.
+        exporter = metrics.Exporter(settings, multiprocess_folder=False)
+        if slot is None:
+            exporter.start()
         app[STATE] = ServiceState(settings, spool, registry, protection, tokens, notices, slot)
         background = [asyncio.create_task(_protect_while_spooled(spool, protection))]
         if fallback is not None:
@@ -404,6 +402,7 @@ def create_app(
         executor.shutdown(wait=False, cancel_futures=True)
         await notices.close()
         await protection.close()
+        await asyncio.to_thread(exporter.stop)
         if fallback is not None:
             await fallback.close()
         if store is None:
@@ -413,6 +412,20 @@ def create_app(
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(_ask_bots_to_reconnect)
     return app
+
+
+def _token_check(settings: Settings) -> TokenCheck:
+    """Static tokens, signing keys, or both; neither refuses to start."""
+    if not settings.auth_tokens and not settings.token_keys:
+        raise ConfigError(
+            "no auth token configured: set ARCHIVER_AUTH_TOKENS to one or more "
+            "comma-separated secrets (e.g. ARCHIVER_AUTH_TOKENS=$(openssl rand -hex 24)), "
+            "or ARCHIVER_TOKEN_KEYS to signing keys for `archiver token create`"
+        )
+    return TokenCheck.build(
+        [t.get_secret_value() for t in settings.auth_tokens],
+        [k.get_secret_value() for k in settings.token_keys],
+    )
 
 
 async def _drain(

@@ -45,6 +45,7 @@ from typing import Any
 import orjson
 import structlog
 
+from archiver import metrics
 from archiver.errors import ConfigError, ObjectConflictError, StoreError
 from archiver.store.base import ListingStore, ObjectStore, StoredObject, sha256_digest
 from archiver.store.moves import move_write_once
@@ -322,9 +323,11 @@ class Spool:
                     if self.using_fallback and self.fallback is not None:
                         stored = await self._put_in_fallback(self.fallback, spooled, body)
                         self.counters["to_fallback"] += 1
+                        metrics.fallback_used()
                         return stored
                     if spooled.replaces is not None and self.in_fallback:
                         await self._bring_back()
+                    started = time.monotonic()
                     stored = await self.store.put(
                         spooled.key,
                         body,
@@ -332,6 +335,7 @@ class Spool:
                         spooled.write_once,
                         spooled.replaces,
                     )
+                    metrics.upload_stored(time.monotonic() - started)
             except ObjectConflictError as exc:
                 if spooled.replaces is not None:
                     raise  # The writer merges with what is there and writes again.
@@ -343,6 +347,7 @@ class Spool:
                 body = None  # Do not hold a failed object in memory through an outage.
                 attempt += 1
                 self.counters["upload_retries"] += 1
+                metrics.upload_retried()
                 if not self.using_fallback:
                     self._mark_store(reachable=False, error=str(exc))
                 elif attempt == 1:
@@ -548,6 +553,7 @@ class Spool:
             state = SpoolState.high
         else:
             state = SpoolState.normal
+        metrics.spool_pending(self.pending_bytes)
         if state is not self.state:
             log.warning(
                 "spool_state_changed",
@@ -574,6 +580,7 @@ class Spool:
         if reachable == self.store_reachable:
             return
         self.store_reachable = reachable
+        metrics.store_reachable(reachable)
         if reachable:
             self.unreachable_since = None
             if self._fallback_timer is not None:

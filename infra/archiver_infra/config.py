@@ -24,6 +24,10 @@ _FARGATE_MEMORY_MIB: dict[int, range] = {
     16384: range(32768, 122880 + 1, 8192),
 }
 _ORIGIN = re.compile(r"^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+# The performance benchmark's capacity (README, "Performance"): at 60% CPU one vCPU holds
+# 2.9 bots of 16 webcams at 30 fps, 640x360.
+BOTS_PER_VCPU = 2.9
+STREAMS_PER_BOT = 16
 _ARCHIVE_PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 
 
@@ -67,6 +71,20 @@ class ArchiverConfig:
     target_cpu_percent: int = field(default=60, metadata={"key": "targetCpuPercent"})
     target_memory_percent: int = field(default=70, metadata={"key": "targetMemoryPercent"})
     """Memory to aim for: streams, queues and open segments are what fill a task's memory."""
+    target_streams_per_task: int | None = field(
+        default=None, metadata={"key": "targetStreamsPerTask"}
+    )
+    """Active streams per task to aim for; by default the benchmark's capacity at 60% CPU
+    for the task's vCPUs (`streams_per_task`)."""
+
+    alarm_topic_arn: str | None = field(default=None, metadata={"key": "alarmTopicArn"})
+    """An existing SNS topic that the alarms notify (alarm and back to OK); none when unset."""
+    spool_alarm_bytes: int = field(default=1024**3, metadata={"key": "spoolAlarmBytes"})
+    """Bytes waiting in a task's spool (the highest task) above which the spool alarm fires,
+    once they have stayed there for `spoolAlarmMinutes`."""
+    spool_alarm_minutes: int = field(default=5, metadata={"key": "spoolAlarmMinutes"})
+    dropped_frames_alarm: int = field(default=1, metadata={"key": "droppedFramesAlarm"})
+    """Frames dropped (every task, every reason) within 5 minutes that fire the alarm."""
 
     bucket_name: str | None = field(default=None, metadata={"key": "bucketName"})
     """Name of the archive bucket created by the stack; generated when unset."""
@@ -91,8 +109,14 @@ class ArchiverConfig:
     fallback_prefix: str = field(default="fallback", metadata={"key": "fallbackPrefix"})
     """Key prefix in the fallback bucket; the service's permissions there stop at it."""
 
+    static_tokens: bool = field(default=True, metadata={"key": "staticTokens"})
+    """Accept static bot tokens (the `authSecretArn` secret) beside signed ones; false: only
+    short-lived signed tokens reach the service."""
     auth_secret_arn: str | None = field(default=None, metadata={"key": "authSecretArn"})
     """Existing Secrets Manager secret holding the bot tokens; the stack makes one when unset."""
+    token_keys_secret_arn: str | None = field(default=None, metadata={"key": "tokenKeysSecretArn"})
+    """Existing secret holding the keys that sign short-lived bot tokens; the stack makes
+    one when unset."""
     log_retention_days: int = field(default=30, metadata={"key": "logRetentionDays"})
     viewer_origins: str | None = field(default=None, metadata={"key": "viewerOrigins"})
     """Origins the viewer's pages are served from (`https://archiver.example.com`,
@@ -146,10 +170,24 @@ class ArchiverConfig:
             raise ConfigError("need 0 < infrequentAccessAfterDays < glacierIrAfterDays")
         if self.infrequent_access_after_days < 30:
             raise ConfigError("S3 moves objects to Standard-IA no earlier than 30 days")
+        if self.target_streams_per_task is not None and self.target_streams_per_task < 1:
+            raise ConfigError("targetStreamsPerTask must be at least 1")
+        if self.spool_alarm_bytes < 1 or self.spool_alarm_minutes < 1:
+            raise ConfigError("spoolAlarmBytes and spoolAlarmMinutes must be at least 1")
+        if self.dropped_frames_alarm < 1:
+            raise ConfigError("droppedFramesAlarm must be at least 1")
         if self.expire_after_days is not None and self.expire_after_days <= (
             self.glacier_ir_after_days
         ):
             raise ConfigError("expireAfterDays must come after glacierIrAfterDays")
+
+    @property
+    def streams_per_task(self) -> int:
+        """The scaling target: `targetStreamsPerTask`, else the benchmark's streams per vCPU
+        at 60% CPU times the task's vCPUs (46 for 1 vCPU)."""
+        if self.target_streams_per_task is not None:
+            return self.target_streams_per_task
+        return max(1, round(BOTS_PER_VCPU * STREAMS_PER_BOT * self.cpu / 1024))
 
 
 def _coerce(key: str, raw: Any, annotation: str) -> Any:

@@ -8,11 +8,14 @@ from typing import Any
 from aws_cdk import (
     Aws,
     CfnOutput,
+    CfnResource,
     Duration,
     RemovalPolicy,
     Size,
     Stack,
 )
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_ecr as ecr
 from aws_cdk import aws_ecs as ecs
@@ -22,8 +25,9 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_sns as sns
 from aws_cdk.aws_ecr_assets import Platform
-from constructs import Construct
+from constructs import Construct, IConstruct
 
 from archiver_infra.config import ArchiverConfig, ConfigError
 
@@ -37,6 +41,12 @@ DRAIN_DEADLINE_S = 90
 # The ALB maximum. A camera-off participant sends nothing for long stretches; the
 # service's websocket pings keep the connection alive, this only bounds true silence.
 ALB_IDLE_TIMEOUT_S = 4000
+# Prometheus scrapes every task here (inside the VPC only: the load balancer forwards 8080).
+METRICS_PORT = 9090
+# The service logs its key figures in CloudWatch's embedded metric format every minute;
+# CloudWatch Logs makes them metrics in this namespace, with the stack's name as `Service`.
+METRICS_NAMESPACE = "RecallArchiver"
+METRICS_INTERVAL = Duration.minutes(1)
 SPOOL_DIR = "/var/lib/archiver/spool"
 TMP_DIR = "/var/lib/archiver/tmp"
 
@@ -74,13 +84,28 @@ class ArchiverStack(Stack):
         vpc = self._vpc()
         key = self._archive_key() if config.encryption == "kms" else None
         bucket = self._bucket(key)
-        auth_tokens = self._auth_tokens()
+        auth_tokens = self._auth_tokens(key) if config.static_tokens else None
+        token_keys = self._token_keys(key)
         log_group = logs.LogGroup(self, "Logs", retention=_LOG_RETENTION[config.log_retention_days])
+        skip_checks(
+            log_group,
+            CKV_AWS_158="CloudWatch Logs encrypts the log data at rest with its own keys; the "
+            "service never logs tokens, keys or media (it redacts them), so a customer "
+            "managed key would add a key policy for the logs service and no protection.",
+        )
         cluster = ecs.Cluster(
             self, "Cluster", vpc=vpc, container_insights_v2=ecs.ContainerInsights.ENABLED
         )
         task_role = self._task_role(cluster, bucket, key)
-        task_definition = self._task_definition(task_role, bucket, auth_tokens, log_group)
+        task_definition = self._task_definition(
+            task_role,
+            bucket,
+            {
+                "ARCHIVER_TOKEN_KEYS": token_keys,
+                **({"ARCHIVER_AUTH_TOKENS": auth_tokens} if auth_tokens is not None else {}),
+            },
+            log_group,
+        )
 
         service = ecs.FargateService(
             self,
@@ -99,10 +124,13 @@ class ArchiverStack(Stack):
         )
         target_group = self._load_balancer(vpc, service)
         self._auto_scaling(service, target_group)
+        self._alarms()
 
         CfnOutput(self, "BucketName", value=bucket.bucket_name)
         CfnOutput(self, "ArchiveStore", value=self._store_url(bucket))
-        CfnOutput(self, "AuthTokensSecretArn", value=auth_tokens.secret_arn)
+        if auth_tokens is not None:
+            CfnOutput(self, "AuthTokensSecretArn", value=auth_tokens.secret_arn)
+        CfnOutput(self, "TokenKeysSecretArn", value=token_keys.secret_arn)
         CfnOutput(self, "LogGroupName", value=log_group.log_group_name)
         CfnOutput(self, "ClusterName", value=cluster.cluster_name)
         CfnOutput(self, "ServiceName", value=service.service_name)
@@ -110,7 +138,7 @@ class ArchiverStack(Stack):
     def _vpc(self) -> ec2.IVpc:
         if self.config.vpc_id:
             return ec2.Vpc.from_lookup(self, "Vpc", vpc_id=self.config.vpc_id)
-        return ec2.Vpc(
+        vpc = ec2.Vpc(
             self,
             "Vpc",
             max_azs=self.config.max_azs,
@@ -120,6 +148,23 @@ class ArchiverStack(Stack):
                 "S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3)
             },
         )
+        # The CDK's own function that strips the default security group's rules, once, when
+        # CloudFormation creates the VPC.
+        provider = self.node.try_find_child("Custom::VpcRestrictDefaultSGCustomResourceProvider")
+        if provider is not None:
+            reason = (
+                "The CDK's deploy-time function that removes the default security group's "
+                "rules: invoked only by CloudFormation, which reports its failure (no dead "
+                "letter queue to read), once per deployment (no concurrency to limit), and it "
+                "calls only the EC2 API (nothing in the VPC to reach)."
+            )
+            skip_checks(
+                provider.node.find_child("Handler"),
+                CKV_AWS_115=reason,
+                CKV_AWS_116=reason,
+                CKV_AWS_117=reason,
+            )
+        return vpc
 
     def _archive_key(self) -> kms.Key:
         return kms.Key(
@@ -154,7 +199,7 @@ class ArchiverStack(Stack):
             id="abort-incomplete-multipart-uploads",
             abort_incomplete_multipart_upload_after=Duration.days(7),
         )
-        return s3.Bucket(
+        bucket = s3.Bucket(
             self,
             "Archive",
             bucket_name=config.bucket_name,
@@ -171,6 +216,20 @@ class ArchiverStack(Stack):
             cors=self._viewer_cors(),
             removal_policy=RemovalPolicy.RETAIN,
         )
+        skip_checks(
+            bucket,
+            CKV_AWS_18="Server access logs would record the viewer's presigned URLs, whose "
+            "query strings are bearer credentials until they expire; for an audit of object "
+            "access turn on CloudTrail data events for this bucket instead.",
+        )
+        if not config.versioned:
+            skip_checks(
+                bucket,
+                CKV_AWS_21="Media objects are written once (conditional writes, never "
+                "overwritten) and documents are replaced only with If-Match; versioning would "
+                "keep every manifest revision. Opt in with -c versioned=true.",
+            )
+        return bucket
 
     def _viewer_cors(self) -> list[s3.CorsRule] | None:
         """The viewer's browser fetches media from the bucket by presigned URLs: its
@@ -188,20 +247,42 @@ class ArchiverStack(Stack):
             )
         ]
 
-    def _auth_tokens(self) -> secretsmanager.ISecret:
+    def _auth_tokens(self, key: kms.IKey | None) -> secretsmanager.ISecret:
         if self.config.auth_secret_arn:
             return secretsmanager.Secret.from_secret_complete_arn(
                 self, "AuthTokens", self.config.auth_secret_arn
             )
-        return secretsmanager.Secret(
+        secret = secretsmanager.Secret(
             self,
             "AuthTokens",
+            encryption_key=key,
             description="Bot tokens the archiver accepts, comma-separated (two during rotation)",
             # URL-safe: the token travels in the websocket URL's query string.
             generate_secret_string=secretsmanager.SecretStringGenerator(
                 password_length=48, exclude_punctuation=True, include_space=False
             ),
         )
+        return _with_managed_key_noted(secret)
+
+    def _token_keys(self, key: kms.IKey | None) -> secretsmanager.ISecret:
+        """Keys that sign short-lived bot tokens (`archiver token create`): the first signs,
+        every one verifies."""
+        if self.config.token_keys_secret_arn:
+            return secretsmanager.Secret.from_secret_complete_arn(
+                self, "TokenKeys", self.config.token_keys_secret_arn
+            )
+        secret = secretsmanager.Secret(
+            self,
+            "TokenKeys",
+            encryption_key=key,
+            description="Keys signing the archiver's short-lived bot tokens, comma-separated, "
+            "the signing key first (two during rotation)",
+            # No commas: they separate keys.
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                password_length=64, exclude_punctuation=True, include_space=False
+            ),
+        )
+        return _with_managed_key_noted(secret)
 
     def _task_role(
         self, cluster: ecs.Cluster, bucket: s3.IBucket, key: kms.IKey | None
@@ -281,7 +362,7 @@ class ArchiverStack(Stack):
         self,
         task_role: iam.IRole,
         bucket: s3.IBucket,
-        auth_tokens: secretsmanager.ISecret,
+        secrets: dict[str, secretsmanager.ISecret],
         log_group: logs.ILogGroup,
     ) -> ecs.FargateTaskDefinition:
         config = self.config
@@ -308,12 +389,20 @@ class ArchiverStack(Stack):
             container_name=CONTAINER_NAME,
             image=self._image(arm64),
             essential=True,
-            port_mappings=[ecs.PortMapping(container_port=CONTAINER_PORT, name="http")],
+            port_mappings=[
+                ecs.PortMapping(container_port=CONTAINER_PORT, name="http"),
+                ecs.PortMapping(container_port=METRICS_PORT, name="metrics"),
+            ],
             environment={
                 "ARCHIVER_STORE": self._store_url(bucket),
                 "ARCHIVER_SPOOL_DIR": SPOOL_DIR,
                 "ARCHIVER_DRAIN_DEADLINE_S": str(DRAIN_DEADLINE_S),
                 "ARCHIVER_LOG_FORMAT": "json",
+                "ARCHIVER_METRICS_PORT": str(METRICS_PORT),
+                "ARCHIVER_CLOUDWATCH_METRICS": "true",
+                "ARCHIVER_CLOUDWATCH_NAMESPACE": METRICS_NAMESPACE,
+                "ARCHIVER_CLOUDWATCH_SERVICE": config.stack_name,
+                "ARCHIVER_CLOUDWATCH_METRICS_INTERVAL_S": str(METRICS_INTERVAL.to_seconds()),
                 **(
                     {
                         "ARCHIVER_FALLBACK_STORE": (
@@ -324,7 +413,9 @@ class ArchiverStack(Stack):
                     else {}
                 ),
             },
-            secrets={"ARCHIVER_AUTH_TOKENS": ecs.Secret.from_secrets_manager(auth_tokens)},
+            secrets={
+                name: ecs.Secret.from_secrets_manager(secret) for name, secret in secrets.items()
+            },
             logging=ecs.LogDrivers.aws_logs(
                 stream_prefix=CONTAINER_NAME,
                 log_group=log_group,
@@ -376,6 +467,15 @@ class ArchiverStack(Stack):
             idle_timeout=Duration.seconds(ALB_IDLE_TIMEOUT_S),
             drop_invalid_header_fields=True,
         )
+        skip_checks(
+            load_balancer,
+            CKV_AWS_91="ALB access logs record every request's full URL, and a bot's token "
+            "travels in the query string (a Recall bot can send no header). The service "
+            "logs each request without its query string (CloudWatch, the stack's log "
+            "group), and the load balancer's metrics count requests and refusals; if ALB "
+            "logs are needed anyway, use short-lived signed tokens only, so that what they "
+            "record expires, and keep the log bucket as private as the secret.",
+        )
         target_group = elbv2.ApplicationTargetGroup(
             self,
             "Targets",
@@ -420,7 +520,18 @@ class ArchiverStack(Stack):
         scaling = service.auto_scale_task_count(
             min_capacity=self.config.min_count, max_capacity=self.config.max_count
         )
-        # Scale-in only takes tasks without bots: the service protects the others.
+        # What loads a task: the streams it holds (long websockets, not requests). Each task
+        # logs its own count every minute, so the average over the samples is per task.
+        scaling.scale_to_track_custom_metric(
+            "Streams",
+            metric=self._metric("StreamsActive", "Average"),
+            target_value=self.config.streams_per_task,
+            scale_out_cooldown=Duration.minutes(1),
+            scale_in_cooldown=Duration.minutes(10),
+        )
+        # CPU and memory stay as safety nets for load the stream count misses (larger video,
+        # PNG, bursts of events). ECS scales out when any policy asks and in only when all
+        # agree. Scale-in only takes tasks without bots: the service protects the others.
         scaling.scale_on_cpu_utilization(
             "Cpu",
             target_utilization_percent=self.config.target_cpu_percent,
@@ -436,8 +547,90 @@ class ArchiverStack(Stack):
             scale_in_cooldown=Duration.minutes(10),
         )
 
+    def _metric(
+        self, name: str, statistic: str, period: Duration = METRICS_INTERVAL
+    ) -> cloudwatch.Metric:
+        return cloudwatch.Metric(
+            namespace=METRICS_NAMESPACE,
+            metric_name=name,
+            dimensions_map={"Service": self.config.stack_name},
+            statistic=statistic,
+            period=period,
+        )
+
+    def _alarms(self) -> None:
+        """A spool that keeps growing, a store that cannot be reached, frames dropped; each
+        notifies `alarmTopicArn` when one is given."""
+        config = self.config
+        alarms = [
+            cloudwatch.Alarm(
+                self,
+                "SpoolGrowing",
+                alarm_description="A task's spool holds more than it should for minutes: "
+                "uploads do not keep up, or the store refuses them (see StoreUnreachable).",
+                metric=self._metric("SpoolPendingBytes", "Maximum"),
+                threshold=config.spool_alarm_bytes,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+                evaluation_periods=config.spool_alarm_minutes,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+            cloudwatch.Alarm(
+                self,
+                "StoreUnreachable",
+                alarm_description="Uploads to the archive bucket fail: what bots send waits "
+                "in the spools (and goes to the fallback bucket, if there is one).",
+                metric=self._metric("StoreUnreachable", "Maximum"),
+                threshold=1,
+                comparison_operator=(
+                    cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
+                ),
+                evaluation_periods=2,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+            cloudwatch.Alarm(
+                self,
+                "FramesDropped",
+                alarm_description="Frames were not archived: the logs' frame_dropped and "
+                "message_refused lines say why (bad input, a backlog, a failure of ours).",
+                metric=self._metric("FramesDropped", "Sum", Duration.minutes(5)),
+                threshold=config.dropped_frames_alarm,
+                comparison_operator=(
+                    cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
+                ),
+                evaluation_periods=1,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            ),
+        ]
+        if config.alarm_topic_arn is not None:
+            topic = sns.Topic.from_topic_arn(self, "AlarmTopic", config.alarm_topic_arn)
+            for alarm in alarms:
+                alarm.add_alarm_action(cloudwatch_actions.SnsAction(topic))
+                alarm.add_ok_action(cloudwatch_actions.SnsAction(topic))
+
     def _store_url(self, bucket: s3.IBucket) -> str:
         return f"s3://{bucket.bucket_name}/{self.config.archive_prefix}"
+
+
+def skip_checks(construct: IConstruct, **reasons: str) -> None:
+    """Tell checkov why a check does not apply to this resource (its CloudFormation
+    metadata, read by checkov; `tests/deploy/test_checkov.py` lists them)."""
+    resource = construct.node.default_child or construct
+    assert isinstance(resource, CfnResource), construct.node.path
+    metadata = resource.get_metadata("checkov") or {"skip": []}
+    metadata["skip"] += [{"id": check, "comment": why} for check, why in reasons.items()]
+    resource.add_metadata("checkov", metadata)
+
+
+def _with_managed_key_noted(secret: secretsmanager.Secret) -> secretsmanager.Secret:
+    """A secret the stack generates without the archive's key: say why for checkov."""
+    if secret.encryption_key is None:
+        skip_checks(
+            secret,
+            CKV_AWS_149="With encryption=s3 the deployment uses AWS managed keys throughout: "
+            "this secret is encrypted with aws/secretsmanager. With encryption=kms it uses "
+            "the archive's customer managed key.",
+        )
+    return secret
 
 
 def _days(days: int | None) -> Duration | None:

@@ -12,7 +12,15 @@ from tests.conftest import ServiceFactory
 async def test_two_bots_deliver_every_frame(service: ServiceFactory) -> None:
     running = await service()
     clip = encode_clip(2.0, 10.0, (160, 120))
-    load = Load(running.url, bots=2, participants=3, realtime=False, record_send_times=True)
+    load = Load(
+        running.url,
+        bots=2,
+        participants=3,
+        seconds=2.0,
+        realtime=False,
+        record_send_times=True,
+        join_interval_s=0.2,
+    )
     report = await run_load(load, clip)
     await running.settle()
     assert report.frames == report.expected_frames == 2 * 3 * len(clip.units)
@@ -30,10 +38,26 @@ async def test_two_bots_deliver_every_frame(service: ServiceFactory) -> None:
     assert summary["send_lag_p50_ms"] is None  # fast: no due times
 
 
+async def test_a_load_longer_than_its_clip_replays_it(service: ServiceFactory) -> None:
+    running = await service()
+    clip = encode_clip(1.0, 10.0, (160, 120))
+    load = Load(running.url, participants=1, seconds=3.0, realtime=False)
+    report = await run_load(load, clip)
+    await running.settle()
+    assert report.frames == report.expected_frames == 3 * len(clip.units)
+    bot = report.bots[0]
+    key = StreamId(RecordingId(bot.bot_id, bot.recording_id), "100", "webcam", "h264")
+    check = await check_stream(running.store, key.manifest_key, key_prefix="archive/")
+    assert check.ok, check.problems
+    times = [f.time_s for f in check.frames]
+    assert times == sorted(times)
+    assert len(set(times)) == len(times) == report.frames
+
+
 async def test_realtime_reports_send_lag(service: ServiceFactory) -> None:
     running = await service()
     clip = encode_clip(0.5, 10.0, (160, 120))
-    report = await run_load(Load(running.url, bots=2, participants=1), clip)
+    report = await run_load(Load(running.url, bots=2, participants=1, seconds=0.5), clip)
     await running.settle()
     summary = report.summary()
     assert summary["messages"] == 2 * (len(clip.units) + 2)  # frames, a join and a leave

@@ -23,6 +23,7 @@ ACCOUNT = "123456789012"
 REGION = "eu-west-1"
 CERTIFICATE_ARN = f"arn:aws:acm:{REGION}:{ACCOUNT}:certificate/0f6a1b2c-3d4e-5f60-7182-93a4b5c6d7e8"
 SECRET_ARN = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:archiver/bot-tokens-AbCdEf"
+TOKEN_KEYS_SECRET_ARN = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:archiver/keys-GhIjKl"
 VPC_ID = "vpc-0a1b2c3d4e5f60718"
 IMPORTED_VPC = {
     "vpcId": VPC_ID,
@@ -58,10 +59,12 @@ KMS_VARIANT = {
     "archivePrefix": "recall/video",
     "imageUri": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/recall-archiver:1.4.0",
     "authSecretArn": SECRET_ARN,
+    "tokenKeysSecretArn": TOKEN_KEYS_SECRET_ARN,
     "vpcId": VPC_ID,
     "logRetentionDays": "90",
     "fallbackBucketName": "acme-meeting-archive-fallback-eu",
     "fallbackPrefix": "recall/fallback",
+    "alarmTopicArn": f"arn:aws:sns:{REGION}:{ACCOUNT}:archiver-alarms",
     "viewerOrigins": "https://archiver.acme.example, https://review.acme.example:8443",
 }
 
@@ -244,6 +247,37 @@ def test_auth_tokens_come_from_secrets_manager(default: Synthesized, variant: Sy
     assert imported["ARCHIVER_AUTH_TOKENS"] == SECRET_ARN
 
 
+def test_token_signing_keys_come_from_secrets_manager(
+    default: Synthesized, variant: Synthesized
+) -> None:
+    container = default.container()
+    assert "ARCHIVER_TOKEN_KEYS" not in environment(container)
+    secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
+    generated = default.resources[secrets["ARCHIVER_TOKEN_KEYS"]["Ref"]]
+    assert generated["Type"] == "AWS::SecretsManager::Secret"
+    assert secrets["ARCHIVER_TOKEN_KEYS"] != secrets["ARCHIVER_AUTH_TOKENS"]
+    generating = generated["Properties"]["GenerateSecretString"]
+    # No commas (they separate keys), and at least the 32 characters the service wants.
+    assert generating["ExcludePunctuation"] is True
+    assert generating["PasswordLength"] >= 32
+    imported = {s["Name"]: s["ValueFrom"] for s in variant.container()["Secrets"]}
+    assert imported["ARCHIVER_TOKEN_KEYS"] == TOKEN_KEYS_SECRET_ARN
+
+
+def test_static_tokens_can_be_turned_off(
+    infra: ModuleType, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    signed_only = synthesize(
+        infra, tmp_path_factory.mktemp("cdk-signed-only"), {"staticTokens": "false"}
+    )
+    secrets = {s["Name"] for s in signed_only.container()["Secrets"]}
+    assert secrets == {"ARCHIVER_TOKEN_KEYS"}
+    (secret,) = [
+        r for r in signed_only.resources.values() if r["Type"] == "AWS::SecretsManager::Secret"
+    ]
+    assert "signing" in secret["Properties"]["Description"]
+
+
 def test_logs_go_to_a_group_with_retention(default: Synthesized) -> None:
     default.template.has_resource_properties("AWS::Logs::LogGroup", {"RetentionInDays": 30})
     log_configuration = default.container()["LogConfiguration"]
@@ -375,25 +409,101 @@ def test_task_role_trusts_only_ecs_tasks_of_this_account(default: Synthesized) -
 # Scaling
 
 
-def test_scales_on_cpu_and_memory_never_on_requests_anyone_can_send(
+def scaling_policies(synthesized: Synthesized) -> dict[str, dict[str, Any]]:
+    """Target-tracking configurations by what they track (a predefined type or a metric)."""
+    policies = [
+        r["Properties"]["TargetTrackingScalingPolicyConfiguration"]
+        for r in synthesized.resources.values()
+        if r["Type"] == "AWS::ApplicationAutoScaling::ScalingPolicy"
+    ]
+    return {
+        p["PredefinedMetricSpecification"]["PredefinedMetricType"]
+        if "PredefinedMetricSpecification" in p
+        else p["CustomizedMetricSpecification"]["MetricName"]: p
+        for p in policies
+    }
+
+
+def test_scales_on_streams_per_task_cpu_and_memory_never_on_requests_anyone_can_send(
     default: Synthesized,
 ) -> None:
     default.template.has_resource_properties(
         "AWS::ApplicationAutoScaling::ScalableTarget",
         {"MinCapacity": 2, "MaxCapacity": 10, "ScalableDimension": "ecs:service:DesiredCount"},
     )
-    policies = [
-        r["Properties"]["TargetTrackingScalingPolicyConfiguration"]
-        for r in default.resources.values()
-        if r["Type"] == "AWS::ApplicationAutoScaling::ScalingPolicy"
-    ]
-    metrics = {p["PredefinedMetricSpecification"]["PredefinedMetricType"]: p for p in policies}
+    metrics = scaling_policies(default)
     assert metrics.keys() == {
+        "StreamsActive",
         "ECSServiceAverageCPUUtilization",
         "ECSServiceAverageMemoryUtilization",
     }
     assert metrics["ECSServiceAverageCPUUtilization"]["TargetValue"] == 60
     assert metrics["ECSServiceAverageMemoryUtilization"]["TargetValue"] == 70
+
+
+def test_scaling_tracks_the_streams_each_task_logs_against_the_benchmark_capacity(
+    default: Synthesized, variant: Synthesized
+) -> None:
+    streams = scaling_policies(default)["StreamsActive"]
+    assert streams["CustomizedMetricSpecification"] == {
+        "MetricName": "StreamsActive",
+        "Namespace": "RecallArchiver",
+        "Dimensions": [{"Name": "Service", "Value": "RecallArchiver"}],
+        "Statistic": "Average",
+    }
+    # 2.9 bots of 16 streams per vCPU at 60% CPU: 1 vCPU by default, 2 in the variant.
+    assert streams["TargetValue"] == 46
+    assert scaling_policies(variant)["StreamsActive"]["TargetValue"] == 93
+    env = environment(default.container())
+    assert env["ARCHIVER_CLOUDWATCH_METRICS"] == "true"
+    assert env["ARCHIVER_CLOUDWATCH_NAMESPACE"] == "RecallArchiver"
+    assert env["ARCHIVER_CLOUDWATCH_SERVICE"] == "RecallArchiver"
+    assert float(env["ARCHIVER_CLOUDWATCH_METRICS_INTERVAL_S"]) == 60
+    assert env["ARCHIVER_METRICS_PORT"] == "9090"
+
+
+def test_a_streams_target_may_be_given(infra: ModuleType) -> None:
+    app = cdk.App(context={"certificateArn": CERTIFICATE_ARN, "targetStreamsPerTask": "30"})
+    assert infra.ArchiverConfig.from_context(app.node).streams_per_task == 30
+
+
+def alarms(synthesized: Synthesized) -> dict[str, dict[str, Any]]:
+    return {
+        r["Properties"]["MetricName"]: r["Properties"]
+        for r in synthesized.resources.values()
+        if r["Type"] == "AWS::CloudWatch::Alarm"
+    }
+
+
+def test_alarms_on_a_growing_spool_an_unreachable_store_and_dropped_frames(
+    default: Synthesized,
+) -> None:
+    found = alarms(default)
+    assert found.keys() == {"SpoolPendingBytes", "StoreUnreachable", "FramesDropped"}
+    for alarm in found.values():
+        assert alarm["Namespace"] == "RecallArchiver"
+        assert alarm["Dimensions"] == [{"Name": "Service", "Value": "RecallArchiver"}]
+        assert alarm["TreatMissingData"] == "notBreaching"
+        assert "AlarmActions" not in alarm
+    spool = found["SpoolPendingBytes"]
+    assert (spool["Statistic"], spool["Threshold"], spool["EvaluationPeriods"]) == (
+        "Maximum",
+        1024**3,
+        5,
+    )
+    assert spool["ComparisonOperator"] == "GreaterThanThreshold"
+    store = found["StoreUnreachable"]
+    assert (store["Statistic"], store["Threshold"], store["Period"]) == ("Maximum", 1, 60)
+    assert store["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    dropped = found["FramesDropped"]
+    assert (dropped["Statistic"], dropped["Threshold"], dropped["Period"]) == ("Sum", 1, 300)
+
+
+def test_alarms_notify_the_given_topic(variant: Synthesized) -> None:
+    topic = f"arn:aws:sns:{REGION}:{ACCOUNT}:archiver-alarms"
+    for alarm in alarms(variant).values():
+        assert alarm["AlarmActions"] == [topic]
+        assert alarm["OKActions"] == [topic]
 
 
 def test_service_replaces_tasks_before_stopping_old_ones(default: Synthesized) -> None:
@@ -521,6 +631,9 @@ def test_cfn_lint_finds_no_errors(name: str, request: pytest.FixtureRequest) -> 
         ({"expireAfterDays": "60"}, "expireAfterDays"),
         ({"versioned": "maybe"}, "versioned"),
         ({"desiredCount": "two"}, "desiredCount"),
+        ({"targetStreamsPerTask": "0"}, "targetStreamsPerTask"),
+        ({"spoolAlarmMinutes": "0"}, "spoolAlarmMinutes"),
+        ({"droppedFramesAlarm": "0"}, "droppedFramesAlarm"),
         ({"viewerOrigins": "https://ok.example, archiver.example.com"}, "viewerOrigins"),
         ({"viewerOrigins": "https://archiver.example.com/recordings"}, "viewerOrigins"),
     ],

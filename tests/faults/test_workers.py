@@ -61,6 +61,10 @@ async def worker_of(service: ServiceProcess, bot: str, timeout_s: float = 10) ->
             await asyncio.sleep(0.05)
 
 
+def connections_opened(service: ServiceProcess) -> list[dict[str, object]]:
+    return [line for line in service.logs() if line["event"] == "connection_opened"]
+
+
 @contextlib.asynccontextmanager
 async def bots_on(
     service: ServiceProcess, workers: int, tries: int = 24
@@ -111,6 +115,37 @@ async def test_bots_are_served_by_several_workers(services: ServiceProcesses) ->
         if len(seen) == 2:
             break
     assert {pid for pid, _ in seen} <= set(pids)
+
+
+async def test_a_burst_of_bots_arriving_together_is_spread_over_the_workers(
+    services: ServiceProcesses,
+) -> None:
+    """Bots reconnecting at once (another task drained) must not all land on one worker.
+    Each worker listens on its own socket, and the kernel spreads connections by their
+    addresses: 16 connections all on one of 2 workers has a chance of 2 in 65,536."""
+    service = await services.start(workers=2)
+    pids = set(await service.wait_for_workers(2))
+    async with aiohttp.ClientSession() as session:
+        # Both workers stopped while the connections arrive: all 16 wait in the kernel.
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            connecting = [asyncio.ensure_future(session.ws_connect(service.url)) for _ in range(16)]
+            await asyncio.sleep(0.5)
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        sockets = await asyncio.gather(*connecting)
+        async with asyncio.timeout(10):
+            while True:
+                opened = connections_opened(service)
+                if len(opened) == 16:
+                    break
+                await asyncio.sleep(0.05)
+        for ws in sockets:
+            await ws.close()
+    serving = {line["pid"] for line in opened}
+    assert serving == pids, f"16 connections landed on {sorted(serving)} of {sorted(pids)}"
 
 
 async def test_a_killed_worker_is_recovered_by_its_replacement_while_a_sibling_archives(

@@ -76,6 +76,29 @@ def test_live_manifest_writes_stay_within_ten_percent_over_two_hours(kbps: int) 
     assert budget.manifest_bytes <= 0.1 * budget.media_bytes + len(body)
 
 
+def test_live_listing_with_its_playlist_keeps_room_for_every_other_document() -> None:
+    """2 h of 20 s segments (WebRTC without key frames), each write with its playlist: a
+    segment waits for at most 22 more to be listed, and the read at the start, the first,
+    live and final writes stay under 9% of the stream's requests, leaving room for its
+    recording's session.json and events manifest within 10%."""
+    budget = WriteBudget(0.1)
+    budget.count_media(800)  # the init segment
+    listed, waits = 0, []
+    for segment in range(1, 361):
+        budget.count_media(3_500_000)
+        if budget.allows(segment):
+            budget.count_manifest(300 * segment, segment)
+            budget.count_companion(100 * segment)
+            waits.append(segment - listed - 1)
+            listed = segment
+    budget.count_manifest(300 * 360, 360)
+    budget.count_companion(100 * 360)
+    documents = budget.manifest_requests + 1  # and the read that would resume the stream
+    assert waits[0] == 0
+    assert max(waits) == 22
+    assert documents / (documents + budget.media_requests) < 0.09
+
+
 def test_participant_details_flipping_back_and_forth_keep_the_manifest_small() -> None:
     stream = StreamId(RecordingId("bot-1", "rec-1"), "100", "webcam", "h264")
     context = RecordingContext({"id": "bot-1"}, {"id": "rec-1"}, None, None)

@@ -35,6 +35,7 @@ import aiohttp
 import orjson
 import structlog
 
+from archiver import metrics
 from archiver.errors import ObjectConflictError, StoreError
 from archiver.layout import RecordingId
 from archiver.settings import Settings
@@ -44,6 +45,8 @@ log = structlog.get_logger(__name__)
 
 _JSON = "application/json"
 _RETRYABLE_STATUS = frozenset({408, 425, 429})
+_COUNTER_NAMES = {"claim_failed": "notice_claims_failed"}
+"""/readyz names, where they are not `notices_{outcome}`."""
 SIGNATURE_HEADER = "X-Archiver-Signature"
 TIMESTAMP_HEADER = "X-Archiver-Timestamp"
 NOTICE_ID_HEADER = "X-Archiver-Notice-Id"
@@ -133,7 +136,7 @@ class ReadyNotices:
         once its lease has passed."""
         for task in list(self.tasks):
             if task.cancel():
-                self.counters["notices_abandoned"] += 1
+                self._count("abandoned")
                 log.error("notice_abandoned", task=task.get_name())
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self._http is not None:
@@ -144,19 +147,19 @@ class ReadyNotices:
         try:
             payload = await self._claim(notice)
         except StoreError as exc:
-            self.counters["notice_claims_failed"] += 1
+            self._count("claim_failed")
             log_.error("notice_claim_failed", error=str(exc))
             return
         if payload is None:
-            self.counters["notices_claimed_elsewhere"] += 1
+            self._count("claimed_elsewhere")
             log_.info("notice_claimed_elsewhere")
             return
-        self.counters["notices_claimed"] += 1
+        self._count("claimed")
         if self.url is None:
             log_.info("recording_ready_marked")
             return
         outcome = await self._deliver(orjson.dumps(payload), str(payload["notice_id"]))
-        self.counters[f"notices_{outcome.outcome}"] += 1
+        self._count(outcome.outcome)
         details = {
             "attempts": outcome.attempts,
             "http_status": outcome.http_status,
@@ -246,7 +249,7 @@ class ReadyNotices:
             await self.store.put(key, self._marker(payload), _JSON, replaces=fetched[1])
         except ObjectConflictError:
             return None
-        self.counters["notices_taken_over"] += 1
+        self._count("taken_over")
         log.warning("notice_taken_over", key=key, previous_sender=marker.get("claimed_by"))
         return payload
 
@@ -296,6 +299,10 @@ class ReadyNotices:
                 retry_in_s=round(delay, 3),
             )
             await asyncio.sleep(delay)
+
+    def _count(self, outcome: str) -> None:
+        self.counters[_COUNTER_NAMES.get(outcome, f"notices_{outcome}")] += 1
+        metrics.notice(outcome)
 
     def _delay(self, attempt: int) -> float:
         """Exponential backoff with full jitter: senders that failed together spread out."""

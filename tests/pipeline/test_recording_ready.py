@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from pydantic import ValidationError
 
+from archiver import metrics
 from archiver.errors import ConfigError
 from archiver.ingest.server import STATE, create_app
 from archiver.layout import RecordingId
@@ -130,6 +131,12 @@ class Meeting:
         return f"archive/{self.recording.session_key}"
 
 
+def delivered_metric() -> float:
+    registry = metrics.instruments().registry
+    value = registry.get_sample_value("archiver_notices_total", {"outcome": "delivered"})
+    return value or 0.0
+
+
 async def wait_until_notices_settle(
     *services: RunningService, recording: RecordingId, claims: int = 1
 ) -> None:
@@ -201,6 +208,7 @@ async def test_a_failing_receiver_is_retried_and_gets_the_notice_once(
     service: ServiceFactory, receiver: Receiver
 ) -> None:
     receiver.failures = 3
+    delivered_before = delivered_metric()
     running = await service(webhook_url=receiver.url, **FAST)
     meeting = Meeting()
     await meeting.connect_and_send(running)
@@ -213,6 +221,7 @@ async def test_a_failing_receiver_is_retried_and_gets_the_notice_once(
     assert delivery["outcome"] == "delivered"
     assert delivery["attempts"] == 4
     assert running.app[STATE].notices.counters["notice_retries"] == 3
+    assert delivered_metric() == delivered_before + 1
 
 
 async def test_a_receiver_refusing_the_notice_is_not_retried(

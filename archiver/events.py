@@ -332,7 +332,9 @@ class EventLog:
         finally:
             await publish.close()
             self.manifest.status = "complete"
-            self.unwritten = False
+            # Events that came while this run was ending are the next run's to complete:
+            # a connection ending then must still find them unwritten.
+            self.unwritten = bool(self.open.lines) or not self.queue.empty()
             await self._write_manifest()
             if self.journal is not None and not self.open.lines:
                 self.journal.close(remove=True)

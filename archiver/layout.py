@@ -72,6 +72,15 @@ class RecordingId:
     def events_manifest_key(self) -> str:
         return f"{self.prefix}/events/manifest.json"
 
+    def ready_key(self, seq: int) -> str:
+        """The marker of the recording's `seq`-th completion: created once (a conditional
+        write), by the one task that sends its notice."""
+        return f"{self.prefix}/notices/{seq:04d}.ready.json"
+
+    def delivery_key(self, seq: int) -> str:
+        """How that completion's notice was delivered, written once it is known."""
+        return f"{self.prefix}/notices/{seq:04d}.delivery.json"
+
     def events_batch_key(self, first_micros: int, seq: int, writer: str) -> str:
         """Events batches are named by their first event's relative time (microseconds),
         their place in the recording's sequence and the process that wrote them: time-ordered,

@@ -102,6 +102,7 @@ class Instruments:
     fallback_uploads: Counter
     manifest_writes: Counter
     segment_durable_seconds: Histogram
+    notices: Counter
 
 
 def _build() -> Instruments:
@@ -203,6 +204,13 @@ def _build() -> Instruments:
             "queue to the store confirming it, by format.",
             ["format"],
             buckets=_DURABLE_BUCKETS,
+            registry=registry,
+        ),
+        notices=Counter(
+            "archiver_notices",
+            "Recording-ready notices by outcome: claimed, delivered, rejected, gave_up, "
+            "claimed_elsewhere, taken_over, claim_failed, abandoned.",
+            ["outcome"],
             registry=registry,
         ),
     )
@@ -317,6 +325,10 @@ def fallback_used() -> None:
 
 def document_written(key: str) -> None:
     instruments().manifest_writes.labels(key.rsplit("/", 1)[-1]).inc()
+
+
+def notice(outcome: str) -> None:
+    instruments().notices.labels(outcome).inc()
 
 
 def segment_durable(media_format: str, since: float) -> None:

@@ -37,6 +37,8 @@ from archiver.manifests import (
     parse_document,
     write_merging,
 )
+from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
+from archiver.playlists import render_playlist
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
@@ -409,18 +411,36 @@ async def _list_stream(
         manifest.merge([manifest.entry_from(d) for d in stored.get(manifest.entries_name, [])])
     added = manifest.merge([manifest.entry_from(e) for e in listing.entries])
     if not added and listing.document is None and stored is not None:
+        await _write_playlist(spool, stream, stored)
         return manifest.listed_keys(), stored.get("status", "interrupted")
     manifest.status = _status(listing, added)
+    written: dict[str, Any] = {}
+
+    def render() -> bytes:
+        written.clear()
+        written.update(manifest.document({}))
+        return dumps(written)
+
     await write_merging(
         spool,
         manifest_key,
         etag,
-        lambda: dumps(manifest.document({})),
+        render,
         lambda theirs: manifest.merge(
             [manifest.entry_from(d) for d in theirs.get(manifest.entries_name, [])]
         ),
     )
+    await _write_playlist(spool, stream, written)
     return manifest.listed_keys(), manifest.status
+
+
+async def _write_playlist(spool: Spool, stream: StreamId, manifest: dict[str, Any]) -> None:
+    """The playlist names what the manifest recovery wrote lists: the dead process wrote
+    its last one, if at all, before the segments recovery added."""
+    if stream.media_format != "h264":
+        return
+    body = (await asyncio.to_thread(render_playlist, manifest)).encode()
+    await spool.put(stream.playlist_key, body, PLAYLIST_TYPE)
 
 
 async def _take_in_document(
@@ -507,8 +527,13 @@ async def _merge_session(
     """A session index this machine spooled (participants, joins and leaves, streams) is
     merged with the stored one; streams whose manifests recovery wrote carry its status."""
     assert listing.document is not None
-    index = SessionIndex(RecordingId(listing.header["bot_id"], listing.header["recording_id"]))
+    recording = RecordingId(listing.header["bot_id"], listing.header["recording_id"])
+    index = SessionIndex(recording)
     index.resume(listing.document)
+    # What the dead process wrote of its own streams is newer than what the store has.
+    index.own.update(index.streams)
+    if index.events is not None:
+        index.own.add(recording.events_manifest_key)
     stored, etag = await _read_when_reachable(spool, key)
     if stored is not None:
         index.resume(stored)

@@ -19,25 +19,29 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 
-from archiver.errors import StoreError
+from archiver.errors import InputError, StoreError
 from archiver.ingest.messages import RecordingContext
-from archiver.layout import RecordingId, StreamId
+from archiver.layout import RecordingId, StreamId, local_name, safe_id
 from archiver.manifests import (
     SCHEMA_VERSION,
     ArchiveManifest,
     EventsManifest,
     StreamStatus,
+    parse_document,
     write_merging,
 )
 from archiver.manifests import dumps as dump_json
+from archiver.notices import ReadyNotice
 from archiver.settings import Settings
 
 if TYPE_CHECKING:
+    from archiver.notices import ReadyNotices
     from archiver.store.spool import Spool
 
 log = structlog.get_logger(__name__)
@@ -45,6 +49,16 @@ log = structlog.get_logger(__name__)
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
 
 
 _PRESENCE = ("joins", "leaves")
@@ -128,13 +142,26 @@ class SessionIndex:
         """Updates about participants not listed: the document was at its size budget."""
         self.streams: dict[str, dict[str, Any]] = {}
         self.events: dict[str, Any] | None = None
+        self.own: set[str] = set()
+        """Streams and events manifests this process writes: what it lists of the others
+        follows their latest stored word."""
+        self.complete: bool | None = None
+        """Whether the recording has ended for good; None: as the stored document says."""
+        self.completed_at: str | None = None
+        self.completions = 0
+        """How often the recording completed: a connection that came back reopens it."""
+        self.active_at: datetime | None = None
+        """When something of the recording last arrived here (a stream opened, events)."""
 
     @property
     def live(self) -> bool:
-        """Whether a stream or the events archive it lists is still being written."""
+        """Whether a stream or the events archive this process writes is still live."""
         if self.events is not None and self.events.get("status") == "live":
-            return True
-        return any(stream.get("status") == "live" for stream in self.streams.values())
+            return self.recording.events_manifest_key in self.own
+        return any(
+            stream.get("status") == "live" and key in self.own
+            for key, stream in self.streams.items()
+        )
 
     def _keep_participant(self, participant_id: str, participant: dict[str, Any]) -> bool:
         """Store the participant's (bounded) details; False when the document has no room
@@ -171,6 +198,7 @@ class SessionIndex:
         if time_range is not None:
             entry["start"], entry["end"] = time_range
         self.streams[stream.manifest_key] = entry
+        self.own.add(stream.manifest_key)
 
     def record_presence(
         self, participant_id: str, participant: dict[str, Any], joined: bool, timestamp: Any
@@ -209,6 +237,7 @@ class SessionIndex:
             "batches": len(manifest.batches),
             "events": sum(batch.count for batch in manifest.batches),
         }
+        self.own.add(self.recording.events_manifest_key)
 
     def resume(self, previous: dict[str, Any]) -> None:
         """Keep what a previous connection or process listed and this one has not seen."""
@@ -216,8 +245,9 @@ class SessionIndex:
             name: previous[name] for name in ("bot", "recording") if name in previous
         }
         for stream in previous.get("streams", []):
-            if isinstance(stream, dict) and "manifest_key" in stream:
-                self.streams.setdefault(stream["manifest_key"], stream)
+            key = stream.get("manifest_key") if isinstance(stream, dict) else None
+            if isinstance(key, str) and key not in self.own:
+                self.streams[key] = stream
         for entry in previous.get("participants", []):
             if not isinstance(entry, dict):
                 continue
@@ -244,8 +274,53 @@ class SessionIndex:
         carried_omitted = previous.get("participant_updates_omitted")
         if isinstance(carried_omitted, int):
             self.omitted = max(self.omitted, carried_omitted)
-        if self.events is None:
-            self.events = previous.get("events")
+        theirs = previous.get("events")
+        if isinstance(theirs, dict) and self.recording.events_manifest_key not in self.own:
+            self.events = theirs
+        carried_completions = previous.get("completions")
+        if isinstance(carried_completions, int):
+            self.completions = max(self.completions, carried_completions)
+        if previous.get("complete") is True and not self.complete:
+            # Completed elsewhere: it holds unless something arrived here since (a stream
+            # ending here late is no news; one opening is).
+            completed_at = _parse_time(previous.get("completed_at"))
+            if self.complete is None or (
+                completed_at is not None
+                and (self.active_at is None or completed_at >= self.active_at)
+            ):
+                self.complete = True
+                self.completed_at = previous.get("completed_at")
+        elif self.complete is None:
+            self.complete = False
+
+    def reopen(self) -> None:
+        """Something of the recording arrived: it is not complete (again) until it ends."""
+        self.complete = False
+        self.completed_at = None
+        self.active_at = datetime.now(UTC)
+
+    def mark_complete(self, stored: dict[str, Any] | None) -> None:
+        """Complete the recording, as the next of its completions; or, when the stored
+        document (another task's) says it completed since anything arrived here, as that
+        one: both tasks then claim the same notice, and one sends it."""
+        if stored is not None:
+            self.resume(stored)
+        if self.complete:
+            return
+        self.completions += 1
+        self.complete = True
+        self.completed_at = _now()
+
+    def time_range(self) -> tuple[float, float] | None:
+        """From the earliest stream start to the latest stream end (relative seconds)."""
+        spans = [
+            (s["start"], s["end"])
+            for s in self.streams.values()
+            if isinstance(s.get("start"), int | float) and isinstance(s.get("end"), int | float)
+        ]
+        if not spans:
+            return None
+        return min(start for start, _ in spans), max(end for _, end in spans)
 
     def _participant(self, participant_id: str, info: dict[str, Any]) -> dict[str, Any]:
         entry = {"id": participant_id, **{k: v for k, v in info.items() if k != "id"}}
@@ -279,6 +354,9 @@ class SessionIndex:
             ],
             "streams": [dict(self.streams[k]) for k in sorted(self.streams)],
             "events": None if self.events is None else dict(self.events),
+            "complete": self.complete is True,
+            "completed_at": self.completed_at if self.complete else None,
+            "completions": self.completions,
         }
         if self.omitted:
             document["participant_updates_omitted"] = self.omitted
@@ -297,26 +375,93 @@ class _Session:
     holds: int = 0
     """Events logs of the recording that may still add to it."""
     task: asyncio.Task[None] | None = None
+    grace: asyncio.TimerHandle | None = None
+    """Ended, waiting out the grace before it completes."""
+    changes: int = 0
+    """Changes asked for so far: a completion gives way to any that arrives meanwhile."""
+
+
+class _ReopenedElsewhere(Exception):
+    """The stored document lists something live another task writes: not complete."""
+
+
+WAITING_FOLDER = "waiting"
+"""In a spool folder: one file per recording waiting out its grace."""
+
+
+def read_waiting(spool_dir: Path, take: bool = False) -> list[RecordingId]:
+    """The recordings a process on this spool folder left waiting out their grace; `take`
+    removes them (a dead worker's folder, whose recordings another one adopts)."""
+    folder = spool_dir / WAITING_FOLDER
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            ids = orjson.loads(path.read_bytes())
+            found.append(
+                RecordingId(
+                    safe_id("bot_id", ids["bot_id"]),
+                    safe_id("recording_id", ids["recording_id"]),
+                )
+            )
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError, InputError):
+            log.warning("waiting_entry_unreadable", file=path.name)
+        if take:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def lists_live(document: dict[str, Any]) -> bool:
+    """Whether a stored `session.json` lists a stream or events archive being written."""
+    events = document.get("events")
+    if isinstance(events, dict) and events.get("status") == "live":
+        return True
+    streams = document.get("streams")
+    return isinstance(streams, list) and any(
+        isinstance(stream, dict) and stream.get("status") == "live" for stream in streams
+    )
 
 
 class SessionWriter:
     """Keeps each recording's `session.json` current, coalescing bursts of changes into one
     write at a time per recording (serialised on a thread). Writes are conditional: what
     another connection, process or machine listed is kept. An index is dropped from memory
-    once its last change is stored and nothing holds it or is live in it."""
+    once its last change is stored and nothing holds it or is live in it.
 
-    def __init__(self, store: Spool, settings: Settings | None = None) -> None:
+    With `notices`, an ended recording waits `recording_ready_grace_s` and then completes:
+    unless something of it arrived meanwhile, here or (as the stored document tells) on
+    another task, session.json says `complete` and `notices` announces it. Whatever arrives
+    later reopens it; its next end completes it again, as the next of its `completions`.
+    """
+
+    def __init__(
+        self,
+        store: Spool,
+        settings: Settings | None = None,
+        notices: ReadyNotices | None = None,
+        waiting_dir: Path | None = None,
+    ) -> None:
         self.store = store
         self.limits = SessionLimits() if settings is None else SessionLimits.from_settings(settings)
         self.sessions: dict[RecordingId, _Session] = {}
         self.writes: set[asyncio.Task[None]] = set()
+        self.notices = notices
+        self.waiting: dict[RecordingId, _Session] = {}
+        """Ended recordings waiting out their grace: out of `sessions`, which holds only
+        what is live or unwritten, until something of them arrives again."""
+        self.waiting_dir = waiting_dir
+        """Where each waiting recording has a small file, so that a process that starts on
+        this spool after a crash completes them."""
+        self.grace_s = 0.0 if settings is None else settings.recording_ready_grace_s
+        self.draining = False
+        """Recordings ending now were ended by this task's drain: their bots reconnect
+        elsewhere, and that task completes them."""
 
     def record(
         self, stream: StreamId, manifest: ArchiveManifest[Any], status: StreamStatus
     ) -> None:
         entries = manifest.entries
         time_range = (entries[0].start, entries[-1].end) if entries else None
-        self._session(stream.recording).index.record_stream(
+        self._session(stream.recording, active=status == "live").index.record_stream(
             stream, manifest.context, manifest.participant, status, time_range
         )
         self._schedule(stream.recording)
@@ -339,7 +484,7 @@ class SessionWriter:
     def record_events(
         self, recording: RecordingId, manifest: EventsManifest, status: StreamStatus
     ) -> None:
-        self._session(recording).index.record_events(manifest, status)
+        self._session(recording, active=status == "live").index.record_events(manifest, status)
         self._schedule(recording)
 
     def hold(self, recording: RecordingId) -> None:
@@ -354,10 +499,20 @@ class SessionWriter:
                 self._schedule(recording)
             self._forget_if_done(recording)
 
-    def _session(self, recording: RecordingId) -> _Session:
+    def _session(self, recording: RecordingId, active: bool = True) -> _Session:
+        """The recording's index, about to change; `active`: something of it arrived, so it
+        is not complete until it ends again (a stream's final write is no such news)."""
         session = self.sessions.get(recording)
         if session is None:
+            # Back within its grace, or later: a new index, merged with the stored one.
+            self._stop_waiting(recording)
             session = self.sessions[recording] = _Session(SessionIndex(recording, self.limits))
+        session.changes += 1
+        if active:
+            session.index.reopen()
+        if session.grace is not None:
+            session.grace.cancel()
+            session.grace = None
         return session
 
     def _schedule(self, recording: RecordingId) -> None:
@@ -404,8 +559,145 @@ class SessionWriter:
         writing = session.task is not None and not session.task.done()
         if writing and session.task is not asyncio.current_task():
             return
-        if not session.index.live:
-            del self.sessions[recording]
+        if session.index.live:
+            return
+        del self.sessions[recording]
+        if self.notices is not None and not session.index.complete and not self.draining:
+            # Only the version it wrote waits: completing merges with the stored document.
+            self._wait_out_grace(
+                recording, _Session(SessionIndex(recording, self.limits), etag=session.etag)
+            )
+
+    def _wait_out_grace(self, recording: RecordingId, session: _Session) -> None:
+        if self.draining:
+            # Its file stays: a process that starts on this spool tries again.
+            self.waiting.pop(recording, None)
+            return
+        if recording not in self.waiting:
+            self._note_waiting(recording, True)
+        self.waiting[recording] = session
+        session.grace = asyncio.get_running_loop().call_later(
+            self.grace_s, self._grace_over, recording, session
+        )
+
+    def _grace_over(self, recording: RecordingId, session: _Session) -> None:
+        session.grace = None
+        task = asyncio.create_task(
+            self._complete(recording, session), name=f"complete {recording.prefix}"
+        )
+        self.writes.add(task)
+        task.add_done_callback(self.writes.discard)
+
+    async def _complete(self, recording: RecordingId, session: _Session) -> None:
+        """Write session.json as complete and hand the notice on; give way to anything of
+        the recording that arrived meanwhile, here or on another task."""
+        assert self.notices is not None
+        key = recording.session_key
+
+        def still_waiting() -> bool:
+            return self.waiting.get(recording) is session
+
+        try:
+            fetched = await self.store.fetch(key)
+        except StoreError as exc:
+            log.warning("recording_completion_deferred", recording=recording.prefix, error=str(exc))
+            if still_waiting():
+                self._wait_out_grace(recording, session)  # then tries again
+            return
+        if not still_waiting():
+            return
+        stored = None if fetched is None else parse_document(fetched[0], key)
+        elsewhere = fetched is not None and fetched[1] != session.etag
+        if stored is not None and elsewhere and lists_live(stored):
+            log.info("recording_continues_elsewhere", recording=recording.prefix)
+            self._stop_waiting(recording)
+            return
+        index = session.index
+        before = (index.complete, index.completed_at, index.completions)
+        index.mark_complete(stored)
+        rendered: dict[str, Any] = {}
+
+        async def render() -> bytes:
+            rendered.clear()
+            rendered.update(index.document())
+            return await asyncio.to_thread(dump_json, rendered)
+
+        def take_in(theirs: dict[str, Any]) -> None:
+            if lists_live(theirs):
+                raise _ReopenedElsewhere
+            index.resume(theirs)
+
+        try:
+            written, _ = await write_merging(self.store, key, session.etag, render, take_in)
+        except _ReopenedElsewhere:
+            log.info("recording_continues_elsewhere", recording=recording.prefix)
+            index.complete, index.completed_at, index.completions = before
+            if still_waiting():
+                self._stop_waiting(recording)
+            return
+        except StoreError as exc:
+            log.error("session_write_failed", recording=recording.prefix, error=str(exc))
+            index.complete, index.completed_at, index.completions = before
+            if still_waiting():
+                self._wait_out_grace(recording, session)
+            return
+        session.etag = written.etag
+        log.info(
+            "recording_complete", recording=recording.prefix, completion=rendered["completions"]
+        )
+        # Announced even if something arrived during the write: the recording was complete
+        # when written, and what arrived reopens it for a next completion.
+        self.notices.send(
+            ReadyNotice(
+                recording=recording,
+                seq=rendered["completions"],
+                session_key=self.store.location(key),
+                streams=len(rendered["streams"]),
+                time_range=index.time_range(),
+                completed_at=rendered["completed_at"],
+            )
+        )
+        if still_waiting():
+            self._stop_waiting(recording)
+
+    def _stop_waiting(self, recording: RecordingId) -> _Session | None:
+        session = self.waiting.pop(recording, None)
+        if session is not None:
+            self._note_waiting(recording, False)
+        return session
+
+    def _note_waiting(self, recording: RecordingId, waiting: bool) -> None:
+        """A few bytes, written on the loop: rare, and cheaper than a thread's hand-off."""
+        if self.waiting_dir is None:
+            return
+        path = self.waiting_dir / f"{local_name(recording.prefix)}.json"
+        try:
+            if waiting:
+                self.waiting_dir.mkdir(parents=True, exist_ok=True)
+                ids = {"bot_id": recording.bot_id, "recording_id": recording.recording_id}
+                path.write_bytes(orjson.dumps(ids))
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("waiting_list_failed", recording=recording.prefix, error=str(exc))
+
+    def wait_again(self, recordings: list[RecordingId]) -> None:
+        """Recordings a previous process on this spool left in their grace wait it out
+        again here (from the start: whether a connection came back is unknown)."""
+        for recording in recordings:
+            if recording not in self.sessions and recording not in self.waiting:
+                self._wait_out_grace(recording, _Session(SessionIndex(recording, self.limits)))
+        if recordings:
+            log.info("recordings_waiting_again", recordings=len(recordings))
+
+    def drain(self) -> None:
+        """This task stops: recordings waiting out their grace complete now (a bot that
+        comes back to another task reopens its recording); those its drain ends do not."""
+        self.draining = True
+        for recording, session in list(self.waiting.items()):
+            if session.grace is not None:
+                session.grace.cancel()
+                self._grace_over(recording, session)
 
     async def flush(self) -> None:
         """Wait for every write already asked for."""

@@ -193,6 +193,44 @@ class Settings(BaseSettings):
         "beyond it are counted (`participants_omitted`), not listed.",
     )
 
+    # "The recording is ready": completion and its webhook notice.
+    recording_ready_grace_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="Seconds a recording whose streams and events have all ended waits for a "
+        "connection to come back before session.json says `complete` (and the notice goes "
+        "out): longer than the bot's reconnect window (30 tries, 3 s apart, about 90 s).",
+    )
+    webhook_url: str | None = Field(
+        default=None,
+        description="URL that gets a signed JSON POST once per completed recording; none "
+        "when unset (session.json and the ready marker still say so).",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Key of the notice's HMAC-SHA256 signature (X-Archiver-Signature); "
+        "required with `webhook_url`.",
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, description="Seconds one delivery attempt may take."
+    )
+    webhook_backoff_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="First retry delay of a failed delivery; doubles per try (at most "
+        "`webhook_backoff_max_s`), with full jitter.",
+    )
+    webhook_backoff_max_s: float = Field(
+        default=60.0, gt=0, description="Longest delay between two delivery attempts."
+    )
+    webhook_deadline_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Seconds a notice is retried before it is given up (logged, counted, "
+        "and recorded beside session.json); also the claim's lease, after which another "
+        "task may take over a notice whose sender died.",
+    )
+
     # Streams and limits.
     idle_timeout_s: float = Field(
         default=30.0, gt=0, description="A stream with no frames for this long ends."
@@ -351,4 +389,13 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("s3://", "file://")):
             raise ValueError("a store must be s3://bucket/prefix or file:///path")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _web_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("the webhook URL must be https://... (or http://...)")
         return value

@@ -45,6 +45,7 @@ from archiver.manifests import (
 )
 from archiver.manifests import dumps as dump_json
 from archiver.memory import FreedMemory
+from archiver.notices import ReadyNotices
 from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
 from archiver.playlists import render_playlist
 from archiver.publishing import InOrderPublisher
@@ -59,7 +60,7 @@ from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.png import PngBatch, PngBatcher
 from archiver.segmenting.timestamps import TimestampGuard
-from archiver.sessions import SessionWriter
+from archiver.sessions import WAITING_FOLDER, SessionWriter
 from archiver.settings import Settings
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
@@ -788,13 +789,19 @@ class StreamRegistry:
     and ends streams."""
 
     def __init__(
-        self, settings: Settings, spool: Spool, executor: Executor, recovery: Recovery
+        self,
+        settings: Settings,
+        spool: Spool,
+        executor: Executor,
+        recovery: Recovery,
+        notices: ReadyNotices | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.executor = executor
         self.recovery = recovery
-        self.sessions = SessionWriter(spool, settings)
+        waiting = Path(settings.spool_dir) / WAITING_FOLDER if notices is not None else None
+        self.sessions = SessionWriter(spool, settings, notices, waiting)
         self.events = EventArchive(settings, spool, self.sessions, recovery)
         self.streams: dict[StreamId, Stream[Any, Any]] = {}
         self.queued = QueuedBytes(settings.queued_bytes_total)

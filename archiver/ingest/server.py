@@ -31,9 +31,11 @@ from archiver.events import AUDIO_EVENTS
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
 from archiver.ingest.tokens import TokenCheck
 from archiver.layout import RecordingId, StreamId
+from archiver.notices import ReadyNotices
 from archiver.protection import SharedWants, TaskProtection
 from archiver.reconcile import primary_answers, reconcile
 from archiver.recovery import Recovery, merge_documents, recover
+from archiver.sessions import read_waiting
 from archiver.settings import Settings
 from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_store
 from archiver.store.spool import Spool, SpoolState
@@ -56,6 +58,7 @@ class ServiceState:
     registry: StreamRegistry
     protection: TaskProtection
     tokens: TokenCheck
+    notices: ReadyNotices
     slot: Slot | None = None
     ready: bool = True
     connections: int = 0
@@ -125,6 +128,8 @@ async def readyz(request: web.Request) -> web.Response:
         "using_fallback": state.spool.using_fallback,
         "spool_writable": state.spool.writable,
         **state.spool.counters,
+        "recordings_waiting": len(state.registry.sessions.waiting),
+        "notices": dict(state.notices.counters),
     }
     if reasons:
         return web.json_response({"status": "not ready", **body}, status=503)
@@ -312,6 +317,11 @@ def create_app(
     Under the supervisor, `slot` is the worker's claim on its part of the spool
     (`settings.spool_dir` is then the slot's folder) and the orphaned parts it adopted."""
     tokens = _token_check(settings)
+    if settings.webhook_url and settings.webhook_secret is None:
+        raise ConfigError(
+            "ARCHIVER_WEBHOOK_URL needs ARCHIVER_WEBHOOK_SECRET, the key its notices are "
+            "signed with (e.g. ARCHIVER_WEBHOOK_SECRET=$(openssl rand -hex 32))"
+        )
     app = web.Application(client_max_size=1024**2)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
@@ -343,13 +353,21 @@ def create_app(
             merge_documents=merge_documents,
         )
         adopted = slot.adopted if slot is not None else []
+        left_waiting = await asyncio.to_thread(
+            lambda: [
+                *read_waiting(Path(settings.spool_dir)),
+                *(r for folder in adopted for r in read_waiting(folder, take=True)),
+            ]
+        )
         recovery = await recover(
             spool, Path(settings.spool_dir), settings.segment_target_s, adopted
         )
         executor = ThreadPoolExecutor(
             max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="segment"
         )
-        registry = StreamRegistry(settings, spool, executor, recovery)
+        notices = ReadyNotices(settings, active_store)
+        registry = StreamRegistry(settings, spool, executor, recovery, notices)
+        registry.sessions.wait_again(left_waiting)
         shared = (
             SharedWants(slot.folder.parent / "protection", str(slot.number))
             if slot is not None and settings.ecs_agent_uri
@@ -361,7 +379,7 @@ def create_app(
         exporter = metrics.Exporter(settings, multiprocess_folder=False)
         if slot is None:
             exporter.start()
-        app[STATE] = ServiceState(settings, spool, registry, protection, tokens, slot)
+        app[STATE] = ServiceState(settings, spool, registry, protection, tokens, notices, slot)
         background = [asyncio.create_task(_protect_while_spooled(spool, protection))]
         if fallback is not None:
             background.append(
@@ -376,12 +394,13 @@ def create_app(
         )
         yield
         app[STATE].ready = False
-        await _drain(settings, spool, registry, recovery)
+        await _drain(settings, spool, registry, recovery, notices)
         for task in background:
             task.cancel()
         await asyncio.wait(background)
         await protection.hold("spool", spool.holds_only_copies)
         executor.shutdown(wait=False, cancel_futures=True)
+        await notices.close()
         await protection.close()
         await asyncio.to_thread(exporter.stop)
         if fallback is not None:
@@ -410,7 +429,11 @@ def _token_check(settings: Settings) -> TokenCheck:
 
 
 async def _drain(
-    settings: Settings, spool: Spool, registry: StreamRegistry, recovery: Recovery
+    settings: Settings,
+    spool: Spool,
+    registry: StreamRegistry,
+    recovery: Recovery,
+    notices: ReadyNotices,
 ) -> None:
     """Flush every stream and empty the spool within the deadline. Nothing may stay on a
     disk that goes with the task: with a fallback store, what the primary has not taken by
@@ -434,6 +457,11 @@ async def _drain(
         )
     finally:
         evacuate.cancel()
+    # Notices under way get one more attempt's time; what is left keeps its claim for
+    # another task to take over.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(settings.webhook_timeout_s):
+            await notices.wait()
 
 
 async def _protect_while_spooled(spool: Spool, protection: TaskProtection) -> None:
@@ -498,6 +526,9 @@ async def _ask_bots_to_reconnect(app: web.Application) -> None:
     is it closed from this side."""
     state = app[STATE]
     state.ready = False
+    # Before the bots leave: recordings their reconnects continue elsewhere must not be
+    # completed here.
+    state.registry.sessions.drain()
     if state.bots_asked_to_reconnect:
         return
     state.bots_asked_to_reconnect = True

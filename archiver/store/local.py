@@ -35,10 +35,18 @@ class LocalFolderStore:
         replaces: str | None = None,
         sha256: str | None = None,
     ) -> StoredObject:
-        """ETags are the MD5 of the content, as S3's are for single-part objects. Conditions
-        are checked, not locked: this store has one writer, the local process."""
+        """ETags are the MD5 of the content, as S3's are for single-part objects. A
+        write-once object is created exclusively (several processes may share the folder);
+        `replaces` is checked, not locked."""
         path = self._path(key)
         stored = StoredObject(key, len(body), sha256_digest(body, sha256)[0], md5_hex(body))
+        if write_once and replaces is None:
+            if await asyncio.to_thread(self._write, path, body, key, True):
+                return stored
+            existing = await self.get(key)
+            if existing != body:
+                raise ObjectConflictError(key, "a different object is stored there")
+            return stored
         if write_once or replaces is not None:
             existing = await self.get(key)
             current = "" if existing is None else md5_hex(existing)
@@ -56,7 +64,9 @@ class LocalFolderStore:
         return None if body is None else (body, md5_hex(body))
 
     @staticmethod
-    def _write(path: Path, body: bytes, key: str) -> None:
+    def _write(path: Path, body: bytes, key: str, exclusive: bool = False) -> bool:
+        """Write whole or not at all; `exclusive`: only where nothing is, by a hard link
+        (an `open(..., "x")` that no reader can see half-written). Return whether written."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
@@ -65,10 +75,16 @@ class LocalFolderStore:
                     out.write(body)
                     out.flush()
                     os.fsync(out.fileno())
-                os.replace(tmp, path)
-            except BaseException:
+                if not exclusive:
+                    os.replace(tmp, path)
+                    return True
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                return True
+            finally:
                 Path(tmp).unlink(missing_ok=True)
-                raise
         except OSError as exc:
             raise StoreError(key, str(exc)) from exc
 

@@ -23,6 +23,7 @@ _FARGATE_MEMORY_MIB: dict[int, range] = {
     8192: range(16384, 61440 + 1, 4096),
     16384: range(32768, 122880 + 1, 8192),
 }
+_ORIGIN = re.compile(r"^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 # The performance benchmark's capacity (README, "Performance"): at 60% CPU one vCPU holds
 # 2.9 bots of 16 webcams at 30 fps, 640x360.
 BOTS_PER_VCPU = 2.9
@@ -117,6 +118,14 @@ class ArchiverConfig:
     """Existing secret holding the keys that sign short-lived bot tokens; the stack makes
     one when unset."""
     log_retention_days: int = field(default=30, metadata={"key": "logRetentionDays"})
+    viewer_origins: str | None = field(default=None, metadata={"key": "viewerOrigins"})
+    """Origins the viewer's pages are served from (`https://archiver.example.com`,
+    comma-separated): the bucket's CORS rule lets them GET and HEAD media by presigned URL.
+    No rule when unset."""
+
+    @property
+    def viewer_origin_list(self) -> list[str]:
+        return [o.strip() for o in (self.viewer_origins or "").split(",") if o.strip()]
 
     @classmethod
     def from_context(cls, node: Node, **overrides: Any) -> ArchiverConfig:
@@ -154,6 +163,9 @@ class ArchiverConfig:
             raise ConfigError("fallbackPrefix must look like `fallback` or `team/fallback`")
         if self.fallback_bucket_name is not None and self.fallback_bucket_name == self.bucket_name:
             raise ConfigError("the fallback bucket must not be the archive bucket")
+        for origin in self.viewer_origin_list:
+            if not _ORIGIN.match(origin):
+                raise ConfigError(f"viewerOrigins: {origin!r} is not an origin like https://host")
         if not 0 < self.infrequent_access_after_days < self.glacier_ir_after_days:
             raise ConfigError("need 0 < infrequentAccessAfterDays < glacierIrAfterDays")
         if self.infrequent_access_after_days < 30:

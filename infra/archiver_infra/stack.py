@@ -213,6 +213,7 @@ class ArchiverStack(Stack):
             minimum_tls_version=1.2,
             versioned=config.versioned,
             lifecycle_rules=[tiers, unfinished_uploads],
+            cors=self._viewer_cors(),
             removal_policy=RemovalPolicy.RETAIN,
         )
         skip_checks(
@@ -229,6 +230,22 @@ class ArchiverStack(Stack):
                 "keep every manifest revision. Opt in with -c versioned=true.",
             )
         return bucket
+
+    def _viewer_cors(self) -> list[s3.CorsRule] | None:
+        """The viewer's browser fetches media from the bucket by presigned URLs: its
+        origin may GET (ranges too) and HEAD, nothing else, and no other origin may."""
+        origins = self.config.viewer_origin_list
+        if not origins:
+            return None
+        return [
+            s3.CorsRule(
+                allowed_origins=origins,
+                allowed_methods=[s3.HttpMethods.GET, s3.HttpMethods.HEAD],
+                allowed_headers=["Range"],
+                exposed_headers=["Content-Length", "Content-Range", "ETag"],
+                max_age=3600,
+            )
+        ]
 
     def _auth_tokens(self, key: kms.IKey | None) -> secretsmanager.ISecret:
         if self.config.auth_secret_arn:

@@ -65,6 +65,7 @@ KMS_VARIANT = {
     "fallbackBucketName": "acme-meeting-archive-fallback-eu",
     "fallbackPrefix": "recall/fallback",
     "alarmTopicArn": f"arn:aws:sns:{REGION}:{ACCOUNT}:archiver-alarms",
+    "viewerOrigins": "https://archiver.acme.example, https://review.acme.example:8443",
 }
 
 
@@ -313,6 +314,22 @@ def test_bucket_is_private_encrypted_and_kept(default: Synthesized) -> None:
     (rule,) = properties["BucketEncryption"]["ServerSideEncryptionConfiguration"]
     assert rule["ServerSideEncryptionByDefault"] == {"SSEAlgorithm": "AES256"}
     assert "VersioningConfiguration" not in properties
+
+
+def test_bucket_has_no_cors_rule_without_viewer_origins(default: Synthesized) -> None:
+    assert "CorsConfiguration" not in default.only("AWS::S3::Bucket")["Properties"]
+
+
+def test_viewer_origins_may_get_and_head_media_from_the_bucket(variant: Synthesized) -> None:
+    properties = variant.only("AWS::S3::Bucket")["Properties"]
+    (rule,) = properties["CorsConfiguration"]["CorsRules"]
+    assert sorted(rule["AllowedOrigins"]) == [
+        "https://archiver.acme.example",
+        "https://review.acme.example:8443",
+    ]
+    assert sorted(rule["AllowedMethods"]) == ["GET", "HEAD"]
+    assert rule["AllowedHeaders"] == ["Range"]
+    assert "Content-Range" in rule["ExposedHeaders"]
 
 
 def test_bucket_policy_refuses_plain_http(default: Synthesized) -> None:
@@ -617,6 +634,8 @@ def test_cfn_lint_finds_no_errors(name: str, request: pytest.FixtureRequest) -> 
         ({"targetStreamsPerTask": "0"}, "targetStreamsPerTask"),
         ({"spoolAlarmMinutes": "0"}, "spoolAlarmMinutes"),
         ({"droppedFramesAlarm": "0"}, "droppedFramesAlarm"),
+        ({"viewerOrigins": "https://ok.example, archiver.example.com"}, "viewerOrigins"),
+        ({"viewerOrigins": "https://archiver.example.com/recordings"}, "viewerOrigins"),
     ],
 )
 def test_refuses_parameters_that_would_fail_at_deploy(

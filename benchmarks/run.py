@@ -959,8 +959,8 @@ def main(argv: list[str] | None = None) -> int:
         "--join-interval-s",
         type=float,
         default=0.5,
-        help="bots connect this far apart (0: at once; workers share one listening socket, "
-        "so connections that arrive together may all go to one worker)",
+        help="bots connect this far apart (0: at once; the kernel spreads connections over "
+        "the workers by their addresses, so few bots may still meet on one worker)",
     )
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     parser.add_argument(

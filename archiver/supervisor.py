@@ -1,12 +1,9 @@
 """`archiver serve` in production: a gunicorn master that supervises `ARCHIVER_WORKERS`
 aiohttp workers (by default one per CPU the container may use) sharing one port.
 
-Each worker listens on a socket of its own bound to the service's port with `SO_REUSEPORT`,
-and the kernel spreads new connections over those sockets, so a burst of bots that arrive
-together (say, reconnecting after another task drained) lands on every worker; one shared
-socket would hand the whole burst to whichever worker woke first. The master only holds the
-port, bound but not listening, so it is taken once (a clear error when it is not free, and
-port 0 resolved to one port for all); gunicorn's own listener is a Unix socket nobody uses.
+All workers accept on gunicorn's one listening socket, each through
+`archiver.ingest.listener`: one connection at a time, then a pause that grows with the bots
+the worker holds, so bots spread over the workers even when they arrive in a burst.
 A bot's connection stays with the worker that accepted it.
 
 Each worker owns one slot of the spool (`archiver.workers`): its own `objects/` and
@@ -24,9 +21,7 @@ writes the CloudWatch documents, and marks each dead worker's figures as such.
 
 from __future__ import annotations
 
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +30,6 @@ from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from archiver import logs, metrics, workers
-from archiver.errors import ConfigError
 from archiver.ingest.server import DrainingAppRunner, RedactingAccessLogger, create_app
 from archiver.settings import Settings
 
@@ -49,15 +43,13 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.exporter = metrics.Exporter(settings, multiprocess_folder=True)
-        self.held_port = _hold_port(settings.host, settings.port)
-        self.port: int = self.held_port.getsockname()[1]
-        self.unused_listener = Path(tempfile.mkdtemp(prefix="archiver-master-"))
+        self.listeners: list[socket.socket] = []
         super().__init__()
 
     def load_config(self) -> None:
         settings = self.settings
         options: dict[str, Any] = {
-            "bind": [f"unix:{self.unused_listener / 'unused.sock'}"],
+            "bind": [f"{settings.host}:{settings.port}"],
             "workers": settings.workers,
             "worker_class": _WORKER_CLASS,
             # The worker gets the whole drain deadline; the master kills it only after.
@@ -71,22 +63,18 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
             "logger_class": _logger_class(settings),
             "when_ready": lambda arbiter: self.exporter.start(),
             "post_fork": lambda arbiter, worker: self.exporter.forked(),
-            "post_worker_init": self._listen_on_own_socket,
+            "post_worker_init": self._accept_ourselves,
             "child_exit": lambda arbiter, worker: self.exporter.process_exited(worker.pid),
-            "on_exit": self._exit,
+            "on_exit": lambda arbiter: self.exporter.stop(),
         }
         for name, value in options.items():
             self.cfg.set(name, value)
 
-    def _listen_on_own_socket(self, worker: Any) -> None:
-        """In the worker, before it serves: its own socket on the port replaces the master's
-        Unix one (aiohttp starts listening on it once the app has started)."""
-        worker.sockets = [_port_socket(self.settings.host, self.port)]
-
-    def _exit(self, arbiter: Any) -> None:
-        self.exporter.stop()
-        self.held_port.close()
-        shutil.rmtree(self.unused_listener, ignore_errors=True)
+    def _accept_ourselves(self, worker: Any) -> None:
+        """In the worker, before it serves: its runner accepts on the shared socket itself
+        (one bot at a time, the busiest last) instead of aiohttp's greedy accept loop."""
+        self.listeners = [listener.sock for listener in worker.sockets]
+        worker.sockets = []
 
     def load(self) -> Any:
         settings = self.settings
@@ -102,36 +90,12 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
             )
             return DrainingAppRunner(
                 create_app(own, slot=slot),
+                listeners=self.listeners,
                 access_log_class=RedactingAccessLogger,
                 shutdown_timeout=settings.drain_deadline_s,
             )
 
         return runner
-
-
-def _port_socket(host: str, port: int) -> socket.socket:
-    """A socket bound to `host:port` that shares the port with the workers' sockets."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _hold_port(host: str, port: int) -> socket.socket:
-    """The port, bound for the master's lifetime but not listening (so it takes no
-    connections): a port in use fails here, clearly, and port 0 becomes one real port."""
-    try:
-        return _port_socket(host, port)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port} (ARCHIVER_PORT): {exc}") from exc
 
 
 def _logger_class(settings: Settings) -> type[glogging.Logger]:

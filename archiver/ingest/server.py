@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -28,6 +30,7 @@ from archiver import metrics
 from archiver.consumers.viewer import ViewerConfig, add_viewer, find_hls_js
 from archiver.errors import ConfigError, InputError, StoreError, TokenError
 from archiver.events import AUDIO_EVENTS
+from archiver.ingest.listener import accept_forever
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
 from archiver.ingest.tokens import TokenCheck
 from archiver.layout import RecordingId, StreamId
@@ -512,7 +515,30 @@ class DrainingAppRunner(web.AppRunner):
     arrives on every connection, websockets included, so frames still on the wire would be
     lost and the bot would see 1006."""
 
+    def __init__(
+        self, app: web.Application, listeners: Sequence[socket.socket] = (), **kwargs: Any
+    ) -> None:
+        super().__init__(app, **kwargs)
+        self.listeners = listeners
+        """Listening sockets this runner accepts on itself (`archiver.ingest.listener`)."""
+        self._accepting: list[asyncio.Task[None]] = []
+
+    async def setup(self) -> None:
+        await super().setup()
+        server = self.server
+        assert server is not None
+        for listener in self.listeners:
+            self._accepting.append(
+                asyncio.create_task(accept_forever(listener, server, self._bots_held))
+            )
+
+    def _bots_held(self) -> int:
+        return self.app[STATE].connections if STATE in self.app else 0
+
     async def cleanup(self) -> None:
+        for task in self._accepting:
+            task.cancel()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
         if STATE in self.app:
             await _ask_bots_to_reconnect(self.app)
         await super().cleanup()

@@ -120,9 +120,8 @@ async def test_bots_are_served_by_several_workers(services: ServiceProcesses) ->
 async def test_a_burst_of_bots_arriving_together_is_spread_over_the_workers(
     services: ServiceProcesses,
 ) -> None:
-    """Bots reconnecting at once (another task drained) must not all land on one worker.
-    Each worker listens on its own socket, and the kernel spreads connections by their
-    addresses: 16 connections all on one of 2 workers has a chance of 2 in 65,536."""
+    """Bots reconnecting at once (another task drained) must not all land on one worker:
+    each worker takes one connection at a time and pauses, so its sibling takes some."""
     service = await services.start(workers=2)
     pids = set(await service.wait_for_workers(2))
     async with aiohttp.ClientSession() as session:

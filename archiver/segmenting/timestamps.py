@@ -16,7 +16,7 @@ Which one is wrong decides what happens:
 
 A new stream has no start to check its first frame against, and the segmenters keep time
 running forward, so a first frame trusted blindly would set the timeline for the whole
-stream (a first `relative` of 1e6 s would push every later frame behind it). The first
+stream (a first `relative` days off would push every later frame behind it). The first
 frames are therefore held, not muxed, until two of them agree on the start, which is
 usually the second frame; held frames are then judged against that start like any other.
 Holding at the guard rather than cutting the segmenter's timeline afterwards means a bad
@@ -39,7 +39,7 @@ from archiver.errors import MediaError
 
 REANCHOR_FRAMES = 3
 HOLD_FRAMES = 4
-"""The most first frames a new stream holds while no two of them agree on its start."""
+"""How many first frames a new stream holds, at most, while no two agree on its start."""
 _EPOCH = datetime.fromtimestamp(0, UTC)
 
 T = TypeVar("T")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from archiver.errors import MediaError
@@ -163,6 +163,7 @@ def test_a_relative_out_of_range_is_refused_at_once_not_held() -> None:
     assert checking.held_frames == 0
 
 
+@settings(max_examples=200, deadline=None)
 @given(
     bad_at=st.integers(min_value=0, max_value=HOLD_FRAMES - 2),
     relative_off=st.booleans(),

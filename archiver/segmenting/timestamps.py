@@ -20,12 +20,12 @@ stream (a first `relative` days off would push every later frame behind it). The
 frames are therefore held, not muxed, until two of them agree on the start, which is
 usually the second frame; held frames are then judged against that start like any other.
 Holding at the guard rather than cutting the segmenter's timeline afterwards means a bad
-first frame never reaches a segment, a journal or a manifest, and a settled stream pays
-nothing for it. At most `HOLD_FRAMES` are held: should none of them agree (every
-`absolute` wrong), or the stream end first, the first held frame sets the start as it
-always did. Later, once `REANCHOR_FRAMES` frames in a row agree with each other but not
-with the start (a resumed stream whose archived start was wrong), they become the start
-(`timestamp_reanchors`).
+first frame never reaches a segment, a journal or a manifest; once the start is known a
+frame costs the same checks as before and one small result object. At most `HOLD_FRAMES`
+are held: should none of them agree (every `absolute` wrong), or the stream end first,
+the first held frame sets the start as it always did. Later, once `REANCHOR_FRAMES`
+frames in a row agree with each other but not with the start (a resumed stream whose
+archived start was wrong), they become the start (`timestamp_reanchors`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 from archiver.errors import MediaError
 
@@ -45,10 +45,9 @@ _EPOCH = datetime.fromtimestamp(0, UTC)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class Timed(Generic[T]):
+class Timed(NamedTuple, Generic[T]):
     """A frame the guard has judged: archive it at `relative_s` and `absolute`, or, with
-    `error`, count it as dropped."""
+    `error`, count it as dropped. A tuple: one is made for every frame."""
 
     item: T
     relative_s: float
@@ -94,7 +93,10 @@ class TimestampGuard(Generic[T]):
         frames are held, this one alone once the start is known. Raise `MediaError`
         ("timestamp") for a `relative` out of range, which is never held."""
         if self._start is not None:
-            return [self._judge(item, relative_s, absolute)]
+            try:
+                return [Timed(item, relative_s, self.check(relative_s, absolute))]
+            except MediaError as exc:
+                return [Timed(item, relative_s, absolute, exc)]
         absolute = self._in_range(relative_s, absolute)
         start = absolute.timestamp() - relative_s
         for earlier in self._held:

@@ -59,7 +59,7 @@ from archiver.recovery import (
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.png import PngBatch, PngBatcher
-from archiver.segmenting.timestamps import TimestampGuard
+from archiver.segmenting.timestamps import Timed, TimestampGuard
 from archiver.sessions import WAITING_FOLDER, SessionWriter
 from archiver.settings import Settings
 from archiver.store.journal import StreamJournal
@@ -189,7 +189,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         """Waiting for recovery or the store before its first frame: not a stall."""
         self.segmenter: Segmenter[FinishedT] | None = None
         self.manifest: ArchiveManifest[EntryT] | None = None
-        self.guard = TimestampGuard(
+        self.guard: TimestampGuard[bytes] = TimestampGuard(
             settings.timestamp_tolerance_s, settings.timestamp_max_relative_s
         )
         self.budget = WriteBudget(settings.manifest_overhead_ratio)
@@ -197,7 +197,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.in_hand_frames = 0
         """Taken from the queue, on a thread being segmented."""
         self.held_frames = 0
-        """In the segmenter's open segment or batch."""
+        """In the segmenter's open segment or batch, or first frames the guard holds."""
         self.in_flight_frames = 0
         """In finished segments or batches, not yet listed."""
         self.counters = {
@@ -518,7 +518,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         for message in batch:
             try:
                 data = _decode(message.buffer_b64)
-                absolute = self.guard.check(message.relative_s, message.absolute)
+                judged = self.guard.admit(data, message.relative_s, message.absolute)
             except InputError as exc:
                 segmenter.reject(exc.reason)
                 rejected.append(exc)
@@ -527,8 +527,26 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
                 segmenter.reject("worker_error")
                 rejected.append(InputError("worker_error", _describe(exc)))
                 continue
+            self._push(segmenter, judged, finished, rejected)
+        if self.journal is not None:
+            self.journal.flush()
+        return self._result(segmenter, finished, rejected)
+
+    @staticmethod
+    def _push(
+        segmenter: Segmenter[FinishedT],
+        judged: list[Timed[bytes]],
+        finished: list[FinishedT],
+        rejected: list[InputError],
+    ) -> None:
+        """Frames the guard has judged into the segmenter; those it refused are counted."""
+        for frame in judged:
+            if frame.error is not None:
+                segmenter.reject(frame.error.reason)
+                rejected.append(frame.error)
+                continue
             try:
-                finished.extend(segmenter.push(data, message.relative_s, absolute))
+                finished.extend(segmenter.push(frame.item, frame.relative_s, frame.absolute))
             except SegmenterFailure as exc:
                 finished.extend(exc.salvaged)
                 rejected.append(exc)
@@ -537,15 +555,19 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             except Exception as exc:  # noqa: BLE001 (a bug of ours: this frame only)
                 segmenter.reject("worker_error")
                 rejected.append(InputError("worker_error", _describe(exc)))
-        if self.journal is not None:
-            self.journal.flush()
-        return self._result(segmenter, finished, rejected)
 
     def _flush_segmenter(self) -> _BatchResult[FinishedT]:
-        """Runs on a worker thread: close what is open, at the end of a run."""
+        """Runs on a worker thread: close what is open, at the end of a run, with the first
+        frames the guard still holds (a stream that ended before its start was confirmed)."""
         segmenter = self.segmenter
         assert segmenter is not None
-        return self._result(segmenter, segmenter.flush(), [])
+        finished: list[FinishedT] = []
+        rejected: list[InputError] = []
+        self._push(segmenter, self.guard.release(), finished, rejected)
+        if self.journal is not None:
+            self.journal.flush()
+        finished.extend(segmenter.flush())
+        return self._result(segmenter, finished, rejected)
 
     def _result(
         self,
@@ -560,7 +582,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             "absolute_repaired": self.guard.absolute_repaired,
             "timestamp_reanchors": self.guard.reanchors,
         }
-        return _BatchResult(finished, rejected, counters, segmenter.held_frames, gaps)
+        held = segmenter.held_frames + self.guard.held_frames
+        return _BatchResult(finished, rejected, counters, held, gaps)
 
     async def _flush(self, publish: InOrderPublisher[EntryT]) -> None:
         if self.segmenter is None:

@@ -160,3 +160,86 @@ async def test_a_first_frame_with_an_absurd_wall_clock_does_not_poison_its_png_s
     assert base64.b64encode(cut) not in [base64.b64encode(f) for f in archived]
     await running.runner.cleanup()
     assert_clean(capsys.readouterr().out)
+
+
+WRONG_START = {
+    # An extra message before the stream: a relative days off (within
+    # ARCHIVER_TIMESTAMP_MAX_RELATIVE_S), absolute right. It is dropped.
+    "relative": (5e5, 0.0),
+    # The stream's own first frame: relative right, absolute hours off. It is kept, its
+    # wall clock rebuilt from the stream's start.
+    "absolute": (0.0, 7200.0),
+}
+
+
+def first_frame_wrong(data: bytes, which: str, event: str) -> str:
+    """A frame of 0 s, its timestamp wrong as `which` says."""
+    relative, absolute_at = WRONG_START[which]
+    body = real_media(data, 0.0, A, event)
+    absolute = (START + timedelta(seconds=absolute_at)).isoformat()
+    body["data"]["data"]["timestamp"] = {"relative": relative, "absolute": absolute}
+    return orjson.dumps(body).decode()
+
+
+@pytest.mark.parametrize("which", list(WRONG_START))
+async def test_a_wrong_first_frame_does_not_move_the_h264_frames_after_it(
+    service: ServiceFactory, capsys: pytest.CaptureFixture[str], which: str
+) -> None:
+    """The stream's first message is its key frame with a wrong timestamp. Every frame
+    decodes at its exact tick, and the wall clock of record is the stream's own."""
+    running = await service()
+    units = list(h264_units(seconds=2))
+    good = units if which == "relative" else units[1:]
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        await ws.send_str(first_frame_wrong(units[0][1], which, "video_separate_h264.data"))
+        for t, data in good:
+            await ws.send_str(message(data, t, A))
+    await running.settle()
+    await assert_alive(running.http)
+
+    check = await check_stream(running.store, manifest_key(A), "archive/")
+    assert check.ok, check.problems
+    assert [round(f.time_s * TICKS) for f in check.frames] == [round(t * TICKS) for t, _ in units]
+    counters = assert_counters_add_up(check.manifest)
+    assert counters["received"] == len(good) + 1
+    assert counters["archived"] == len(units)
+    if which == "relative":
+        assert counters["invalid_timestamp"] == 1
+    else:
+        assert counters["absolute_repaired"] == 1
+    assert counters.get("timestamps_adjusted", 0) == 0
+    assert check.manifest["segments"][0]["start_wallclock"] == START.isoformat()
+    await running.runner.cleanup()
+    assert_clean(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("which", list(WRONG_START))
+async def test_a_wrong_first_frame_does_not_move_the_png_frames_after_it(
+    service: ServiceFactory, capsys: pytest.CaptureFixture[str], which: str
+) -> None:
+    running = await service(png_batch_frames=4)
+    images = png_images(8)
+    event = "video_separate_png.data"
+    first = 0 if which == "relative" else 1
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        await ws.send_str(first_frame_wrong(images[0], which, event))
+        for n in range(first, len(images)):
+            await ws.send_str(orjson.dumps(real_media(images[n], n / 2, A, event)).decode())
+    await running.settle()
+    await assert_alive(running.http)
+
+    check = await check_png_stream(running.store, manifest_key(A, "png"), "archive/")
+    assert check.ok, check.problems
+    assert [(f.relative_s, f.data) for f in check.frames] == [
+        (n / 2, image) for n, image in enumerate(images)
+    ]
+    absolutes = [f["absolute"] for b in check.manifest["batches"] for f in b["frames"]]
+    assert absolutes == [(START + timedelta(seconds=n / 2)).isoformat() for n in range(8)]
+    counters = assert_counters_add_up(check.manifest)
+    assert counters["received"] == len(images) - first + 1
+    if which == "relative":
+        assert counters["invalid_timestamp"] == 1
+    else:
+        assert counters["absolute_repaired"] == 1
+    await running.runner.cleanup()
+    assert_clean(capsys.readouterr().out)

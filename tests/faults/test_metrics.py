@@ -163,7 +163,8 @@ async def test_metrics_of_every_worker_on_their_own_port_and_in_the_logs(
     assert {line["pid"] for line in documents} == {service.process.pid}
     for document in documents:
         check_emf(document)
-    assert max(d["Connections"] for d in documents) == 2
+    # Two bots held (connections opened while looking for a second worker may show too).
+    assert any(d["Connections"] == 2 for d in documents)
     assert max(d["StreamsActive"] for d in documents) >= 2
     assert documents[-1]["StreamsActive"] == documents[-1]["Connections"] == 0
     # Counters go out as their increase since the previous document: they add up.

@@ -451,9 +451,9 @@ def test_scaling_tracks_the_streams_each_task_logs_against_the_benchmark_capacit
         "Dimensions": [{"Name": "Service", "Value": "RecallArchiver"}],
         "Statistic": "Average",
     }
-    # 2.9 bots of 16 streams per vCPU at 60% CPU: 1 vCPU by default, 2 in the variant.
-    assert streams["TargetValue"] == 46
-    assert scaling_policies(variant)["StreamsActive"]["TargetValue"] == 93
+    # 5.3 bots of 16 streams per vCPU at 60% CPU: 1 vCPU by default, 2 in the variant.
+    assert streams["TargetValue"] == 85
+    assert scaling_policies(variant)["StreamsActive"]["TargetValue"] == 170
     env = environment(default.container())
     assert env["ARCHIVER_CLOUDWATCH_METRICS"] == "true"
     assert env["ARCHIVER_CLOUDWATCH_NAMESPACE"] == "RecallArchiver"

@@ -206,18 +206,36 @@ async def test_a_single_process_serves_its_own_metrics(service: ServiceFactory) 
     assert await public_status(f"{running.http}/metrics") == 404
 
 
+async def until_journaled(service: ServiceProcess, pid: int, size: int) -> None:
+    """Until the journal in worker `pid`'s slot holds at least `size` bytes."""
+    (slot,) = [
+        line["slot"]
+        for line in service.logs()
+        if line["event"] == "worker_slot_claimed" and line["pid"] == pid
+    ]
+    journal = service.slot(slot) / "journal"
+    async with asyncio.timeout(10):
+        while True:
+            if sum(f.stat().st_size for f in journal.rglob("*") if f.is_file()) >= size:
+                return
+            await asyncio.sleep(0.05)
+
+
 async def test_a_killed_workers_gauges_leave_the_sum_and_its_counters_stay(
     services: ServiceProcesses,
 ) -> None:
     port = free_port()
-    service = await services.start(workers=2, metrics_port=port)
+    service = await services.start(workers=2, metrics_port=port, batch_window_s=0)
     await service.wait_for_workers(2)
     async with bots_on(service, 2) as held:
-        (doomed_pid, _), (sibling_pid, sibling) = sorted(held.items())
+        (doomed_pid, doomed), (sibling_pid, sibling) = sorted(held.items())
         await until(port, lambda s: total(s, "archiver_connections") == 2)
         before = await until(
             port, lambda s: total(s, "archiver_messages_received_total") >= len(held)
         )
+        # A second frame agrees on the stream's start, so both are journaled; then the kill.
+        await doomed.send_next()
+        await until_journaled(service, doomed_pid, sum(len(data) for _, data in doomed.units[:2]))
         os.kill(doomed_pid, signal.SIGKILL)
         after = await until(
             port,
@@ -232,4 +250,4 @@ async def test_a_killed_workers_gauges_leave_the_sum_and_its_counters_stay(
         await sibling.send_next()
     await until(port, lambda s: total(s, "archiver_connections") == 0)
     # Its replacement replays the frame it had journaled.
-    await until(port, lambda s: total(s, "archiver_frames_recovered_total", format="h264") == 1)
+    await until(port, lambda s: total(s, "archiver_frames_recovered_total", format="h264") == 2)

@@ -24,6 +24,15 @@ from archiver.store import S3Store
 TOKEN = "test-token-7f3a9c1e5b"
 
 
+async def serve_locally(runner: web.AppRunner) -> str:
+    """Set `runner` up on a free port of 127.0.0.1 and return its base URL; the caller
+    cleans the runner up."""
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: Any) -> None:
     """No real credentials or ARCHIVER_* settings of the machine leak into a test."""
@@ -134,9 +143,7 @@ async def service(s3_endpoint: str, bucket: str) -> AsyncIterator[ServiceFactory
         store = S3Store(bucket, "archive", endpoint_url=s3_endpoint, attempts=2)
         app = create_app(settings, store)
         runner = DrainingAppRunner(app, access_log_class=RedactingAccessLogger)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        await serve_locally(runner)
         runners.append(runner)
         port = runner.addresses[0][1]
         return RunningService(app, runner, port, settings, store, bucket)

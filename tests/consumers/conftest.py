@@ -18,7 +18,7 @@ from archiver.ingest.server import STATE, create_app
 from archiver.settings import Settings
 from archiver.simulator import Simulation, run_simulation
 from archiver.store import LocalFolderStore
-from tests.conftest import TOKEN, ServiceFactory
+from tests.conftest import TOKEN, ServiceFactory, serve_locally
 
 
 @dataclass
@@ -84,9 +84,8 @@ async def local_archive(tmp_path: Path) -> AsyncIterator[Simulate]:
     logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings, LocalFolderStore(root))
     runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"ws://127.0.0.1:{runner.addresses[0][1]}/ws?token={TOKEN}"
+    base = await serve_locally(runner)
+    url = f"{base.replace('http://', 'ws://', 1)}/ws?token={TOKEN}"
     archived = Archived(f"file://{root}")
 
     async def simulate(**options: Any) -> Archived:
@@ -150,9 +149,7 @@ async def file_viewer(tmp_path: Path) -> AsyncIterator[Viewing]:
     logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
     runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield Viewing(f"http://127.0.0.1:{runner.addresses[0][1]}", app)
+    yield Viewing(await serve_locally(runner), app)
     await runner.cleanup()
 
 

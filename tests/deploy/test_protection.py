@@ -19,6 +19,7 @@ from structlog.testing import LogCapture
 
 from archiver import protection
 from archiver.protection import SharedWants, TaskProtection
+from tests.conftest import serve_locally
 
 _PROTECTION_ANSWER = {
     "protection": {
@@ -56,11 +57,7 @@ async def agent() -> AsyncIterator[FakeAgent]:
     app = web.Application()
     app.router.add_put("/task-protection/v1/state", fake.handle)
     runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    fake.uri = f"http://{host}:{port}"
+    fake.uri = await serve_locally(runner)
     yield fake
     await runner.cleanup()
 

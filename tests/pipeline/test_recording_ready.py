@@ -28,7 +28,7 @@ from archiver.settings import Settings
 from archiver.simulator import Simulation as Plan
 from archiver.simulator import encode_stream, media_message, participant_event
 from archiver.store import LocalFolderStore
-from tests.conftest import RunningService, ServiceFactory
+from tests.conftest import RunningService, ServiceFactory, serve_locally
 
 SECRET = "webhook-secret-3b9d1c"
 FAST = {
@@ -83,10 +83,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     app = web.Application()
     app.router.add_post("/hook", found.handle)
     runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    found.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook?key=query-secret"
+    found.url = f"{await serve_locally(runner)}/hook?key=query-secret"
     yield found
     await runner.cleanup()
 

@@ -29,11 +29,11 @@ import orjson
 from archiver.simulator import (
     SimulatedStream,
     Size,
+    close_like_a_bot,
     encode_stream,
     envelope,
     participant,
     participant_event,
-    stop_watching,
     watch_for_close,
 )
 
@@ -216,7 +216,7 @@ async def _run_bot(
         except ConnectionResetError:
             return
         finally:
-            report.close_code = stop_watching(watcher)
+            report.close_code = await close_like_a_bot(ws, watcher)
 
 
 async def run_load(load: Load, clip: Clip | None = None) -> LoadReport:

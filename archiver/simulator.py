@@ -311,29 +311,41 @@ async def run_simulation(simulation: Simulation) -> Simulation:
         try:
             await _send_timeline(simulation, streams, timeline, ws, closed, wallclock_start)
         finally:
-            simulation.close_code = stop_watching(watcher)
+            simulation.close_code = await close_like_a_bot(ws, watcher)
     return simulation
 
 
-def stop_watching(watcher: asyncio.Task[int | None]) -> int | None:
-    """The close code the watcher saw, if it saw one; the watcher is stopped either way."""
+async def close_like_a_bot(
+    ws: aiohttp.ClientWebSocketResponse, watcher: asyncio.Task[int | None]
+) -> int | None:
+    """End the connection as a well-behaved bot does: send the close frame, keep reading
+    until the service's close reply (or aiohttp's close timeout), then let the socket go.
+    Everything written before the close frame reaches the service; tearing the socket down
+    at once could reset it with frames still unread. Returns the close code the service
+    sent when it closed first (None when this side closed or the connection just broke)."""
     if not watcher.done():
-        watcher.cancel()
+        # aiohttp's close wakes the watcher's pending receive, then reads up to the reply.
+        await ws.close()
+    try:
+        return await watcher
+    except (aiohttp.ClientError, ConnectionError, RuntimeError):
         return None
-    if watcher.cancelled() or watcher.exception() is not None:
-        return None
-    return watcher.result()
 
 
 async def watch_for_close(ws: aiohttp.ClientWebSocketResponse, closed: asyncio.Event) -> int | None:
     """Like a bot: read what the service sends until it closes; set `closed` then, and
-    return the close code it sent (None when the connection just broke)."""
+    return the close code it sent (None when this side began the close, or the connection
+    just broke)."""
     while True:
         message = await ws.receive()
-        if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+        if message.type is aiohttp.WSMsgType.CLOSE:
             closed.set()
-            return message.data if message.type is aiohttp.WSMsgType.CLOSE else None
-        if message.type is aiohttp.WSMsgType.ERROR:
+            return int(message.data)
+        if message.type in (
+            aiohttp.WSMsgType.CLOSING,
+            aiohttp.WSMsgType.CLOSED,
+            aiohttp.WSMsgType.ERROR,
+        ):
             closed.set()
             return None
 

@@ -16,7 +16,7 @@ from archiver.layout import RecordingId
 from archiver.settings import Settings
 from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
 from archiver.store import LocalFolderStore
-from archiver.verify import check_events, check_png_stream, check_stream
+from archiver.verify import Check, check_events, check_png_stream, check_stream
 
 
 async def run_demo(participants: int, seconds: float, root: Path, png_participants: int = 2) -> int:
@@ -77,20 +77,7 @@ async def run_demo(participants: int, seconds: float, root: Path, png_participan
             and s.video_type == entry["type"]
             and s.media_format == entry["format"]
         )
-        if entry["format"] == "png":
-            failures += await _report_png(store, entry, sent)
-            continue
-        check = await check_stream(store, entry["manifest_key"])
-        sizes = sorted({f"{f.width}x{f.height}" for f in check.frames})
-        verdict = "ok" if check.ok and len(check.frames) == sent else "FAILED"
-        failures += verdict != "ok"
-        print(
-            f"  participant {entry['participant_id']} {entry['type']}/{entry['format']}: "
-            f"{len(check.manifest.get('segments', []))} segments, "
-            f"{len(check.frames)}/{sent} frames decoded, sizes {', '.join(sizes)}: {verdict}"
-        )
-        for problem in check.problems:
-            print(f"    problem: {problem}")
+        failures += await _report_stream(store, entry, sent)
     failures += await _report_events(store, recording)
     print(f"\nfiles under {root / recording.prefix}:")
     for line in await asyncio.to_thread(_tree, root / recording.prefix):
@@ -98,17 +85,35 @@ async def run_demo(participants: int, seconds: float, root: Path, png_participan
     return 1 if failures else 0
 
 
-async def _report_png(store: LocalFolderStore, entry: dict[str, Any], sent: int) -> int:
-    """Print one PNG stream's verdict; 1 when it failed."""
-    check = await check_png_stream(store, entry["manifest_key"])
+async def _report_stream(store: LocalFolderStore, entry: dict[str, Any], sent: int) -> int:
+    """Print one stream's verdict; 1 when it failed. A stream is ok when the simulator's
+    sent frames, the service's received and archived counts and the frames read back all
+    agree; when they do not, every figure is printed, so a regression says where the frames
+    went (never sent, never read by the service, dropped, or unreadable)."""
+    if entry["format"] == "png":
+        check: Check[Any] = await check_png_stream(store, entry["manifest_key"])
+        parts = f"{len(check.manifest.get('batches', []))} tar batches"
+        read_back = "frames at their listed offsets"
+    else:
+        check = await check_stream(store, entry["manifest_key"])
+        parts = f"{len(check.manifest.get('segments', []))} segments"
+        read_back = "frames decoded"
+    counters = check.manifest.get("counters", {})
+    received, archived = counters.get("received", 0), counters.get("archived", 0)
+    agree = len(check.frames) == sent == received == archived
+    verdict = "ok" if check.ok and agree else "FAILED"
     sizes = sorted({f"{f.width}x{f.height}" for f in check.frames})
-    verdict = "ok" if check.ok and len(check.frames) == sent else "FAILED"
     print(
         f"  participant {entry['participant_id']} {entry['type']}/{entry['format']}: "
-        f"{len(check.manifest.get('batches', []))} tar batches, "
-        f"{len(check.frames)}/{sent} frames at their listed offsets, "
-        f"sizes {', '.join(sizes)}: {verdict}"
+        f"{parts}, {len(check.frames)}/{sent} {read_back}, sizes {', '.join(sizes)}: {verdict}"
     )
+    if not agree:
+        dropped = {k: v for k, v in counters.items() if k.startswith("dropped_") and v}
+        print(
+            f"    sent by the simulator {sent}, received by the service {received}, "
+            f"archived {archived}, read back {len(check.frames)}, "
+            f"dropped {dropped or 'none'}"
+        )
     for problem in check.problems:
         print(f"    problem: {problem}")
     return verdict != "ok"

@@ -98,23 +98,67 @@ class _Pending:
 
 
 def init_segment(config: StreamConfig) -> bytes:
-    """The init segment of one configuration, from FFmpeg's MP4 muxer (header only)."""
+    """The init segment of one configuration, from FFmpeg's MP4 muxer (header only). The
+    track is copied from a demuxed template, not opened as an encoder: an encoder would
+    describe its own SPS/PPS in `avcC` instead of the sender's."""
     buffer = io.BytesIO()
     try:
-        container = av.open(buffer, "w", format="mp4", options=_MUXER_OPTIONS)
-        video = container.add_stream("h264")
-        video.codec_context.width = config.width
-        video.codec_context.height = config.height
-        video.codec_context.extradata = config.parameter_sets
+        with av.open(io.BytesIO(config.parameter_sets), "r", format="h264") as template:
+            container = av.open(buffer, "w", format="mp4", options=_MUXER_OPTIONS)
+            video = container.add_stream_from_template(template.streams.video[0])
+        context = video.codec_context
+        context.width = config.width
+        context.height = config.height
+        context.extradata = config.parameter_sets
         video.time_base = _TIME_BASE
         container.start_encoding()
         container.close()
-    except av.FFmpegError as exc:
+    except (av.FFmpegError, IndexError) as exc:
         raise MediaError("mux_failed", str(exc)) from exc
     data = buffer.getvalue()
     if _first_box_offset(data, b"moov") < 0:
         raise MediaError("mux_failed", "muxer wrote no moov box")
     return data
+
+
+def configuration_of(init: bytes) -> StreamConfig:
+    """The configuration an init segment describes: its SPS/PPS (from `avcC`, in the Annex-B
+    form the segmenter compares key frames with) and picture size. Raise `MediaError`."""
+    try:
+        with av.open(io.BytesIO(init), "r", format="mp4") as container:
+            context = container.streams.video[0].codec_context
+            record, width, height = context.extradata or b"", context.width, context.height
+    except (av.FFmpegError, IndexError) as exc:
+        raise MediaError("unreadable_init", str(exc)) from exc
+    parameter_sets = annexb_parameter_sets(record)
+    sps = parameter_sets[4:8]
+    if len(sps) < 4 or width <= 0 or height <= 0:
+        raise MediaError("unreadable_init", "no SPS or no picture size in the init segment")
+    return StreamConfig(parameter_sets, width, height, f"avc1.{sps[1]:02X}{sps[2]:02X}{sps[3]:02X}")
+
+
+def annexb_parameter_sets(record: bytes) -> bytes:
+    """The SPS and PPS NAL units of an `AVCDecoderConfigurationRecord` (ISO/IEC 14496-15
+    5.3.3.1), each behind a 4-byte start code."""
+    if len(record) < 7 or record[0] != 1:
+        raise MediaError("unreadable_init", "avcC is not an AVCDecoderConfigurationRecord")
+    units: list[bytes] = []
+    offset = 5
+    for count_mask in (0x1F, 0xFF):
+        if offset >= len(record):
+            raise MediaError("unreadable_init", "avcC ends early")
+        count = record[offset] & count_mask
+        offset += 1
+        for _ in range(count):
+            if offset + 2 > len(record):
+                raise MediaError("unreadable_init", "avcC ends early")
+            (size,) = struct.unpack_from(">H", record, offset)
+            offset += 2
+            if offset + size > len(record):
+                raise MediaError("unreadable_init", "avcC ends early")
+            units.append(b"\x00\x00\x00\x01" + record[offset : offset + size])
+            offset += size
+    return b"".join(units)
 
 
 def _gap(start_ticks: int, end_ticks: int) -> dict[str, Any]:

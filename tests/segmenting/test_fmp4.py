@@ -8,8 +8,14 @@ from datetime import UTC, datetime
 import pytest
 
 from archiver.errors import MediaError
-from archiver.segmenting.fmp4 import TIMESCALE, H264Segmenter, MediaSegment
-from archiver.segmenting.h264 import analyse
+from archiver.segmenting.fmp4 import (
+    TIMESCALE,
+    H264Segmenter,
+    MediaSegment,
+    configuration_of,
+    init_segment,
+)
+from archiver.segmenting.h264 import analyse, probe_config
 from archiver.simulator import SimulatedStream, encode_stream
 from archiver.verify import decode
 
@@ -98,3 +104,11 @@ def test_units_that_never_advance_time_are_still_cut_by_count_and_by_size() -> N
     assert len(sized) > 1
     assert all(len(s.body) <= limit + 4096 for s in sized)
     assert sum(s.frames for s in sized) == 30
+
+
+def test_init_segments_describe_the_senders_parameter_sets() -> None:
+    """`avcC` carries the SPS/PPS of the stream, so a decoder that starts at the init
+    segment (a player joining, a continued stream) reads the sender's configuration."""
+    (_, first), *_ = units(seconds=0.1)
+    config = probe_config(analyse(first))
+    assert configuration_of(init_segment(config)) == config

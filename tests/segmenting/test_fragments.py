@@ -33,8 +33,11 @@ def units(keyframe_interval_s: float | None) -> list[tuple[float, bytes]]:
     return [(t, d) for t, d, _ in encode_stream(plan, 3, 10, keyframe_interval_s)]
 
 
-def ffmpeg_mux(segment: MediaSegment, sent: list[tuple[int, bytes, bool]]) -> bytes:
-    """The segment's frames muxed by FFmpeg, as the archiver did before it wrote fragments."""
+def ffmpeg_mux(
+    segment: MediaSegment, sent: list[tuple[int, bytes, bool]], first_keyframe: bytes
+) -> bytes:
+    """The segment's frames muxed by FFmpeg, as the archiver did before it wrote fragments,
+    the track copied from FFmpeg's own probe of the stream's first key frame."""
     buffer = io.BytesIO()
     options = {
         "movflags": _MOVFLAGS,
@@ -42,11 +45,11 @@ def ffmpeg_mux(segment: MediaSegment, sent: list[tuple[int, bytes, bool]]) -> by
         "avoid_negative_ts": "disabled",
         "fragment_index": str(segment.seq + 1),
     }
-    with av.open(buffer, "w", format="mp4", options=options) as container:
-        video = container.add_stream("h264")
-        video.codec_context.width = segment.config.width
-        video.codec_context.height = segment.config.height
-        video.codec_context.extradata = segment.config.parameter_sets
+    with (
+        av.open(io.BytesIO(first_keyframe), "r", format="h264") as probed,
+        av.open(buffer, "w", format="mp4", options=options) as container,
+    ):
+        video = container.add_stream_from_template(probed.streams.video[0])
         video.time_base = Fraction(1, TIMESCALE)
         ends = [ticks for ticks, _, _ in sent[1:]] + [segment.end_ticks]
         for (ticks, data, key), end in zip(sent, ends, strict=True):
@@ -94,7 +97,7 @@ def test_segments_decode_like_ffmpegs_and_carry_its_sample_bytes(
     reference_body = b""
     for segment in segments:
         frames = [f for f in sent if segment.start_ticks <= f[0] < segment.end_ticks]
-        reference = boxes(ffmpeg_mux(segment, frames))
+        reference = boxes(ffmpeg_mux(segment, frames, sent[0][1]))
         first_moof = next(i for i, (kind, _) in enumerate(reference) if kind == b"moof")
         assert segment.init == b"".join(box for _, box in reference[:first_moof])
         reference_body += b"".join(box for _, box in reference[first_moof:])

@@ -22,7 +22,7 @@ from archiver import metrics
 from archiver.errors import ObjectConflictError, StoreError
 from archiver.ingest.messages import RecordingContext
 from archiver.layout import MediaFormat, RecordingId, StreamId
-from archiver.segmenting.fmp4 import TIMESCALE, MediaSegment
+from archiver.segmenting.fmp4 import MIN_GAP_TICKS, TIMESCALE, MediaSegment
 from archiver.segmenting.png import MICROS, PngBatch
 
 if TYPE_CHECKING:
@@ -37,6 +37,40 @@ MAX_PARTICIPANT_CHANGES_BYTES = 256 * 1024
 """A manifest keeps the first and the latest participant changes within these."""
 MERGE_ATTEMPTS = 5
 JSON_TYPE = "application/json"
+NOT_RECEIVED = "not_received"
+"""The gap reason of frames a stream never got (the bot was disconnected)."""
+GAP_TOLERANCE_S = 0.0001
+
+
+def frame_interval_s(entry: dict[str, Any] | SegmentEntry) -> float:
+    """The mean time between a segment's frames."""
+    start, end, frames = (
+        (entry["start"], entry["end"], entry["frames"])
+        if isinstance(entry, dict)
+        else (entry.start, entry.end, entry.frames)
+    )
+    return max(0.0, end - start) / max(1, frames)
+
+
+def frames_after_missing_references(manifest: dict[str, Any]) -> int:
+    """Listed frames that refer to pictures never received: from each `not_received` gap
+    with `references_missing` to the next segment that starts with a key frame. They are
+    archived as received, and decode with artefacts; a decoder may conceal some away."""
+    segments: list[dict[str, Any]] = manifest.get("segments", [])
+    missing = [
+        gap["end"]
+        for gap in manifest.get("gaps", [])
+        if gap.get("reason") == NOT_RECEIVED and gap.get("references_missing")
+    ]
+    at_risk = 0
+    for gap_end in missing:
+        after = [s for s in segments if s["start"] >= gap_end - GAP_TOLERANCE_S]
+        for segment in after:
+            if segment is not after[0] and segment["starts_with_keyframe"]:
+                break
+            at_risk += segment["frames"]
+    return at_risk
+
 
 StreamStatus = Literal["live", "complete", "interrupted"]
 
@@ -120,6 +154,8 @@ class SegmentEntry:
     sha256: str
     recovered: bool = False
     """True when rebuilt from the journal of a process that crashed."""
+    continues: bool = False
+    """Begins mid-GOP: decodes only after the segment listed before it (same init)."""
 
     @classmethod
     def stored(
@@ -146,6 +182,7 @@ class SegmentEntry:
             bytes=size,
             sha256=sha256,
             recovered=recovered,
+            continues=not segment.starts_with_keyframe,
         )
 
 
@@ -387,6 +424,22 @@ class ArchiveManifest(ABC, Generic[EntryT]):
             carried["received"] = listed + dropped
         self.carried_counters = carried
 
+    def settled_gaps(self) -> list[dict[str, Any]]:
+        """The gaps as the document lists them."""
+        return self.gaps
+
+    def take_gaps(self, theirs: object) -> None:
+        """Another writer's gaps, each once (a gap is known by its reason and its end: the
+        start of one not received may have settled since)."""
+        if not isinstance(theirs, list):
+            return
+        known = {(gap.get("reason"), gap.get("end")) for gap in self.gaps}
+        for gap in theirs:
+            if isinstance(gap, dict) and (gap.get("reason"), gap.get("end")) not in known:
+                known.add((gap.get("reason"), gap.get("end")))
+                self.gaps.append(gap)
+        self.gaps.sort(key=lambda gap: float(gap.get("start") or 0))
+
     def add(self, entry: EntryT) -> None:
         """List a stored object after those listed, numbered next; its document is built
         once, not at every write. One that starts earlier than the last listed (another
@@ -465,11 +518,14 @@ class ArchiveManifest(ABC, Generic[EntryT]):
             "format": self.stream.media_format,
             "counters": merged,
             "recovered_ranges": self.recovered_ranges,
-            "gaps": self.gaps,
+            "gaps": self.settled_gaps(),
             **self.format_fields(),
             # A copy: the document may be serialised on a thread while more are listed.
             self.entries_name: list(self.entry_documents),
         }
+
+
+_SEGMENT_FIELDS = frozenset(SegmentEntry.__dataclass_fields__)
 
 
 class StreamManifest(ArchiveManifest[SegmentEntry]):
@@ -486,7 +542,31 @@ class StreamManifest(ArchiveManifest[SegmentEntry]):
         return round(self.entries[-1].end * TIMESCALE) - 1 if self.entries else -1
 
     def entry_from(self, document: dict[str, Any]) -> SegmentEntry:
-        return SegmentEntry(**document)
+        return self.entry_from_document(document)
+
+    @staticmethod
+    def entry_from_document(document: dict[str, Any]) -> SegmentEntry:
+        """Fields a later version adds are left out, so a rolling deploy's old and new
+        writers can merge each other's listings."""
+        return SegmentEntry(**{k: v for k, v in document.items() if k in _SEGMENT_FIELDS})
+
+    def settled_gaps(self) -> list[dict[str, Any]]:
+        """A frame range recorded as not received starts where the listing's frames before
+        it end: a listing read while another writer was still storing its last segments
+        may have recorded one those segments fill, whole or in part."""
+        settled = []
+        for gap in self.gaps:
+            if gap.get("reason") == NOT_RECEIVED:
+                before = [e for e in self.entries if e.start < gap["end"] - GAP_TOLERANCE_S]
+                start = max([gap["start"], *(e.end for e in before)])
+                filled_within = MIN_GAP_TICKS / TIMESCALE
+                if before:
+                    filled_within = max(filled_within, frame_interval_s(before[-1]) / 2)
+                if gap["end"] - start <= filled_within:
+                    continue
+                gap = {**gap, "start": start}
+            settled.append(gap)
+        return settled
 
     @staticmethod
     def frames_of(entry: SegmentEntry) -> int:

@@ -3,8 +3,11 @@
 `playlist.m3u8` sits beside `manifest.json` and names the same objects with URIs relative to
 itself, so it plays from any copy of the stream's folder (a bucket, a local folder, a CDN).
 Each init segment is announced with `#EXT-X-MAP`; where the configuration changes or the
-timeline jumps (a pause, a loss), `#EXT-X-DISCONTINUITY` tells the player to reset its
-decoder and timestamps. Every segment carries `#EXT-X-PROGRAM-DATE-TIME` (the source's
+timeline jumps (a pause, a loss) before a key frame, `#EXT-X-DISCONTINUITY` tells the player
+to reset its decoder and timestamps. A segment that begins mid-GOP (a stream continued on
+another worker or task) never gets one behind a segment of its configuration: a reset
+decoder would drop its frames until the next key frame, while across a jump the player only
+skips the hole. Every segment carries `#EXT-X-PROGRAM-DATE-TIME` (the source's
 wall clock at its first frame), so players and tools can line streams up with each other
 and with the events. A live stream's playlist is an `EVENT` playlist that only grows; once
 the stream is complete it ends with `#EXT-X-ENDLIST`.
@@ -40,11 +43,13 @@ def _program_date_time(wallclock: str) -> str:
 
 def discontinuous(previous: dict[str, Any], segment: dict[str, Any]) -> bool:
     """Whether a player must reset between two listed segments: a new configuration (init
-    segment), or a timeline that does not continue where the previous segment ended."""
-    return bool(
-        segment["init_key"] != previous["init_key"]
-        or abs(segment["start"] - previous["end"]) > CONTINUITY_TOLERANCE_S
-    )
+    segment), or a timeline that does not continue where the previous segment ended unless
+    the segment needs the previous one's pictures to decode."""
+    if segment["init_key"] != previous["init_key"]:
+        return True
+    if segment.get("starts_with_keyframe") is False:
+        return False
+    return bool(abs(segment["start"] - previous["end"]) > CONTINUITY_TOLERANCE_S)
 
 
 def render_playlist(manifest: dict[str, Any]) -> str:

@@ -100,6 +100,14 @@ class Settings(BaseSettings):
     segment_target_s: float = Field(
         default=10.0, gt=0, description="Cut at the first key frame after this; force at 2x."
     )
+    continuation_wait_s: float = Field(
+        default=15.0,
+        ge=0,
+        description="How long an H.264 stream whose first frames continue a GOP this process "
+        "has no configuration for (a reconnect that outran the previous task's last upload) "
+        "holds them while it polls the archive for that configuration; then they are dropped "
+        "and the stream waits for a key frame.",
+    )
     manifest_overhead_ratio: float = Field(
         default=0.1,
         gt=0,

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Generic, Literal
 import structlog
 
 from archiver import metrics
+from archiver.continuity import Continuation, ContinuationFinder
 from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
 from archiver.events import EventArchive
 from archiver.ingest.messages import MediaMessage
@@ -58,6 +59,7 @@ from archiver.recovery import (
 )
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
+from archiver.segmenting.h264 import StreamConfig
 from archiver.segmenting.png import PngBatch, PngBatcher
 from archiver.segmenting.timestamps import Timed, TimestampGuard
 from archiver.sessions import WAITING_FOLDER, SessionWriter
@@ -207,6 +209,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             "dropped_worker_error": 0,
             "worker_failures": 0,
             "continued_after_leave": 0,
+            "continuations": 0,
             "upload_failures": 0,
             "manifest_failures": 0,
         }
@@ -445,6 +448,10 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             # objects stay in the store; the next write merges what it lists).
             self.log.exception("previous_manifest_unusable")
             self.manifest, self.segmenter = self._begin(first, None)
+        try:
+            await self._carry_on(previous)
+        except Exception:
+            self.log.exception("stream_not_continued")
         if previous is not None:
             self.log.info("stream_resumed", **{self.published_counter: len(self.manifest.entries)})
         self._seed_guard(self.manifest)
@@ -609,6 +616,10 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     ) -> tuple[ArchiveManifest[EntryT], Segmenter[FinishedT]]:
         """The manifest (continuing `previous`) and the segmenter that carries on from it."""
 
+    async def _carry_on(self, previous: dict[str, Any] | None) -> None:
+        """Take over what a format's segmenter needs of the archive so far (`previous`: the
+        stored manifest); by default, nothing (every PNG stands alone)."""
+
     @abstractmethod
     async def _spool(self, finished: FinishedT) -> tuple[EntryT, list[SpooledObject]]:
         """Put a finished object in the spool; return its entry and what is to be confirmed."""
@@ -697,6 +708,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         assert self.manifest is not None
         documents = theirs.get(self.manifest.entries_name, [])
         added = self.manifest.merge([self.manifest.entry_from(d) for d in documents])
+        self.manifest.take_gaps(theirs.get("gaps", []))
         self.log.warning("manifest_merged", added=added, listed=len(self.manifest.entries))
 
     async def _finish(self, reason: EndReason) -> None:
@@ -730,6 +742,16 @@ class H264Stream(Stream[MediaSegment, SegmentEntry]):
     published_counter = "segments"
     spooled_inits: set[str]
     """Init segments this stream has spooled: each is stored once, not with every segment."""
+    awaiting: asyncio.Task[None] | None = None
+    """Polling the archive for the configuration that frames held by the segmenter need."""
+    finder: ContinuationFinder
+    continuation: tuple[StreamConfig, int | None, int] | None = None
+    """Found by that poll, for the next batch's thread to resume the segmenter with
+    (`H264Segmenter.resume`'s arguments)."""
+    continuation_abandoned = False
+    continuation_expected = False
+    """Another writer of this stream is known to exist: its configuration is worth waiting
+    for at the end, too."""
 
     def _begin(
         self, first: MediaMessage, previous: dict[str, Any] | None
@@ -745,6 +767,107 @@ class H264Stream(Stream[MediaSegment, SegmentEntry]):
         )
         self.spooled_inits = set()
         return manifest, segmenter
+
+    async def _carry_on(self, previous: dict[str, Any] | None) -> None:
+        """Frames that land where this stream has no decoder state (a reconnect to another
+        worker or task, a deploy) continue mid-GOP with the configuration the stream last
+        used: that of a sibling worker's open segment, or of the last listed segment's init
+        segment, whichever started later. When neither is readable yet (the previous task is
+        still storing the segment that began the GOP), frames before a key frame are held
+        while the archive is polled, for up to `continuation_wait_s`."""
+        assert isinstance(self.segmenter, H264Segmenter)
+        assert isinstance(self.manifest, StreamManifest)
+        self.finder = ContinuationFinder(self.id, self.settings, self.spool, self.log)
+        self.continuation = None
+        self.continuation_abandoned = False
+        found = await self.finder.find(self.manifest.entries[-1] if self.manifest.entries else None)
+        if found is not None:
+            self.segmenter.resume(*self._continue_with(found))
+            return
+        self.continuation_expected = await self.finder.another_writer_holds_it(previous)
+        self.segmenter.await_configuration()
+        self.awaiting = asyncio.create_task(self._await_continuation(), name=f"continue {self.id}")
+
+    async def _await_continuation(self) -> None:
+        """Poll while the segmenter holds frames that need a configuration; hand what is
+        found to the next batch, or give up by the deadline."""
+        assert isinstance(self.segmenter, H264Segmenter)
+        segmenter = self.segmenter
+        try:
+            found = await self.finder.poll(
+                lambda: segmenter.awaiting_configuration, self.settings.continuation_wait_s
+            )
+        except Exception:
+            self.log.exception("continuation_lookup_failed")
+            found = None
+        if found is not None:
+            self.continuation = self._continue_with(found)
+            return
+        if segmenter.awaiting_configuration:
+            self.log.warning("stream_not_continued", held=segmenter.held_frames)
+        self.continuation_abandoned = True
+
+    def _continue_with(self, found: Continuation) -> tuple[StreamConfig, int | None, int]:
+        self.counters["continuations"] += 1
+        self.log.info("stream_continued", source=found.source, codec=found.config.codec)
+        return found.config, found.continues_at, found.gap_ticks
+
+    def _take_continuation(self, segmenter: H264Segmenter) -> list[MediaSegment]:
+        """On the batch's thread, before its frames: what the poll found, or that it gave up.
+        A key frame that came first made either moot."""
+        found, self.continuation = self.continuation, None
+        if found is not None and segmenter.awaiting_configuration:
+            try:
+                return segmenter.resume(*found)
+            except Exception as exc:  # noqa: BLE001 (the held frames only, counted)
+                self.log.error("stream_not_continued", error=_describe(exc))
+                segmenter.stop_awaiting()
+                return []
+        if self.continuation_abandoned:
+            self.continuation_abandoned = False
+            segmenter.stop_awaiting()
+        return []
+
+    def _segment_batch(self, batch: list[MediaMessage]) -> _BatchResult[MediaSegment]:
+        assert isinstance(self.segmenter, H264Segmenter)
+        continued = self._take_continuation(self.segmenter)
+        result = super()._segment_batch(batch)
+        result.finished[:0] = continued
+        return result
+
+    def _flush_segmenter(self) -> _BatchResult[MediaSegment]:
+        assert isinstance(self.segmenter, H264Segmenter)
+        continued = self._take_continuation(self.segmenter)
+        result = super()._flush_segmenter()
+        result.finished[:0] = continued
+        return result
+
+    async def _flush(self, publish: InOrderPublisher[SegmentEntry]) -> None:
+        """Frames still held for a configuration at the end: where another writer is known
+        (a stored manifest, a sibling's journal), wait for the poll, which is bounded;
+        otherwise look once more, and let them go."""
+        assert isinstance(self.segmenter, H264Segmenter)
+        if self.awaiting is not None:
+            if self.segmenter.awaiting_configuration and not self.continuation_expected:
+                self.awaiting.cancel()
+                with contextlib.suppress(Exception):
+                    found = await self.finder.find(await self.finder.latest_listed())
+                    if found is not None:
+                        self.continuation = self._continue_with(found)
+            elif not self.segmenter.awaiting_configuration:
+                self.awaiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.awaiting
+            self.awaiting = None
+        await super()._flush(publish)
+
+    async def _finish(self, reason: EndReason) -> None:
+        if self.awaiting is not None:
+            self.awaiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.awaiting
+            self.awaiting = None
+        await super()._finish(reason)
 
     async def _spool(self, finished: MediaSegment) -> tuple[SegmentEntry, list[SpooledObject]]:
         init_key = self.id.init_key(finished.init_sha256)

@@ -5,7 +5,8 @@ own (`objects/`, `journal/`), for as long as it holds an exclusive `flock` on
 `spool_dir/worker-<n>.lock`. A worker claims the lowest free slot when it starts. The kernel
 releases a dead worker's lock, however it died, so the supervisor's replacement finds exactly
 that slot free and recovers what its predecessor left; a live sibling's slot stays locked and
-is never read.
+is never written. (A stream that reconnects to this worker while a sibling still holds it
+reads one thing there: the configuration its open segment started with, `sibling_slots`.)
 
 Slots that no worker number covers any more (the worker count went down, or a version before
 slots left `objects/` and `journal/` at the top of `spool_dir`) are orphans: each worker
@@ -105,6 +106,17 @@ async def claim(spool_dir: Path, workers: int) -> Slot:
         adopted=[folder.name for folder in slot.adopted],
     )
     return slot
+
+
+def sibling_slots(own: Path) -> list[Path]:
+    """The other slot folders beside this worker's own (none when `own` is not a slot)."""
+    if not _SLOT.fullmatch(own.name):
+        return []
+    return [
+        path
+        for path in sorted(own.parent.iterdir())
+        if path != own and _SLOT.fullmatch(path.name) and path.is_dir()
+    ]
 
 
 def _orphans(spool_dir: Path, workers: int) -> list[tuple[Path, Path]]:

@@ -60,7 +60,8 @@ class Segmenter(Protocol[FinishedT]):
 
     journal: SegmentJournal | None
     gaps: list[dict[str, Any]]
-    """Time ranges lost to a failure of ours, completed and not yet taken by the stream."""
+    """Time ranges lost (to a failure of ours, or never received), completed and not yet
+    taken by the stream."""
 
     @property
     def held_frames(self) -> int:

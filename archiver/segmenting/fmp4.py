@@ -31,6 +31,9 @@ FRAGMENT_BYTES = 256 * 1024
 """An open segment is written out in fragments of about this much sample data."""
 _MAX_TICKS = 2**53
 """Far beyond any meeting, and well inside what a fragment's 64-bit decode time holds."""
+MIN_GAP_TICKS = TIMESCALE // 1000
+"""Frames count as missing between two only when more than this (1 ms) lies between them
+beyond the time the first one lasts."""
 _MUXER_OPTIONS = {
     # The header of a fragmented file (fragments are written by `fragments`), no edit list.
     "movflags": "frag_keyframe+empty_moov+default_base_moof+frag_discont+skip_trailer",
@@ -95,6 +98,16 @@ class SegmenterCounters(DropCounters):
 class _Pending:
     unit: AccessUnit
     ticks: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A frame that arrived before any configuration, kept while one may still turn up."""
+
+    unit: AccessUnit
+    ticks: int
+    relative_s: float
+    absolute: datetime
 
 
 def init_segment(config: StreamConfig) -> bytes:
@@ -169,6 +182,16 @@ def _gap(start_ticks: int, end_ticks: int) -> dict[str, Any]:
     }
 
 
+def not_received_gap(start_ticks: int, end_ticks: int, references_missing: bool) -> dict[str, Any]:
+    """Frames the archive never got between two that it has (a disconnection); with
+    `references_missing`, the frames after it refer to pictures inside it."""
+    return {
+        **_gap(start_ticks, end_ticks),
+        "reason": "not_received",
+        "references_missing": references_missing,
+    }
+
+
 def _first_box_offset(data: bytes, box_type: bytes) -> int:
     """Where the first top-level box of a type starts, or -1."""
     offset = 0
@@ -225,8 +248,16 @@ class H264Segmenter:
         self._segment_frames = 0
         self._segment_keyframe_start = False
         self.gaps: list[dict[str, Any]] = []
-        """Time ranges lost to a failure of ours, for the manifest (the stream takes them)."""
+        """Time ranges lost, for the manifest (the stream takes them)."""
         self._gap_start: int | None = None
+        self._continues_at: int | None = None
+        """Where the archive this segmenter continues ends, until its first frame arrives."""
+        self._gap_ticks = MIN_GAP_TICKS
+        self.awaiting_configuration = False
+        """Holding frames before any key frame: the configuration they continue may still
+        become readable (another process is storing the segment that began it)."""
+        self._held: list[_Held] = []
+        self._held_bytes = 0
 
     @property
     def last_ticks(self) -> int:
@@ -237,8 +268,9 @@ class H264Segmenter:
 
     @property
     def held_frames(self) -> int:
-        """Frames taken into the open segment, not yet in a finished one."""
-        return self._segment_frames if self._fragment is not None else 0
+        """Frames taken into the open segment, or held for a configuration, not yet in a
+        finished segment."""
+        return (self._segment_frames if self._fragment is not None else 0) + len(self._held)
 
     def push(self, data: bytes, relative_s: float, absolute: datetime) -> list[MediaSegment]:
         """Add one access unit; return the segments it closed (zero or one, rarely two).
@@ -271,9 +303,20 @@ class H264Segmenter:
             self.counters.timestamps_adjusted += 1
 
         if self._config is None and new_config is None:
-            self.counters.dropped_before_keyframe += 1
+            if self.awaiting_configuration and self._may_hold(len(unit.data)):
+                self._held.append(_Held(unit, ticks, relative_s, absolute))
+                self._held_bytes += len(unit.data)
+            else:
+                self.counters.dropped_before_keyframe += 1
             return []
+        if new_config is not None and self.awaiting_configuration:
+            self.stop_awaiting()  # the stream starts afresh at this key frame
         self._last_ticks = ticks
+        if self._continues_at is not None:
+            if ticks - self._continues_at > self._gap_ticks:
+                gap = not_received_gap(self._continues_at, ticks, not unit.is_keyframe)
+                self.gaps.append(gap)
+            self._continues_at = None
 
         closed: list[MediaSegment] = []
         elapsed = ticks - self._segment_start
@@ -323,7 +366,9 @@ class H264Segmenter:
         return salvaged
 
     def flush(self) -> list[MediaSegment]:
-        """Close the open segment at stream end; the last frame keeps the previous duration."""
+        """Close the open segment at stream end; the last frame keeps the previous duration.
+        Frames still held for a configuration are dropped (counted)."""
+        self.stop_awaiting()
         if self._gap_start is not None:
             self.gaps.append(_gap(self._gap_start, max(self._gap_start, self._last_ticks)))
             self._gap_start = None
@@ -351,10 +396,38 @@ class H264Segmenter:
         """Count an access unit that never reached the muxer, by why."""
         self.counters.drop(reason)
 
-    def resume(self, config: StreamConfig) -> None:
+    def resume(
+        self, config: StreamConfig, continues_at: int | None = None, gap_ticks: int = MIN_GAP_TICKS
+    ) -> list[MediaSegment]:
         """Continue with a known configuration, so frames before the next key frame are kept
-        (recovery replays a segment that may not start with one)."""
+        (recovery replays a segment that may not start with one; a stream continues what
+        another process archived). `continues_at`: where that archive ends (90 kHz ticks,
+        its last frame's end); a first frame more than `gap_ticks` after it records the
+        frames not received in between. Frames held for it go first; return the segments
+        they closed."""
         self._config = config
+        self._continues_at = continues_at
+        self._gap_ticks = max(MIN_GAP_TICKS, gap_ticks)
+        self.awaiting_configuration = False
+        held, self._held, self._held_bytes = self._held, [], 0
+        closed: list[MediaSegment] = []
+        for frame in held:
+            closed += self._take(frame.unit, None, frame.ticks, frame.relative_s, frame.absolute)
+        return closed
+
+    def await_configuration(self) -> None:
+        """Hold frames that arrive before any key frame (within `max_frames` and `max_bytes`)
+        instead of dropping them, until `resume` or `stop_awaiting`."""
+        self.awaiting_configuration = self._config is None
+
+    def stop_awaiting(self) -> None:
+        """No configuration will come: what was held is dropped, counted."""
+        self.awaiting_configuration = False
+        self.counters.dropped_before_keyframe += len(self._held)
+        self._held, self._held_bytes = [], 0
+
+    def _may_hold(self, size: int) -> bool:
+        return len(self._held) < self.max_frames and self._held_bytes + size <= self.max_bytes
 
     def _open(self, ticks: int, absolute: datetime, keyframe: bool) -> None:
         assert self._config is not None

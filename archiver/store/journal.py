@@ -155,6 +155,23 @@ def read_segment(path: Path) -> JournaledSegment:
     return segment
 
 
+def first_config(path: Path) -> dict[str, Any] | None:
+    """The configuration record a journal file begins with, reading only that record: the
+    file may be another process's, still being appended to."""
+    with path.open("rb") as file:
+        head = file.read(_FRAME.size)
+        if len(head) < _FRAME.size:
+            return None
+        kind, _, stamp_len, body_len = _FRAME.unpack(head)
+        if kind != _CONFIG:
+            return None
+        body = file.read(stamp_len + body_len)
+    if len(body) < stamp_len + body_len:
+        return None
+    config: dict[str, Any] = orjson.loads(body)
+    return config
+
+
 def stream_folders(root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Every stream folder a previous process left, with its header."""
     if not root.is_dir():

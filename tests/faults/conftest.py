@@ -199,9 +199,17 @@ class ServiceProcesses:
         self.store = S3Store(self.bucket, "archive", endpoint_url=s3.endpoint, attempts=2)
         self.started: list[ServiceProcess] = []
 
-    async def start(self, open_files: int | None = None, **settings: Any) -> ServiceProcess:
+    async def start(
+        self, open_files: int | None = None, task: str | None = None, **settings: Any
+    ) -> ServiceProcess:
+        """One more process on the bucket; `task` gives it a folder (and spool) of its own,
+        as a separate ECS task has."""
+        workdir = self.workdir
+        if task is not None:
+            workdir = self.workdir / task
+            workdir.mkdir(exist_ok=True)
         process = ServiceProcess(
-            self.workdir, self.s3.endpoint, self.bucket, open_files=open_files, **settings
+            workdir, self.s3.endpoint, self.bucket, open_files=open_files, **settings
         )
         await process.start()
         self.started.append(process)

@@ -22,10 +22,16 @@ from tests.conftest import RunningService, ServiceFactory
 class Bot:
     """Sends pre-encoded access units of one participant's webcam on a live websocket."""
 
-    def __init__(self, running: RunningService, seconds: float = 4, fps: float = 10) -> None:
+    def __init__(
+        self,
+        running: RunningService,
+        seconds: float = 4,
+        fps: float = 10,
+        keyframe_interval_s: float | None = 1,
+    ) -> None:
         self.sim = Simulation(url=running.url, participants=1, seconds=seconds, fps=fps)
         (stream,) = self.sim.plan()
-        self.units = list(encode_stream(stream, seconds, fps, keyframe_interval_s=1))
+        self.units = list(encode_stream(stream, seconds, fps, keyframe_interval_s))
         self.start = datetime.now(UTC)
         self.ids = {"bot_id": self.sim.bot_id, "recording_id": self.sim.recording_id}
         self.manifest_key = (
@@ -45,6 +51,17 @@ async def wait_for_status(running: RunningService, key: str, status: str) -> dic
             return orjson.loads(raw)
         await asyncio.sleep(0.05)
     raise AssertionError(f"{key} never reached status {status}")
+
+
+async def wait_for_live_listing(running: RunningService, session_key: str, key: str) -> None:
+    """Until the recording's session.json lists the stream as live."""
+    for _ in range(200):
+        raw = await running.store.get(session_key)
+        streams = orjson.loads(raw)["streams"] if raw is not None else []
+        if any(s["manifest_key"] == key and s["status"] == "live" for s in streams):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{session_key} never listed {key} as live")
 
 
 async def test_idle_stream_ends_with_a_complete_manifest_and_a_later_frame_continues_it(
@@ -101,6 +118,83 @@ async def test_reconnect_to_a_new_process_continues_the_manifest(
     after = {k: s3.head_object(Bucket=first.bucket, Key=k)["ETag"] for k in second.object_keys()}
     changed = {k for k in before if after[k] != before[k]}
     assert all(k.endswith(("manifest.json", "playlist.m3u8", "session.json")) for k in changed)
+
+
+async def test_a_reconnect_mid_gop_to_a_new_process_keeps_every_frame(
+    service: ServiceFactory,
+) -> None:
+    """The sender's only key frame went to the first process: the second continues from the
+    archive's last init segment, and the whole stream decodes in order."""
+    first = await service(spool_dir="spool-a")
+    bot = Bot(first, keyframe_interval_s=None)
+    async with aiohttp.ClientSession() as session, session.ws_connect(first.url) as ws:
+        await bot.send(ws, 0, 20)
+    await first.settle()
+    second = await service(spool_dir="spool-b")
+    async with aiohttp.ClientSession() as session, session.ws_connect(second.url) as ws:
+        await bot.send(ws, 20, 40)
+    await second.settle()
+    check = await check_stream(second.store, bot.manifest_key, key_prefix="archive/")
+    assert check.ok, check.problems
+    assert [round(f.time_s, 3) for f in check.frames] == [round(u[0], 3) for u in bot.units]
+    counters = check.manifest["counters"]
+    assert counters["continuations"] == 1
+    assert counters.get("dropped_before_keyframe", 0) == 0
+    continued = [s for s in check.manifest["segments"] if s["start"] >= 2.0]
+    assert continued[0]["continues"]
+    assert not continued[0]["starts_with_keyframe"]
+    assert len({s["init_key"] for s in check.manifest["segments"]}) == 1
+    assert check.manifest["gaps"] == []
+
+
+async def test_a_reconnect_that_outruns_the_old_process_s_last_upload_keeps_every_frame(
+    service: ServiceFactory,
+) -> None:
+    """The first process still holds the GOP's key frame in its open segment when the bot's
+    new connection reaches the second: the second holds those frames until the first has
+    listed that segment, then continues from it."""
+    first = await service(spool_dir="spool-a")
+    second = await service(spool_dir="spool-b")
+    bot = Bot(first, keyframe_interval_s=None)
+    session_key = f"{bot.sim.bot_id}/{bot.sim.recording_id}/session.json"
+    async with aiohttp.ClientSession() as session:
+        old = await session.ws_connect(first.url)
+        await bot.send(old, 0, 20)
+        await wait_for_live_listing(first, session_key, bot.manifest_key)
+        async with session.ws_connect(second.url) as new:
+            await bot.send(new, 20, 30)
+            await asyncio.sleep(0.5)
+            assert await second.store.get(bot.manifest_key) is None
+            await old.close()
+            await bot.send(new, 30, 40)
+        await first.settle()
+    await second.settle()
+    check = await check_stream(second.store, bot.manifest_key, key_prefix="archive/")
+    assert check.ok, check.problems
+    assert [round(f.time_s, 3) for f in check.frames] == [round(u[0], 3) for u in bot.units]
+    assert check.manifest["counters"].get("dropped_before_keyframe", 0) == 0
+    assert check.manifest["counters"]["received"] == 40
+    assert check.manifest["status"] == "complete"
+
+
+async def test_frames_after_a_three_second_disconnection_are_kept_and_the_gap_recorded(
+    service: ServiceFactory,
+) -> None:
+    first = await service(spool_dir="spool-a")
+    bot = Bot(first, seconds=6, keyframe_interval_s=None)
+    async with aiohttp.ClientSession() as session, session.ws_connect(first.url) as ws:
+        await bot.send(ws, 0, 20)
+    await first.settle()
+    second = await service(spool_dir="spool-b")
+    async with aiohttp.ClientSession() as session, session.ws_connect(second.url) as ws:
+        await bot.send(ws, 50, 60)  # what the sender encoded meanwhile never arrived
+    await second.settle()
+    manifest = await second.json(bot.manifest_key)
+    assert sum(s["frames"] for s in manifest["segments"]) == 30
+    assert manifest["gaps"] == [
+        {"start": 2.0, "end": 5.0, "reason": "not_received", "references_missing": True}
+    ]
+    assert manifest["counters"]["received"] == manifest["counters"]["archived"] == 30
 
 
 async def test_two_machines_writing_one_stream_both_end_up_in_its_manifest(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 from datetime import UTC, datetime
 
+import av
 import pytest
 
 from archiver.errors import MediaError
@@ -106,9 +108,65 @@ def test_units_that_never_advance_time_are_still_cut_by_count_and_by_size() -> N
     assert sum(s.frames for s in sized) == 30
 
 
+def pictures(segments: list[MediaSegment]) -> list[bytes]:
+    with av.open(io.BytesIO(segments[0].init + b"".join(s.body for s in segments))) as mp4:
+        return [bytes(frame.planes[0]) for frame in mp4.decode(mp4.streams.video[0])]
+
+
 def test_init_segments_describe_the_senders_parameter_sets() -> None:
     """`avcC` carries the SPS/PPS of the stream, so a decoder that starts at the init
     segment (a player joining, a continued stream) reads the sender's configuration."""
     (_, first), *_ = units(seconds=0.1)
     config = probe_config(analyse(first))
     assert configuration_of(init_segment(config)) == config
+
+
+def test_a_continued_segmenter_keeps_every_frame_mid_gop_and_decodes_like_one() -> None:
+    """One key frame at the start only, as WebRTC senders do: a second segmenter (another
+    worker, a new task) takes over after 2 s from the first one's init segment alone."""
+    sent = units(seconds=4, keyframe_interval_s=None)
+    whole = H264Segmenter(target_s=1)
+    reference = [s for t, data in sent for s in whole.push(data, t, NOW)] + whole.flush()
+    before = H264Segmenter(target_s=1)
+    first = [s for t, data in sent[:20] for s in before.push(data, t, NOW)] + before.flush()
+    after = H264Segmenter(target_s=1, first_seq=len(first), last_ticks=first[-1].end_ticks - 1)
+    after.resume(configuration_of(first[-1].init), continues_at=first[-1].end_ticks)
+    second = [s for t, data in sent[20:] for s in after.push(data, t, NOW)] + after.flush()
+    assert after.counters.dropped_before_keyframe == 0
+    assert not second[0].starts_with_keyframe
+    assert second[0].init == first[0].init
+    assert after.gaps == []
+    assert sum(s.frames for s in first + second) == len(sent) == 40
+    assert pictures(first + second) == pictures(reference)
+
+
+def test_frames_not_received_in_between_are_a_gap_and_what_follows_is_kept() -> None:
+    sent = units(seconds=6, keyframe_interval_s=None)
+    before = H264Segmenter(target_s=1)
+    first = [s for t, data in sent[:20] for s in before.push(data, t, NOW)] + before.flush()
+    after = H264Segmenter(target_s=1, last_ticks=first[-1].end_ticks - 1)
+    after.resume(configuration_of(first[-1].init), continues_at=first[-1].end_ticks)
+    rest = sent[50:]  # 3 s the bot was away
+    second = [s for t, data in rest for s in after.push(data, t, NOW)] + after.flush()
+    assert sum(s.frames for s in second) == len(rest)
+    (gap,) = after.gaps
+    assert gap == {"start": 2.0, "end": 5.0, "reason": "not_received", "references_missing": True}
+    mp4 = first[0].init + b"".join(s.body for s in first + second)
+    assert samples(mp4) == [round(t * TIMESCALE) for t, _ in sent[:20] + rest]
+    # They decode, with artefacts until the next key frame; FFmpeg conceals away the first
+    # after a gap that long (it refers to a picture 30 frames back).
+    decoded = [f.time_s for f in decode(mp4)]
+    assert decoded[20:] == pytest.approx([t for t, _ in rest[1:]])
+
+
+def samples(mp4: bytes) -> list[int]:
+    with av.open(io.BytesIO(mp4)) as container:
+        return [p.pts for p in container.demux(container.streams.video[0]) if p.size]
+
+
+def test_a_stream_never_keyframed_anywhere_still_waits_for_its_key_frame() -> None:
+    sent = units(seconds=2, keyframe_interval_s=1)
+    fresh = H264Segmenter(target_s=1, last_ticks=-1)
+    segments = [s for t, data in sent[3:] for s in fresh.push(data, t, NOW)] + fresh.flush()
+    assert fresh.counters.dropped_before_keyframe == 7
+    assert segments[0].starts_with_keyframe

@@ -94,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     _archive_arguments(verify, required=False)
     verify.add_argument("--json", action="store_true", help="print one JSON document")
+    verify.add_argument(
+        "--decode",
+        action="store_true",
+        help="decode every H.264 stream too (run by run): every listed frame must decode",
+    )
 
     export = commands.add_parser("export", help="export a recording to MP4, PNG and JSON Lines")
     _archive_arguments(export, required=True)
@@ -267,7 +272,7 @@ async def verify(args: argparse.Namespace) -> int:
     if args.recording is not None and args.bot is None:
         raise ConfigError("--recording needs --bot")
     async with Archive.open(args.store_url, args.s3_endpoint_url) as archive:
-        report = await verify_archive(archive, args.bot, args.recording)
+        report = await verify_archive(archive, args.bot, args.recording, decode=args.decode)
     if args.json:
         sys.stdout.write(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2).decode())
         sys.stdout.write("\n")

@@ -6,11 +6,12 @@ Each init segment is announced with `#EXT-X-MAP`; where the configuration change
 timeline jumps (a pause, a loss) before a key frame, `#EXT-X-DISCONTINUITY` tells the player
 to reset its decoder and timestamps. A segment that begins mid-GOP (a stream continued on
 another worker or task) never gets one behind a segment of its configuration: a reset
-decoder would drop its frames until the next key frame, while across a jump the player only
-skips the hole. Every segment carries `#EXT-X-PROGRAM-DATE-TIME` (the source's
-wall clock at its first frame), so players and tools can line streams up with each other
-and with the events. A live stream's playlist is an `EVENT` playlist that only grows; once
-the stream is complete it ends with `#EXT-X-ENDLIST`.
+decoder would drop its frames until the next key frame, while across a jump players go on
+decoding (hls.js closes the jump up; FFmpeg keeps the timestamps). Every segment carries
+`#EXT-X-PROGRAM-DATE-TIME` (the source's wall clock at its first frame), so players and
+tools can line streams up with each other and with the events. A live stream's playlist is
+an `EVENT` playlist that only grows; once the stream is complete it ends with
+`#EXT-X-ENDLIST`.
 """
 
 from __future__ import annotations

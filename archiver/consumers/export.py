@@ -4,8 +4,13 @@ H.264 streams are remuxed without re-encoding into standard (not fragmented) MP4
 index first (`faststart`), keeping the stream's own timestamps: a frame at 3.25 s on the
 recording's timeline plays at 3.25 s. An MP4 holds one configuration, so a stream whose
 picture size changed becomes one file per configuration, unless re-encoding to one size is
-asked for. Each object is checked against its manifest as it is fetched; a missing or
-damaged one is left out and reported, the rest is still exported.
+asked for. Segments that continue the one before them mid-GOP (a stream continued on
+another worker or task, `starts_with_keyframe: false`) go into the same file, behind the
+same init segment. Each object is checked against its manifest as it is fetched; a missing
+or damaged one is left out and reported, the rest is still exported. A configuration whose
+first listed segment does not start with a key frame (the segments it continues are not in
+the archive) is reported too: its frames up to the next key frame are remuxed as archived
+but decode with artefacts, if at all (re-encoding leaves them out).
 """
 
 from __future__ import annotations
@@ -37,6 +42,30 @@ class ExportResult:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def configuration_runs(segments: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The listed segments split where the init segment changes: one MP4's worth each."""
+    return [(init_key, list(run)) for init_key, run in groupby(segments, lambda s: s["init_key"])]
+
+
+def leading_frames_problem(
+    name: str, segments: list[dict[str, Any]], outcome: str = "decode with artefacts, if at all"
+) -> str | None:
+    """What is wrong with a configuration's run of segments that begins without a key frame
+    (the segments it continues are not listed), or None when it begins with one; `outcome`
+    says what becomes of its frames before the key frame."""
+    if not segments or segments[0].get("starts_with_keyframe", True):
+        return None
+    first = segments[0]
+    key = next((s for s in segments if s.get("starts_with_keyframe", True)), None)
+    upto = segments if key is None else segments[: segments.index(key)]
+    frames = sum(s["frames"] for s in upto)
+    until = "its end" if key is None else f"the key frame at {key['start']:.3f} s"
+    return (
+        f"{name}: {first['key']} at {first['start']:.3f} s does not start with a key frame and "
+        f"the segments it continues are not listed: {frames} frames up to {until} {outcome}"
+    )
 
 
 def remux(source: Path, destination: Path) -> int:
@@ -127,13 +156,13 @@ class Exporter:
         return self.result
 
     async def _remuxed(self, stream: StreamInfo, manifest: dict[str, Any]) -> None:
-        runs = [
-            (init_key, list(run))
-            for init_key, run in groupby(manifest.get("segments", []), lambda s: s["init_key"])
-        ]
+        runs = configuration_runs(manifest.get("segments", []))
         for number, (init_key, segments) in enumerate(runs, start=1):
             name = stream.name if len(runs) == 1 else f"{stream.name}-{number}"
             destination = self.output / f"{name}.mp4"
+            problem = leading_frames_problem(destination.name, segments)
+            if problem is not None:
+                self.result.problems.append(problem)
             init = await self.archive.store.get(self.archive.relative(init_key))
             if init is None:
                 self.result.problems.append(f"{init_key}: missing")
@@ -155,6 +184,10 @@ class Exporter:
     async def _reencoded(self, stream: StreamInfo, manifest: dict[str, Any], size: Size) -> None:
         """Every configuration scaled to `size` in one H.264 MP4, with the stream's times."""
         destination = self.output / f"{stream.name}.mp4"
+        for _, segments in configuration_runs(manifest.get("segments", [])):
+            problem = leading_frames_problem(destination.name, segments, "do not decode: left out")
+            if problem is not None:
+                self.result.problems.append(problem)
         with av.open(
             str(destination), "w", format="mp4", options={"movflags": "+faststart"}
         ) as out:
@@ -175,8 +208,14 @@ class Exporter:
                     out.mux(encoder.encode(image))
             except DamagedObjectError as exc:
                 self.result.problems.append(str(exc))
-            out.mux(encoder.encode(None))
+            if last_pts >= 0:
+                out.mux(encoder.encode(None))
         self._advance(total)
+        if last_pts < 0:
+            # The encoder never started, so neither did the file.
+            destination.unlink(missing_ok=True)
+            self.result.problems.append(f"{destination.name}: no frame decodes, not written")
+            return
         self.result.files.append(destination)
 
     async def _png(self, stream: StreamInfo, manifest: dict[str, Any]) -> None:

@@ -2,9 +2,11 @@
 between two times, fetching only the objects those frames need.
 
 H.264 segments are fetched one at a time and fed to one decoder per configuration, so a
-segment that does not start with a key frame decodes after the one before it (fetched too
-when the range starts there). PNG frames are read with one ranged GET per batch covering
-just the frames asked for, at the offsets the manifest gives.
+segment that does not start with a key frame (cut mid-GOP, or continuing the stream on
+another worker or task, across frames never received too) decodes after the ones before it
+back to its key frame (fetched too when the range starts there). PNG frames are read with
+one ranged GET per batch covering just the frames asked for, at the offsets the manifest
+gives.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def needed_segments(
     first = chosen[0]
     while (
         first > 0
-        and not segments[first]["starts_with_keyframe"]
+        and not segments[first].get("starts_with_keyframe", True)
         and segments[first - 1]["init_key"] == segments[first]["init_key"]
     ):
         first -= 1

@@ -1,5 +1,6 @@
-"""`archiver export`: standard MP4s that decode to the segments' frames at their times, PNG
-frames byte for byte, the events as JSON Lines."""
+"""`archiver export`: standard MP4s that decode to the segments' frames at their times (a
+stream continued mid-GOP on another task in one file), PNG frames byte for byte, the
+events as JSON Lines."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from archiver.cli import main
 from archiver.layout import RecordingId
 from archiver.store import S3Store
 from archiver.verify import check_events, check_stream
-from tests.consumers.conftest import Archived, Simulate
+from tests.consumers.conftest import Archived, Continue, Simulate, picture_md5, sent_pictures
 
 
 def decode(path: Path) -> list[tuple[float, int, int]]:
@@ -111,3 +112,55 @@ async def test_export_reencodes_one_stream_to_one_size(
     sent = archived.simulations[0].streams[1].sent
     assert [t for t, _, _ in exported] == pytest.approx([f.relative_s for f in sent], abs=1e-4)
     assert {(w, h) for _, w, h in exported} == {(320, 240)}
+
+
+def pictures(path: Path) -> list[tuple[float, str]]:
+    with av.open(str(path)) as container:
+        return [
+            (round(float(frame.pts * frame.time_base), 6), picture_md5(frame))
+            for frame in container.decode(video=0)
+        ]
+
+
+async def test_export_of_a_stream_continued_mid_gop_is_one_mp4_of_every_frame_sent(
+    continued_s3: Continue, tmp_path: Path
+) -> None:
+    archived = await continued_s3()
+    assert await run_export(archived, tmp_path) == 0
+    assert names(tmp_path) == ["100-webcam.mp4", "session.json"]
+    exported = pictures(tmp_path / "100-webcam.mp4")
+    assert exported == sent_pictures(archived.units)
+    assert [t for t, _ in exported] == [
+        f.relative_s for f in archived.simulations[0].streams[0].sent
+    ]
+    assert len(exported) == 40
+
+
+async def test_export_reports_a_stream_whose_listing_begins_mid_gop(
+    continued_local: Continue, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the first listed segment continues is not in the archive (lost): its frames are
+    exported as archived, and the export says they do not decode."""
+    archived = await continued_local()
+    path = Path(archived.store_url.removeprefix("file://")) / archived.manifest_key
+    manifest = orjson.loads(path.read_bytes())
+    listed = [s for s in manifest["segments"] if s["start"] >= archived.reconnect_s]
+    path.write_bytes(orjson.dumps({**manifest, "segments": listed}))
+    capsys.readouterr()
+
+    assert await run_export(archived, tmp_path / "remuxed") == 1
+    err = capsys.readouterr().err
+    assert f"100-webcam.mp4: {listed[0]['key']} at 2.000 s does not start with a key frame" in err
+    assert "20 frames up to its end decode with artefacts, if at all" in err
+    with av.open(str(tmp_path / "remuxed" / "100-webcam.mp4")) as container:
+        packets = [p for p in container.demux(video=0) if p.size]
+        times = [round(float(p.pts * p.time_base), 6) for p in packets]
+    assert times == [round(t, 6) for t, _ in archived.units[20:]]
+
+    status = await run_export(archived, tmp_path / "reencoded", "--reencode", "320x240")
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "20 frames up to its end do not decode: left out" in err
+    # Nothing else in it decodes: no file.
+    assert "100-webcam.mp4: no frame decodes, not written" in err
+    assert names(tmp_path / "reencoded") == ["session.json"]

@@ -1,8 +1,11 @@
 """HLS playlists: rendered from the manifest, parsed by a player's library, played by FFmpeg
-across resolution changes and segments without key frames."""
+across resolution changes and segments without key frames, also those of a stream continued
+mid-GOP on another task (with no discontinuity, even across frames never received)."""
 
 from __future__ import annotations
 
+import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -10,8 +13,8 @@ import m3u8
 import orjson
 import pytest
 
-from archiver.playlists import render_playlist
-from tests.consumers.conftest import Simulate
+from archiver.playlists import discontinuous, render_playlist
+from tests.consumers.conftest import Continue, Simulate, sent_pictures
 
 WALL = "2026-11-26T10:00:00.000000+00:00"
 
@@ -101,3 +104,70 @@ async def test_ffmpeg_plays_every_frame_across_a_resolution_change(
     assert entry["playlist_key"] == archived.stream_prefix(100, "webcam", "h264") + "/playlist.m3u8"
     assert entry["start"] == pytest.approx(3.25)
     assert entry["end"] == pytest.approx(7.25)
+
+
+def test_a_segment_continuing_mid_gop_never_resets_the_player_behind_its_configuration() -> None:
+    segments = [
+        segment(0.0, 2.0, "a"),
+        segment(2.0, 3.0, "a", keyframe=False),  # continued on another task
+        segment(6.0, 7.0, "a", keyframe=False),  # after 3 s never received: still continues
+        segment(9.0, 10.0, "a"),  # a pause, then a key frame: the timeline jumps
+        segment(10.0, 11.0, "b"),  # a new configuration
+    ]
+    playlist = m3u8.loads(render_playlist({"status": "complete", "segments": segments}))
+    assert [s.discontinuity for s in playlist.segments] == [False, False, False, True, True]
+    assert [s.init_section.uri for s in playlist.segments] == ["init-a.mp4"] * 4 + ["init-b.mp4"]
+    # Without a key frame behind another configuration it cannot continue: a reset anyway.
+    assert discontinuous(segments[1], segment(3.0, 4.0, "b", keyframe=False))
+    assert not discontinuous(segments[0], segments[1])
+
+
+def ffmpeg_frames(playlist: Path) -> list[tuple[float, str]]:
+    """What the `ffmpeg` command decodes of a playlist: (time, MD5 of the picture) each."""
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-copyts", "-i", str(playlist),
+               "-fps_mode", "passthrough", "-f", "framemd5", "-"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no decoding error either
+    lines = result.stdout.splitlines()
+    time_base = Fraction(next(line for line in lines if line.startswith("#tb 0:"))[6:].strip())
+    frames = []
+    for line in lines:
+        if not line.startswith("#"):
+            _, _, pts, _, _, md5 = (field.strip() for field in line.split(","))
+            frames.append((round(float(int(pts) * time_base), 6), md5))
+    return frames
+
+
+@pytest.mark.parametrize(
+    ("seconds", "then"),
+    [(4.0, (20, 40)), (6.0, (50, 60))],
+    ids=["reconnect", "reconnect-after-3-s-away"],
+)
+async def test_ffmpeg_plays_every_frame_of_a_stream_continued_mid_gop(
+    continued_local: Continue, seconds: float, then: tuple[int, int]
+) -> None:
+    archived = await continued_local(seconds=seconds, then=then)
+    folder = Path(archived.store_url.removeprefix("file://")) / archived.stream_prefix(
+        100, "webcam", "h264"
+    )
+    manifest = orjson.loads((folder / "manifest.json").read_bytes())
+    continuing = next(s for s in manifest["segments"] if s["start"] == archived.reconnect_s)
+    assert not continuing["starts_with_keyframe"]
+    playlist = m3u8.load(str(folder / "playlist.m3u8"))
+    assert [s.discontinuity for s in playlist.segments] == [False] * len(manifest["segments"])
+    init = continuing["init_key"].rpartition("/")[2]
+    assert {s.init_section.uri for s in playlist.segments} == {init}
+
+    decoded = ffmpeg_frames(folder / "playlist.m3u8")
+    sent = sent_pictures(archived.units)
+    if then[0] == 20:
+        assert decoded == sent  # every frame, at its time, as the sender's stream decodes
+        return
+    # After 3 s away the frames refer to pictures never received: FFmpeg conceals away the
+    # first one or few, and decodes the rest at their times.
+    assert decoded[:20] == sent[:20]
+    after = [t for t, _ in decoded[20:]]
+    assert 7 <= len(after) <= 10
+    assert after == [round(t, 6) for t, _ in archived.units[-len(after) :]]
+    assert after[-1] == pytest.approx(5.9)

@@ -1,4 +1,5 @@
-"""The reader API: the right frames for a time range, fetched from only what they need."""
+"""The reader API: the right frames for a time range, fetched from only what they need,
+also in a stream continued mid-GOP on another task."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from archiver.layout import RecordingId
 from archiver.reader import Archive
 from archiver.store import LocalFolderStore
-from tests.consumers.conftest import Simulate
+from tests.consumers.conftest import Continue, Simulate, picture_md5, sent_pictures
 
 
 class CountingStore(LocalFolderStore):
@@ -100,3 +101,33 @@ async def test_png_frames_by_ranged_reads(local_archive: Simulate) -> None:
             )
         ]
         assert frames[0].absolute == datetime.fromisoformat(listed[0]["absolute"])
+
+
+async def test_frames_of_a_range_inside_a_stream_continued_mid_gop(
+    continued_local: Continue,
+) -> None:
+    """The range starts after a reconnect to another task, inside a segment without a key
+    frame: decoding walks back to the stream's key frame, and yields just the range."""
+    archived = await continued_local()
+    store = CountingStore(archived.store_url.removeprefix("file://"))
+    async with Archive(store) as archive:
+        [stream] = await archive.streams(RecordingId(archived.bot_id, archived.recording_id))
+        segments = (await archive.manifest(stream))["segments"]
+        assert segments[0]["start"] < archived.reconnect_s < 2.55
+        store.gets.clear()
+        frames = [frame async for frame in archive.frames(stream, 2.55, 3.45)]
+        expected = [(t, md5) for t, md5 in sent_pictures(archived.units) if 2.55 <= t < 3.45]
+        assert [(f.relative_s, picture_md5(f.image)) for f in frames] == expected
+        assert [f.relative_s for f in frames] == pytest.approx([2.6 + n / 10 for n in range(9)])
+        fetched = [key for key in store.gets if key.endswith(".m4s")]
+        assert fetched == [archive.relative(s["key"]) for s in segments if s["start"] < 3.45]
+
+
+async def test_frames_after_frames_never_received(continued_local: Continue) -> None:
+    # 3 s the bot was away: the frames after it still decode, from the key frame before.
+    archived = await continued_local(seconds=6, then=(50, 60))
+    async with Archive.open(archived.store_url) as archive:
+        [stream] = await archive.streams(RecordingId(archived.bot_id, archived.recording_id))
+        frames = [frame async for frame in archive.frames(stream, 5.25, 5.75)]
+        assert [f.relative_s for f in frames] == pytest.approx([5.3, 5.4, 5.5, 5.6, 5.7])
+        assert {(f.width, f.height) for f in frames} == {(320, 240)}

@@ -1,5 +1,6 @@
 """The viewer in a real browser: headless Chromium (Debian's `chromium` package, which CI
-installs) plays an archived meeting through hls.js, served by the real service.
+installs) plays an archived meeting through hls.js, served by the real service; and a
+stream continued mid-GOP on another task, through the reconnect.
 
 Not skipped when Chromium is missing: CI installs it, and a viewer nobody played is not
 tested.
@@ -10,20 +11,29 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from playwright.async_api import async_playwright
 
-from tests.consumers.conftest import Viewing
+from tests.consumers.conftest import ContinueViewing, Viewing, sent_pictures
 
 CHROMIUM = "/usr/bin/chromium"
 SYNC_S = 0.1
+_VIDEOS = """[...document.querySelectorAll("video")].map((video) => ({
+  current_time: video.currentTime,
+  rendered: video.getVideoPlaybackQuality().totalVideoFrames,
+}))"""
+"""What each video element (in page order) played: its position, and how many frames it
+decoded and showed (or dropped for being late)."""
+_BROKEN_MEDIA = {"fragParsingError", "bufferAppendError", "bufferAddCodecError", "fragGap"}
 
 
 async def play_to_the_end(viewing: Viewing) -> tuple[dict[str, Any], list[str]]:
-    """Open the viewer, press play, wait for the end; the page's report and what the
-    browser logged as errors."""
+    """Open the viewer, press play, wait for the end; the page's report (with `videos`, what
+    the video elements played) and what the browser logged as errors."""
     assert shutil.which(CHROMIUM), (
         f"{CHROMIUM} is missing: `apt-get install -y chromium` (CI's .ci/run installs it)"
     )
@@ -52,6 +62,7 @@ async def play_to_the_end(viewing: Viewing) -> tuple[dict[str, Any], list[str]]:
             while not report["finished"] and time.monotonic() < deadline:
                 await asyncio.sleep(0.25)
                 report = await page.evaluate("window.viewer.report()")
+            report["videos"] = await page.evaluate(_VIDEOS)
             return report, console
         finally:
             await browser.close()
@@ -98,3 +109,47 @@ async def test_viewer_plays_a_meeting_in_sync_from_s3(
     await s3_viewer.simulate(participants=2, seconds=6, fps=15, resize_at_s=3.0)
     report, console = await play_to_the_end(s3_viewer)
     check_played_in_sync(report, console, streams=2)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("seconds", "then"),
+    [(3.0, (15, 30)), (4.0, (25, 40))],
+    ids=["reconnect", "reconnect-after-1-s-away"],
+)
+async def test_viewer_plays_a_stream_continued_mid_gop_through_the_reconnect(
+    continued_viewer: ContinueViewing, seconds: float, then: tuple[int, int]
+) -> None:
+    """The bot reconnected to another task after 1.5 s: the segments from there on start
+    without a key frame, and hls.js decodes them on from the ones before (after 1 s away,
+    too: the page holds the picture through the gap, on the wall clock)."""
+    viewing, archived = await continued_viewer(seconds=seconds, first=(0, 15), then=then)
+    report, console = await play_to_the_end(viewing)
+    assert report["finished"], report
+    [stream] = report["streams"]
+    assert not stream["errors"], stream["errors"]
+    assert stream["media_error"] is None
+    broken = [w for w in stream["warnings"] if w.partition(": ")[2] in _BROKEN_MEDIA]
+    assert not broken, stream["warnings"]
+    assert stream["ended"], stream
+    assert not console, console
+
+    manifest = orjson.loads(
+        (Path(archived.store_url.removeprefix("file://")) / archived.manifest_key).read_bytes()
+    )
+    segments = manifest["segments"]
+    continuing = next(i for i, s in enumerate(segments) if s["start"] == archived.reconnect_s)
+    assert not segments[continuing]["starts_with_keyframe"]
+    # Playlist positions: where the continuing segments begin, and the end.
+    reconnect = sum(s["end"] - s["start"] for s in segments[:continuing])
+    total = sum(s["end"] - s["start"] for s in segments)
+    assert stream["max_time"] > reconnect + 0.5, stream
+    assert stream["max_time"] == pytest.approx(total, abs=0.1)
+    # Every frame that decodes is shown: all of them, or after frames never received all
+    # but the few that refer to those too closely, which FFmpeg conceals away as well.
+    [video] = report["videos"]
+    decodable = len(sent_pictures(archived.units))
+    assert decodable == len(archived.units) if then[0] == 15 else decodable >= 20
+    assert video["rendered"] == decodable, (video, stream)
+    assert stream["samples"] > 20, stream
+    assert stream["max_drift"] < SYNC_S, stream

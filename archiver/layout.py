@@ -32,6 +32,18 @@ def key_micros(relative_s: float | None) -> int:
     return round(relative_s * 1_000_000)
 
 
+def conflict_key(key: str, sha256: str) -> str:
+    """Where an object goes whose own key already holds other bytes (another writer won a
+    race for it): its name tagged with the first 16 hex digits of its SHA-256, so that it
+    sorts right after the other. The same for a key tagged already."""
+    folder, _, name = key.rpartition("/")
+    base, dot, extension = name.partition(".")
+    tag = f"-{sha256[:16]}"
+    if base.endswith(tag):
+        return key
+    return f"{folder}/{base}{tag}{dot}{extension}" if folder else f"{base}{tag}{dot}{extension}"
+
+
 def local_name(prefix: str) -> str:
     """A flat, collision-free local name for an object prefix. Ids may be 128 characters
     each, so a long prefix keeps a readable start and ends in a hash of the whole."""

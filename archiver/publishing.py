@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from dataclasses import replace
+from typing import Any, Generic, TypeVar, cast
 
 import structlog
 
@@ -65,8 +66,11 @@ class InOrderPublisher(Generic[EntryT]):
         self, entry: EntryT, spooled: list[SpooledObject], stored: Callable[[], None] | None
     ) -> EntryT:
         for spooled_object in spooled:
-            await self.spool.confirm(spooled_object)
+            _, key = await self.spool.confirm_where(spooled_object)
             self.budget.count_media(spooled_object.size)
+            if key != spooled_object.key and spooled_object.listing is not None:
+                # Another writer held its key with other bytes: listed where it was stored.
+                entry = replace(cast("Any", entry), key=self.spool.location(key))
         if stored is not None:
             stored()
         return entry

@@ -359,8 +359,15 @@ async def _upload_then_list(
     through an S3 outage it simply waits. What a previous process spooled of a document is
     dropped, and the records of what it lists forgotten, only once the merged version is
     stored."""
+    moved: dict[str, str] = {}
     for spooled in backlog:
-        await spool.confirm(spooled)
+        _, key = await spool.confirm_where(spooled)
+        if key != spooled.key:
+            moved[spool.location(spooled.key)] = spool.location(key)
+    for listing in listings.values():
+        for entry in listing.entries:
+            if entry.get("key") in moved:
+                entry["key"] = moved[entry["key"]]
     statuses: dict[str, StreamStatus] = {}
     sessions = [key for key, listing in listings.items() if listing.header.get("kind") == "session"]
     for manifest_key in [*[key for key in listings if key not in sessions], *sessions]:

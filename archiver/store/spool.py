@@ -48,6 +48,7 @@ import structlog
 
 from archiver import metrics
 from archiver.errors import ConfigError, ObjectConflictError, StoreError
+from archiver.layout import conflict_key
 from archiver.store.base import ListingStore, ObjectStore, StoredObject, sha256_digest
 from archiver.store.moves import move_write_once
 
@@ -286,19 +287,26 @@ class Spool:
         """Upload until the store confirms; then the object leaves the spool. A newer version
         of the same key supersedes this one: it is not sent, the newer one will be. When the
         process stops first (cancellation), the object stays on disk for the next one."""
+        return (await self.confirm_where(spooled, body))[0]
+
+    async def confirm_where(
+        self, spooled: SpooledObject, body: bytes | None = None
+    ) -> tuple[StoredObject, str]:
+        """`confirm`, and the key the object was stored under: its own, or, when that held
+        other bytes (another writer's), `layout.conflict_key`'s."""
         try:
-            stored = await self._upload_until_accepted(spooled, body)
+            stored, spooled = await self._upload_until_accepted(spooled, body)
         except ObjectConflictError:
             await self._forget(spooled)
             raise
         if stored is None:
             await self._forget(spooled)
-            return StoredObject(spooled.key, spooled.size, spooled.sha256)
+            return StoredObject(spooled.key, spooled.size, spooled.sha256), spooled.key
         if spooled.listing is not None:
             await self._keep_until_listed(spooled)
         else:
             await self._forget(spooled)
-        return stored
+        return stored, spooled.key
 
     async def _keep_until_listed(self, spooled: SpooledObject) -> None:
         """The store has it: free its bytes, keep its record (marked uploaded) until a
@@ -362,13 +370,14 @@ class Spool:
 
     async def _upload_until_accepted(
         self, spooled: SpooledObject, body: bytes | None
-    ) -> StoredObject | None:
-        """What the store confirmed; None when a newer version of the key superseded this
-        one before it was sent."""
+    ) -> tuple[StoredObject | None, SpooledObject]:
+        """What the store confirmed (None when a newer version of the key superseded this
+        one before it was sent), and the object as it was stored: under another key when
+        its own held other bytes."""
         attempt = 0
         while True:
             if self._latest.get(spooled.key, spooled.seq) != spooled.seq:
-                return None
+                return None, spooled
             try:
                 async with self._uploads, self._reading(spooled.size if body is None else 0):
                     if body is None:
@@ -377,7 +386,7 @@ class Spool:
                         stored = await self._put_in_fallback(self.fallback, spooled, body)
                         self.counters["to_fallback"] += 1
                         metrics.fallback_used()
-                        return stored
+                        return stored, spooled
                     if spooled.replaces is not None and self.in_fallback:
                         await self._bring_back()
                     started = time.monotonic()
@@ -393,10 +402,15 @@ class Spool:
             except ObjectConflictError as exc:
                 if spooled.replaces is not None:
                     raise  # The writer merges with what is there and writes again.
-                # Retrying cannot help and overwriting is never allowed: keep the first.
+                # Overwriting is never allowed, and listing these bytes under a key that
+                # holds others would lie: they go under a key of their own.
                 self.counters["conflicts"] += 1
-                log.error("object_conflict", key=exc.key, error=exc.cause)
-                return StoredObject(spooled.key, spooled.size, spooled.sha256)
+                moved = conflict_key(spooled.key, spooled.sha256)
+                log.error("object_conflict", key=exc.key, error=exc.cause, stored_as=moved)
+                if moved == spooled.key:
+                    raise
+                spooled = self._rekeyed(spooled, moved)
+                continue
             except StoreError as exc:
                 body = None  # Do not hold a failed object in memory through an outage.
                 attempt += 1
@@ -411,7 +425,18 @@ class Spool:
                 continue
             self._mark_store(reachable=True)
             self.counters["uploaded"] += 1
-            return stored
+            return stored, spooled
+
+    def _rekeyed(self, spooled: SpooledObject, key: str) -> SpooledObject:
+        """The object under `key`, its manifest entry (if it has one) naming it there."""
+        if self._latest.get(spooled.key) == spooled.seq:
+            del self._latest[spooled.key]
+        self._latest[key] = spooled.seq
+        extra = spooled.extra
+        if spooled.listing is not None and extra is not None:
+            entry = {**extra["entry"], "key": self.store.location(key)}
+            extra = {**extra, "entry": entry}
+        return replace(spooled, key=key, extra=extra)
 
     @contextlib.asynccontextmanager
     async def _reading(self, size: int) -> AsyncIterator[None]:

@@ -73,6 +73,8 @@ def frames_after_missing_references(manifest: dict[str, Any]) -> int:
 
 
 StreamStatus = Literal["live", "complete", "interrupted"]
+_IDENTITY = ("bot", "recording", "realtime_endpoint", "video_separate")
+"""A manifest's fields that its first writer fixes."""
 
 
 def _now() -> str:
@@ -382,6 +384,8 @@ class ArchiveManifest(ABC, Generic[EntryT]):
         self.gaps: list[dict[str, Any]] = []
         self.taken_in_frames = 0
         """Frames of objects listed by another writer or a crashed process."""
+        self.identity_conflicts = 0
+        """Runs that named other ids or metadata than the first writer's (kept)."""
         self.created_at = _now()
         self.status: StreamStatus = "live"
         if previous is not None:
@@ -401,7 +405,12 @@ class ArchiveManifest(ABC, Generic[EntryT]):
         """The document's fields that only this format has."""
 
     def _resume(self, previous: dict[str, Any]) -> None:
-        """Continue a manifest a previous connection or process wrote."""
+        """Continue a manifest a previous connection or process wrote. Its ids and metadata
+        stand (a later run that names others is counted, `identity_conflicts`), and its
+        participant too: a different one is a change in `participant_changes`."""
+        self._keep_identity(previous)
+        if isinstance(previous.get("participant"), dict):
+            self.participant = previous["participant"]
         self.created_at = previous.get("created_at", self.created_at)
         for change in previous.get("participant_changes", []):
             self._note_change(change)
@@ -439,6 +448,18 @@ class ArchiveManifest(ABC, Generic[EntryT]):
                 known.add((gap.get("reason"), gap.get("end")))
                 self.gaps.append(gap)
         self.gaps.sort(key=lambda gap: float(gap.get("start") or 0))
+
+    def _keep_identity(self, previous: dict[str, Any]) -> None:
+        stored = {
+            name: previous[name]
+            for name in _IDENTITY
+            if name in previous and (previous[name] is None or isinstance(previous[name], dict))
+        }
+        conflicts = sum(stored[name] != getattr(self.context, name) for name in stored)
+        if conflicts:
+            self.identity_conflicts += conflicts
+            log.warning("identity_kept", stream=str(self.stream), fields=conflicts)
+            self.context = replace(self.context, **stored)
 
     def add(self, entry: EntryT) -> None:
         """List a stored object after those listed, numbered next; its document is built
@@ -502,6 +523,10 @@ class ArchiveManifest(ABC, Generic[EntryT]):
         merged["received"] = merged.get("received", 0) + self.taken_in_frames
         merged["archived"] = sum(self.frames_of(entry) for entry in self.entries)
         merged.setdefault("pending", 0)
+        if self.identity_conflicts:
+            merged["identity_conflicts"] = merged.get("identity_conflicts", 0) + (
+                self.identity_conflicts
+            )
         return {
             "schema_version": SCHEMA_VERSION,
             "status": self.status,

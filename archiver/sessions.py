@@ -131,6 +131,8 @@ class SessionIndex:
         self.limits = limits or SessionLimits()
         self.context: RecordingContext | None = None
         self.refs: dict[str, dict[str, Any]] = {}
+        self.stored_refs: dict[str, dict[str, Any]] = {}
+        """The bot's and recording's ids and metadata as first stored: they stand."""
         self.participants: dict[str, dict[str, Any]] = {}
         self.details_bytes: dict[str, int] = {}
         self.presence: dict[str, dict[str, list[Any]]] = {}
@@ -244,6 +246,9 @@ class SessionIndex:
         self.refs = self.refs or {
             name: previous[name] for name in ("bot", "recording") if name in previous
         }
+        for name in ("bot", "recording"):
+            if isinstance(previous.get(name), dict):
+                self.stored_refs.setdefault(name, previous[name])
         for stream in previous.get("streams", []):
             key = stream.get("manifest_key") if isinstance(stream, dict) else None
             if isinstance(key, str) and key not in self.own:
@@ -337,12 +342,14 @@ class SessionIndex:
         """The document as it stands, in fresh containers: it can be serialised on a thread
         while the loop goes on changing the index."""
         context = self.context
-        refs = self.refs
-        bot = context.bot if context else refs.get("bot", {"id": self.recording.bot_id})
-        recording = (
-            context.recording
-            if context
-            else refs.get("recording", {"id": self.recording.recording_id})
+        # The first writer's ids and metadata stand: a later connection cannot rename them.
+        refs = {
+            **self.stored_refs,
+            **{k: v for k, v in self.refs.items() if k not in self.stored_refs},
+        }
+        bot = refs.get("bot") or (context.bot if context else {"id": self.recording.bot_id})
+        recording = refs.get("recording") or (
+            context.recording if context else {"id": self.recording.recording_id}
         )
         document = {
             "schema_version": SCHEMA_VERSION,

@@ -12,9 +12,9 @@ import pydantic
 import structlog
 
 from archiver import logs
-from archiver.errors import ConfigError, StoreError
+from archiver.errors import ConfigError, InvalidIdError, StoreError
 from archiver.ingest.server import create_app
-from archiver.ingest.tokens import create_token
+from archiver.ingest.tokens import Grant, create_token, ingest_grant, view_grant
 from archiver.loadgen import Load, run_load
 from archiver.reconcile import reconcile
 from archiver.settings import Settings
@@ -51,7 +51,19 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         required=True,
         metavar="SECONDS",
-        help="lifetime: until the bot's meeting has ended, plus Recall's reconnect window",
+        help="lifetime: until the bot's meeting has ended, plus Recall's reconnect window; "
+        "at most ARCHIVER_TOKEN_MAX_TTL_S (default 86400)",
+    )
+    scope = create.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--bot",
+        metavar="BOT_ID",
+        help="the one bot it writes for (default: the first bot that connects with it)",
+    )
+    scope.add_argument(
+        "--view",
+        metavar="BOT_ID/RECORDING_ID",
+        help="a viewer token: opens that recording's viewer pages and objects, nothing else",
     )
 
     simulate = commands.add_parser("simulate", help="stream a simulated meeting, like a bot")
@@ -138,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "reconcile":
             return asyncio.run(reconcile_once())
         if args.command == "token":
-            return print_token(args.ttl)
+            return print_token(args.ttl, _grant(args.bot, args.view))
         if args.command == "simulate":
             return simulate(args)
         if args.command == "verify":
@@ -178,11 +190,22 @@ def serve() -> int:
     return 0
 
 
-def print_token(ttl_s: float) -> int:
+def _grant(bot_id: str | None, view: str | None) -> Grant:
+    try:
+        if view is not None:
+            bot, _, recording = view.partition("/")
+            return view_grant(bot, recording)
+        return ingest_grant(bot_id)
+    except InvalidIdError as exc:
+        raise ConfigError(f"not a bot or recording id: {exc.detail}") from None
+
+
+def print_token(ttl_s: float, grant: Grant) -> int:
     settings = _settings()
     if not settings.token_keys:
         raise ConfigError("no signing key configured: set ARCHIVER_TOKEN_KEYS")
-    print(create_token(settings.token_keys[0].get_secret_value(), ttl_s))
+    key = settings.token_keys[0].get_secret_value()
+    print(create_token(key, ttl_s, grant=grant, max_ttl_s=settings.token_max_ttl_s))
     return 0
 
 

@@ -381,15 +381,16 @@ class Exporter:
             self.registry = instruments().registry
         port = self.settings.metrics_port
         if port:
-            host = self.settings.host
+            host = self.settings.metrics_host
             try:
                 self.server, _ = start_http_server(port, addr=host, registry=self.registry)
             except OSError as exc:
                 self.stop()
                 raise ConfigError(
-                    f"cannot serve metrics on {host}:{port} (ARCHIVER_METRICS_PORT): {exc}"
+                    f"cannot serve metrics on {host}:{port} (ARCHIVER_METRICS_HOST, "
+                    f"ARCHIVER_METRICS_PORT): {exc}"
                 ) from exc
-            log.info("metrics_serving", port=port, path="/metrics")
+            log.info("metrics_serving", host=host, port=port, path="/metrics")
         if self.settings.cloudwatch_metrics:
             # The documents are metrics, not messages: whatever ARCHIVER_LOG_LEVEL says.
             logging.getLogger(_EMF_LOGGER).setLevel(logging.INFO)

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import os
 import random
+import re
 import socket
 import time
 import uuid
@@ -34,6 +35,7 @@ from typing import Any
 import aiohttp
 import orjson
 import structlog
+import yarl
 
 from archiver import metrics
 from archiver.errors import ObjectConflictError, StoreError
@@ -164,7 +166,7 @@ class ReadyNotices:
             "attempts": outcome.attempts,
             "http_status": outcome.http_status,
             "error": outcome.error,
-            "webhook": _describe(self.url),
+            "webhook": describe_url(self.url),
         }
         if outcome.outcome == "delivered":
             log_.info("notice_delivered", **details)
@@ -281,7 +283,7 @@ class ReadyNotices:
                 ) as response:
                     status = response.status
             except (aiohttp.ClientError, TimeoutError) as exc:
-                error = repr(exc)
+                error = _describe_error(exc, self.url)
             if status is not None and 200 <= status < 300:
                 return _Outcome("delivered", attempt, status, None)
             if status is not None and status < 500 and status not in _RETRYABLE_STATUS:
@@ -314,6 +316,22 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _describe(url: str) -> str:
-    """The URL without its query, which may carry a token."""
-    return url.split("?", 1)[0]
+def describe_url(url: str) -> str:
+    """`scheme://host[:port]/path` of `url`, for logs and records: never its user-info (a
+    password) nor its query or fragment (a token), even when the URL is unusable."""
+    try:
+        parsed = yarl.URL(url)
+    except (ValueError, TypeError):
+        # Unusable: nothing before its last "@" (user-info) nor from its query on.
+        scheme, separator, rest = url.partition("://")
+        rest = re.split(r"[?#]", rest.rpartition("@")[2], maxsplit=1)[0]
+        return f"{scheme}{separator}{rest}"
+    return str(parsed.with_user(None).with_query(None).with_fragment(None))
+
+
+def _describe_error(exc: BaseException, url: str) -> str:
+    """An attempt's error, for logs and records: an invalid URL's error quotes the whole
+    URL, so it is named with the redacted one instead."""
+    if isinstance(exc, aiohttp.InvalidURL):
+        return f"{type(exc).__name__}({describe_url(url)!r})"
+    return repr(exc)

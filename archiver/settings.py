@@ -20,13 +20,20 @@ class Settings(BaseSettings):
     # Required for `serve`, one kind or both: who may connect.
     auth_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         default=(),
-        description="Accepted `token` query values, comma-separated; several allow rotation.",
+        description="Accepted `token` query values (at least 32 characters each; `serve` "
+        "refuses shorter ones), comma-separated; several allow rotation.",
     )
     token_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         default=(),
         description="Keys (at least 32 characters each) of short-lived signed tokens, "
         "comma-separated: the first signs (`archiver token create`), every one verifies, so "
         "a new key goes first and the old one stays second until its tokens have expired.",
+    )
+    token_max_ttl_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="Longest lifetime `archiver token create --ttl` may give a signed token, "
+        "seconds: a leaked token stays valid until it expires.",
     )
 
     # Listening.
@@ -350,7 +357,8 @@ class Settings(BaseSettings):
         default=3600,
         ge=60,
         le=7 * 24 * 3600,
-        description="Lifetime of the presigned S3 URLs the viewer hands the browser, seconds.",
+        description="Lifetime of the presigned S3 URLs the viewer hands the browser, seconds; "
+        "never beyond the viewer token's expiry.",
     )
 
     # Metrics.
@@ -358,8 +366,13 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         le=65535,
-        description="TCP port (on `host`) where Prometheus scrapes /metrics, the whole task's "
-        "figures (every worker); 0: not served. Never the public port.",
+        description="TCP port (on `metrics_host`) where Prometheus scrapes /metrics, the whole "
+        "task's figures (every worker); 0: not served. Never the public port.",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the metrics port listens on: this machine only by default; "
+        "0.0.0.0 where a scraper elsewhere reaches it (another container, the VPC).",
     )
     cloudwatch_metrics: bool = Field(
         default=False,

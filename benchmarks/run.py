@@ -68,7 +68,7 @@ from archiver.verify import check_stream
 from benchmarks import procs
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "benchmark-token"  # noqa: S105 (a local benchmark's)
+TOKEN = "benchmark-token-0123456789abcdef01"  # noqa: S105 (a local benchmark's)
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "benchmark",
     "AWS_SECRET_ACCESS_KEY": "benchmark",

@@ -21,7 +21,7 @@ from archiver.ingest.server import STATE, DrainingAppRunner, RedactingAccessLogg
 from archiver.settings import Settings
 from archiver.store import S3Store
 
-TOKEN = "test-token-7f3a9c1e5b"
+TOKEN = "test-token-7f3a9c1e5b2d8046a1c9e3f7"
 
 
 async def serve_locally(runner: web.AppRunner) -> str:

@@ -19,7 +19,9 @@ This module reads the store and the documents; it never imports the write side.
 from __future__ import annotations
 
 import asyncio
+import math
 import posixpath
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +33,7 @@ from aiohttp import web
 
 from archiver.consumers.reader import Archive, StreamInfo, parse_stream_key
 from archiver.errors import ConfigError, DamagedObjectError, InvalidIdError, StoreError
+from archiver.ingest.tokens import Grant
 from archiver.layout import RecordingId, safe_id
 from archiver.playlists import CONTENT_TYPE as PLAYLIST_CONTENT_TYPE
 from archiver.playlists import render_playlist
@@ -221,8 +224,8 @@ class ViewerConfig:
 
     store_url: str
     endpoint_url: str | None
-    accepts: Callable[[str | None], bool]
-    """The token check (constant time), the same as the bots'."""
+    grant: Callable[[str | None], Grant | None]
+    """The token check (constant time), the same as the bots': what a token allows."""
     hls_js: Path
     url_expiry_s: int = 3600
 
@@ -236,7 +239,8 @@ def _authorized(request: web.Request) -> tuple[Archive, Links]:
     checked like the write side's (only safe ids make keys)."""
     config = request.app[_CONFIG]
     token = request.query.get("token")
-    if not config.accepts(token):
+    grant = config.grant(token)
+    if grant is None:
         raise web.HTTPUnauthorized(text="missing or wrong token\n")
     try:
         recording = RecordingId(
@@ -245,8 +249,15 @@ def _authorized(request: web.Request) -> tuple[Archive, Links]:
         )
     except InvalidIdError:
         raise web.HTTPNotFound(text="no such recording\n") from None
+    if not grant.opens(recording.bot_id, recording.recording_id):
+        # A bot's ingest token, or another recording's viewer token.
+        raise web.HTTPUnauthorized(text="this token does not open this recording\n")
+    expiry_s = config.url_expiry_s
+    if grant.expiry is not None:
+        # A link never outlives the token that asked for it.
+        expiry_s = max(1, min(expiry_s, math.floor(grant.expiry - time.time())))
     archive = request.app[_ARCHIVE]
-    return archive, Links(archive.store, recording, token or "", config.url_expiry_s)
+    return archive, Links(archive.store, recording, token or "", expiry_s)
 
 
 async def _page(request: web.Request) -> web.FileResponse:

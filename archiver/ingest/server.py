@@ -30,9 +30,10 @@ from archiver import metrics
 from archiver.consumers.viewer import ViewerConfig, add_viewer, find_hls_js
 from archiver.errors import ConfigError, InputError, StoreError, TokenError
 from archiver.events import AUDIO_EVENTS
+from archiver.ingest.bindings import TokenBindings
 from archiver.ingest.listener import accept_forever
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
-from archiver.ingest.tokens import TokenCheck
+from archiver.ingest.tokens import Grant, TokenCheck
 from archiver.layout import RecordingId, StreamId
 from archiver.notices import ReadyNotices
 from archiver.protection import SharedWants, TaskProtection
@@ -62,6 +63,7 @@ class ServiceState:
     protection: TaskProtection
     tokens: TokenCheck
     notices: ReadyNotices
+    bindings: TokenBindings
     slot: Slot | None = None
     ready: bool = True
     connections: int = 0
@@ -142,7 +144,9 @@ async def readyz(request: web.Request) -> web.Response:
 async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
-        state.tokens.verify(request.query.get("token"))
+        grant = state.tokens.verify(request.query.get("token"))
+        if grant.kind == "view":
+            raise TokenError("wrong_scope")
     except TokenError as error:
         state.totals["refused_unauthorized"] += 1
         state.totals[f"refused_token_{error.reason}"] += 1
@@ -163,7 +167,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     await ws.prepare(request)
     state.next_connection += 1
-    connection = Connection(state, ws, state.next_connection, request.remote)
+    connection = Connection(state, ws, state.next_connection, request.remote, grant)
     state.connections += 1
     metrics.connection_opened()
     state.sockets.add(ws)
@@ -185,10 +189,19 @@ class Connection:
     """One bot's websocket: parses each message, routes it, counts what it refuses."""
 
     def __init__(
-        self, state: ServiceState, ws: web.WebSocketResponse, number: int, remote: str | None
+        self,
+        state: ServiceState,
+        ws: web.WebSocketResponse,
+        number: int,
+        remote: str | None,
+        grant: Grant,
     ) -> None:
         self.state = state
         self.ws = ws
+        self.grant = grant
+        self.bot_id = grant.bot_id
+        """The one bot this connection writes for (None: any, with a static token; or not
+        known until an unbound token's first message binds it)."""
         self.counts: Counter[str] = Counter()
         self.streams: set[StreamId] = set()
         self.queued = state.registry.connection_budget()
@@ -220,6 +233,11 @@ class Connection:
         except InputError as error:
             self.refuse(error)
             return
+        recording = (
+            message.stream.recording if isinstance(message, MediaMessage) else message.recording
+        )
+        if recording is not None and not await self.admits(recording.bot_id):
+            return
         if isinstance(message, MediaMessage):
             metrics.media_received(message.stream.media_format)
             await self.route_media(message)
@@ -241,6 +259,22 @@ class Connection:
             self.log = self.log.bind(bot=stream.recording.bot_id)
         self.counts[f"media_{stream.media_format}"] += 1
         await registry.dispatch(message, self.queued)
+
+    async def admits(self, bot_id: str) -> bool:
+        """Whether this connection's token writes for `bot_id`; a refused message is counted
+        (`wrong_bot`), never archived. An unbound token is bound to its first bot here."""
+        if self.grant.kind == "static":
+            return True
+        if self.bot_id is None and self.grant.binding is not None:
+            try:
+                self.bot_id = await self.state.bindings.bot_of(self.grant.binding, bot_id)
+            except StoreError as exc:
+                self.refuse(InputError("binding_unavailable", str(exc)))
+                return False
+        if bot_id != self.bot_id:
+            self.refuse(InputError("wrong_bot", f"the token writes for another bot, not {bot_id}"))
+            return False
+        return True
 
     def _open_streams(self) -> int:
         """Streams of this connection still open: ended ones (a leave, idle) stop counting.
@@ -335,7 +369,7 @@ def create_app(
             ViewerConfig(
                 store_url=settings.store,
                 endpoint_url=settings.s3_endpoint_url,
-                accepts=tokens.accepts,
+                grant=tokens.grant,
                 hls_js=find_hls_js(settings.viewer_hls_js_path),
                 url_expiry_s=settings.viewer_url_expiry_s,
             ),
@@ -382,7 +416,17 @@ def create_app(
         exporter = metrics.Exporter(settings, multiprocess_folder=False)
         if slot is None:
             exporter.start()
-        app[STATE] = ServiceState(settings, spool, registry, protection, tokens, notices, slot)
+        bindings = TokenBindings(spool)
+        app[STATE] = ServiceState(
+            settings, spool, registry, protection, tokens, notices, bindings, slot
+        )
+        if settings.auth_tokens:
+            log.warning(
+                "static_tokens_accepted",
+                detail="a static token writes for any bot and opens every recording: for "
+                "local use; give bots signed tokens (ARCHIVER_TOKEN_KEYS, archiver token "
+                "create --bot)",
+            )
         background = [asyncio.create_task(_protect_while_spooled(spool, protection))]
         if fallback is not None:
             background.append(
@@ -417,13 +461,27 @@ def create_app(
     return app
 
 
+MIN_STATIC_TOKEN_LENGTH = 32
+"""Shortest static token `serve` accepts: a guessable one would let anyone write."""
+
+
 def _token_check(settings: Settings) -> TokenCheck:
-    """Static tokens, signing keys, or both; neither refuses to start."""
+    """Static tokens, signing keys, or both; neither, or a static token too short to be
+    secret, refuses to start."""
     if not settings.auth_tokens and not settings.token_keys:
         raise ConfigError(
             "no auth token configured: set ARCHIVER_AUTH_TOKENS to one or more "
             "comma-separated secrets (e.g. ARCHIVER_AUTH_TOKENS=$(openssl rand -hex 24)), "
             "or ARCHIVER_TOKEN_KEYS to signing keys for `archiver token create`"
+        )
+    short = sum(len(t.get_secret_value()) < MIN_STATIC_TOKEN_LENGTH for t in settings.auth_tokens)
+    if short:
+        # How many, never which: no part of a token leaves the process.
+        raise ConfigError(
+            f"{short} of the {len(settings.auth_tokens)} ARCHIVER_AUTH_TOKENS tokens "
+            f"{'is' if short == 1 else 'are'} shorter than {MIN_STATIC_TOKEN_LENGTH} "
+            "characters: every static token needs at least that many (e.g. "
+            "ARCHIVER_AUTH_TOKENS=$(openssl rand -hex 24))"
         )
     return TokenCheck.build(
         [t.get_secret_value() for t in settings.auth_tokens],

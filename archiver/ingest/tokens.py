@@ -1,17 +1,23 @@
-"""Who may connect: static tokens, and short-lived tokens signed with HMAC-SHA256.
+"""Who may connect, and to what: static tokens, and short-lived scoped tokens signed with
+HMAC-SHA256.
 
-A signed token is `v1.<key id>.<expiry>.<signature>`, all URL-safe:
+A signed token is `v2.<key id>.<expiry>.<scope>.<signature>`, all URL-safe:
 
 - `key id`: the first 6 bytes of HMAC-SHA256(key, "archiver token key id"), base64url (8
   characters). It names the signing key without revealing it, so a verifier with several
   keys (during a rotation) checks one signature, not one per key.
 - `expiry`: Unix time in whole seconds after which the token is refused.
-- `signature`: HMAC-SHA256(key, "v1.<key id>.<expiry>"), base64url without padding (43
+- `scope`: `b~<bot id>` (a bot's ingest: writes for that bot only), `u` (a bot's ingest,
+  bound to the first bot id it writes for, durably: `archiver.ingest.bindings`) or
+  `v~<bot id>~<recording id>` (the viewer of that one recording, and nothing else).
+- `signature`: HMAC-SHA256(key, everything before it), base64url without padding (43
   characters).
 
-About 70 characters in all: short enough for the websocket URL's query string, the only
-place a Recall bot can carry it. The first of `ARCHIVER_TOKEN_KEYS` signs, every one
-verifies; a connection is checked once, before the upgrade, and outlives its token.
+About 110 characters with a UUID bot id: short enough for the websocket URL's query
+string, the only place a Recall bot can carry it. A `v1.<key id>.<expiry>.<signature>`
+token (before scopes) is an unbound ingest token. The first of `ARCHIVER_TOKEN_KEYS`
+signs, every one verifies; a connection is checked once, before the upgrade, and outlives
+its token. Static tokens carry no scope: they are for local use.
 """
 
 from __future__ import annotations
@@ -23,11 +29,15 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
-from archiver.errors import ConfigError, TokenError
+from archiver.errors import ConfigError, InvalidIdError, TokenError
+from archiver.layout import safe_id
 
-VERSION = "v1"
+VERSION = "v2"
+_UNSCOPED_VERSION = "v1"
 MIN_KEY_LENGTH = 32
+_SCOPE_SEPARATOR = "~"
 _KEY_ID_LABEL = b"archiver token key id"
 _KEY_ID_BYTES = 6
 
@@ -45,16 +55,87 @@ def _signature(key: bytes, signed: str) -> str:
     return _b64(hmac.digest(key, signed.encode(), hashlib.sha256))
 
 
-def create_token(key: str | bytes, ttl_s: float, now: float | None = None) -> str:
-    """A token that `key` signed, valid for `ttl_s` seconds from `now` (default: the clock)."""
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What an accepted token allows."""
+
+    kind: Literal["static", "ingest", "view"]
+    bot_id: str | None = None
+    """The one bot an ingest token writes for (None: bound on first use), or whose
+    recording a viewer token opens."""
+    recording_id: str | None = None
+    """The one recording a viewer token opens."""
+    binding: str | None = None
+    """An unbound ingest token's name for its durable binding (hex, from its signature)."""
+    expiry: float | None = None
+    """When a signed token stops being accepted (Unix time)."""
+
+    @property
+    def scope(self) -> str:
+        if self.kind == "view":
+            return _SCOPE_SEPARATOR.join(("v", str(self.bot_id), str(self.recording_id)))
+        if self.kind == "ingest" and self.bot_id is not None:
+            return f"b{_SCOPE_SEPARATOR}{self.bot_id}"
+        return "u"
+
+    def opens(self, bot_id: str, recording_id: str) -> bool:
+        """Whether the viewer may show this recording with it: a static token opens every
+        one (local use), a viewer token its own, an ingest token none."""
+        if self.kind == "static":
+            return True
+        return self.kind == "view" and (self.bot_id, self.recording_id) == (bot_id, recording_id)
+
+
+def ingest_grant(bot_id: str | None = None) -> Grant:
+    """A bot's ingest, for `bot_id` only (None: for the first bot it writes for)."""
+    return Grant("ingest", None if bot_id is None else safe_id("bot", bot_id))
+
+
+def view_grant(bot_id: str, recording_id: str) -> Grant:
+    """The viewer of one recording."""
+    return Grant("view", safe_id("bot", bot_id), safe_id("recording", recording_id))
+
+
+def create_token(
+    key: str | bytes,
+    ttl_s: float,
+    now: float | None = None,
+    grant: Grant | None = None,
+    max_ttl_s: float | None = None,
+) -> str:
+    """A token that `key` signed, valid for `ttl_s` seconds from `now` (default: the clock),
+    allowing what `grant` says (default: one bot's ingest, bound on first use); a lifetime
+    beyond `max_ttl_s` (None: no limit) is refused."""
     key = key.encode() if isinstance(key, str) else key
     if len(key) < MIN_KEY_LENGTH:
         raise ConfigError(f"a signing key needs at least {MIN_KEY_LENGTH} characters")
     if not ttl_s > 0:
         raise ConfigError("a token's lifetime must be positive")
+    if max_ttl_s is not None and not ttl_s <= max_ttl_s:
+        raise ConfigError(
+            f"a token's lifetime of {ttl_s:g} s is longer than the longest allowed, "
+            f"{max_ttl_s:g} s (ARCHIVER_TOKEN_MAX_TTL_S)"
+        )
     expiry = math.ceil((time.time() if now is None else now) + ttl_s)
-    signed = f"{VERSION}.{key_id(key)}.{expiry}"
+    scope = (grant or ingest_grant()).scope
+    signed = f"{VERSION}.{key_id(key)}.{expiry}.{scope}"
     return f"{signed}.{_signature(key, signed)}"
+
+
+def _parse_scope(scope: str, signature: str, expiry: float) -> Grant:
+    parts = scope.split(_SCOPE_SEPARATOR)
+    try:
+        if parts == ["u"]:
+            binding = hashlib.sha256(signature.encode()).hexdigest()[:32]
+            return Grant("ingest", binding=binding, expiry=expiry)
+        if len(parts) == 2 and parts[0] == "b":
+            return Grant("ingest", safe_id("bot", parts[1]), expiry=expiry)
+        if len(parts) == 3 and parts[0] == "v":
+            bot, recording = safe_id("bot", parts[1]), safe_id("recording", parts[2])
+            return Grant("view", bot, recording, expiry=expiry)
+    except InvalidIdError:
+        pass
+    raise TokenError("malformed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,24 +157,24 @@ class TokenCheck:
             )
         return cls(tuple(t.encode() for t in static), encoded)
 
-    def verify(self, offered: str | None) -> None:
-        """Return if the token is accepted, else raise `TokenError` naming why (never
-        quoting the token)."""
+    def verify(self, offered: str | None) -> Grant:
+        """What the token allows, if it is accepted; else raise `TokenError` naming why
+        (never quoting the token)."""
         if not offered:
             raise TokenError("missing")
         if self._static_match(offered):
-            return
-        if not offered.startswith(f"{VERSION}."):
+            return Grant("static")
+        if not offered.startswith((f"{VERSION}.", f"{_UNSCOPED_VERSION}.")):
             # Neither a static token nor one of ours: the same answer as a wrong one.
             raise TokenError("unknown_token")
-        self._verify_signed(offered)
+        return self._verify_signed(offered)
 
-    def accepts(self, offered: str | None) -> bool:
+    def grant(self, offered: str | None) -> Grant | None:
+        """What the token allows, or None when it is refused."""
         try:
-            self.verify(offered)
+            return self.verify(offered)
         except TokenError:
-            return False
-        return True
+            return None
 
     def _static_match(self, offered: str) -> bool:
         """Constant time over every static token (no early exit on a match)."""
@@ -103,11 +184,11 @@ class TokenCheck:
             matched |= hmac.compare_digest(candidate, token)
         return matched
 
-    def _verify_signed(self, offered: str) -> None:
+    def _verify_signed(self, offered: str) -> Grant:
         parts = offered.split(".")
-        if len(parts) != 4:
+        if len(parts) != (5 if parts[0] == VERSION else 4):
             raise TokenError("malformed")
-        _, offered_key_id, expiry, signature = parts
+        offered_key_id, expiry, signature = parts[1], parts[2], parts[-1]
         if not (expiry.isascii() and expiry.isdigit() and len(expiry) <= 12):
             raise TokenError("malformed")
         signed = offered.rpartition(".")[0]
@@ -120,6 +201,8 @@ class TokenCheck:
             hmac.compare_digest(_signature(k, signed).encode(), offered_signature) for k in keys
         ):
             raise TokenError("bad_signature")
-        # Only a genuine token's expiry is worth reading.
+        # Only a genuine token's expiry and scope are worth reading.
         if int(expiry) <= self.clock():
             raise TokenError("expired")
+        scope = parts[3] if parts[0] == VERSION else "u"
+        return _parse_scope(scope, signature, float(expiry))

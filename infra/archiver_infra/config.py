@@ -109,9 +109,10 @@ class ArchiverConfig:
     fallback_prefix: str = field(default="fallback", metadata={"key": "fallbackPrefix"})
     """Key prefix in the fallback bucket; the service's permissions there stop at it."""
 
-    static_tokens: bool = field(default=True, metadata={"key": "staticTokens"})
-    """Accept static bot tokens (the `authSecretArn` secret) beside signed ones; false: only
-    short-lived signed tokens reach the service."""
+    static_tokens: bool = field(default=False, metadata={"key": "staticTokens"})
+    """Accept static tokens (the `authSecretArn` secret) beside signed ones. Off by default:
+    a static token writes for any bot and opens every recording; signed tokens are scoped
+    to one bot, or to one recording's viewer."""
     auth_secret_arn: str | None = field(default=None, metadata={"key": "authSecretArn"})
     """Existing Secrets Manager secret holding the bot tokens; the stack makes one when unset."""
     token_keys_secret_arn: str | None = field(default=None, metadata={"key": "tokenKeysSecretArn"})

@@ -399,6 +399,8 @@ class ArchiverStack(Stack):
                 "ARCHIVER_DRAIN_DEADLINE_S": str(DRAIN_DEADLINE_S),
                 "ARCHIVER_LOG_FORMAT": "json",
                 "ARCHIVER_METRICS_PORT": str(METRICS_PORT),
+                # Every address of the task: the scraper reaches it over the VPC.
+                "ARCHIVER_METRICS_HOST": "0.0.0.0",  # noqa: S104
                 "ARCHIVER_CLOUDWATCH_METRICS": "true",
                 "ARCHIVER_CLOUDWATCH_NAMESPACE": METRICS_NAMESPACE,
                 "ARCHIVER_CLOUDWATCH_SERVICE": config.stack_name,

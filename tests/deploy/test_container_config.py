@@ -146,6 +146,25 @@ def test_compose_simulator_targets_the_archiver_with_its_token() -> None:
     assert token == services["archiver"]["environment"]["ARCHIVER_AUTH_TOKENS"]
 
 
+def test_compose_default_token_is_long_enough_for_the_service() -> None:
+    configured = compose()["services"]["archiver"]["environment"]["ARCHIVER_AUTH_TOKENS"]
+    default = re.fullmatch(r"\$\{BOT_TOKEN:-([^}]*)\}", configured)
+    assert default is not None, configured
+    assert len(default.group(1)) >= 32
+
+
+def test_compose_metrics_listen_where_the_published_port_reaches_them() -> None:
+    archiver = compose()["services"]["archiver"]
+    environment = service_environment(archiver)
+    published = [
+        p for p in archiver["ports"] if p.endswith(f":{environment['ARCHIVER_METRICS_PORT']}")
+    ]
+    # Published on this machine only; inside the container, on every address (loopback
+    # there is out of the published port's reach).
+    assert published == [f"127.0.0.1:9090:{environment['ARCHIVER_METRICS_PORT']}"]
+    assert environment["ARCHIVER_METRICS_HOST"] == "0.0.0.0"
+
+
 def test_compose_archiver_runs_read_only_with_its_volumes() -> None:
     archiver = compose()["services"]["archiver"]
     assert archiver["read_only"] is True

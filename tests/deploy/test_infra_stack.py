@@ -58,6 +58,7 @@ KMS_VARIANT = {
     "bucketName": "acme-meeting-archive",
     "archivePrefix": "recall/video",
     "imageUri": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/recall-archiver:1.4.0",
+    "staticTokens": "true",
     "authSecretArn": SECRET_ARN,
     "tokenKeysSecretArn": TOKEN_KEYS_SECRET_ARN,
     "vpcId": VPC_ID,
@@ -234,15 +235,19 @@ def test_default_task_is_x86_64_from_the_repository_dockerfile(default: Synthesi
     assert "container-assets" in json.dumps(default.container()["Image"])
 
 
-def test_auth_tokens_come_from_secrets_manager(default: Synthesized, variant: Synthesized) -> None:
-    container = default.container()
+def test_static_tokens_come_from_secrets_manager_when_asked_for(
+    infra: ModuleType, tmp_path_factory: pytest.TempPathFactory, variant: Synthesized
+) -> None:
+    with_static = synthesize(infra, tmp_path_factory.mktemp("cdk-static"), {"staticTokens": "true"})
+    container = with_static.container()
     assert "ARCHIVER_AUTH_TOKENS" not in environment(container)
     secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
     secret_id = secrets["ARCHIVER_AUTH_TOKENS"]["Ref"]
-    generated = default.resources[secret_id]
+    generated = with_static.resources[secret_id]
     assert generated["Type"] == "AWS::SecretsManager::Secret"
     assert "SecretString" not in generated["Properties"]
     assert generated["Properties"]["GenerateSecretString"]["ExcludePunctuation"] is True
+    assert secrets["ARCHIVER_TOKEN_KEYS"] != secrets["ARCHIVER_AUTH_TOKENS"]
     imported = {s["Name"]: s["ValueFrom"] for s in variant.container()["Secrets"]}
     assert imported["ARCHIVER_AUTH_TOKENS"] == SECRET_ARN
 
@@ -255,7 +260,6 @@ def test_token_signing_keys_come_from_secrets_manager(
     secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
     generated = default.resources[secrets["ARCHIVER_TOKEN_KEYS"]["Ref"]]
     assert generated["Type"] == "AWS::SecretsManager::Secret"
-    assert secrets["ARCHIVER_TOKEN_KEYS"] != secrets["ARCHIVER_AUTH_TOKENS"]
     generating = generated["Properties"]["GenerateSecretString"]
     # No commas (they separate keys), and at least the 32 characters the service wants.
     assert generating["ExcludePunctuation"] is True
@@ -264,12 +268,8 @@ def test_token_signing_keys_come_from_secrets_manager(
     assert imported["ARCHIVER_TOKEN_KEYS"] == TOKEN_KEYS_SECRET_ARN
 
 
-def test_static_tokens_can_be_turned_off(
-    infra: ModuleType, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    signed_only = synthesize(
-        infra, tmp_path_factory.mktemp("cdk-signed-only"), {"staticTokens": "false"}
-    )
+def test_the_stack_deploys_with_signed_tokens_only_by_default(default: Synthesized) -> None:
+    signed_only = default
     secrets = {s["Name"] for s in signed_only.container()["Secrets"]}
     assert secrets == {"ARCHIVER_TOKEN_KEYS"}
     (secret,) = [
@@ -460,6 +460,8 @@ def test_scaling_tracks_the_streams_each_task_logs_against_the_benchmark_capacit
     assert env["ARCHIVER_CLOUDWATCH_SERVICE"] == "RecallArchiver"
     assert float(env["ARCHIVER_CLOUDWATCH_METRICS_INTERVAL_S"]) == 60
     assert env["ARCHIVER_METRICS_PORT"] == "9090"
+    # The metrics listener defaults to loopback; a scraper in the VPC needs every address.
+    assert env["ARCHIVER_METRICS_HOST"] == "0.0.0.0"
 
 
 def test_a_streams_target_may_be_given(infra: ModuleType) -> None:

@@ -206,6 +206,30 @@ async def test_a_single_process_serves_its_own_metrics(service: ServiceFactory) 
     assert await public_status(f"{running.http}/metrics") == 404
 
 
+async def metrics_answer(address: str, port: int) -> bool:
+    """Whether /metrics answers on `address`."""
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{address}:{port}/metrics") as response,
+        ):
+            return response.status == 200
+    except aiohttp.ClientConnectionError:
+        return False
+
+
+async def test_the_metrics_port_listens_on_its_own_address(service: ServiceFactory) -> None:
+    # By default this machine only, whatever the public port listens on.
+    default = free_port()
+    await service(host="127.0.0.2", metrics_port=default)
+    assert await metrics_answer("127.0.0.1", default)
+    assert not await metrics_answer("127.0.0.2", default)
+    chosen = free_port()
+    await service(host="127.0.0.1", metrics_host="127.0.0.2", metrics_port=chosen)
+    assert await metrics_answer("127.0.0.2", chosen)
+    assert not await metrics_answer("127.0.0.1", chosen)
+
+
 async def until_journaled(service: ServiceProcess, pid: int, size: int) -> None:
     """Until the journal in worker `pid`'s slot holds at least `size` bytes."""
     (slot,) = [

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 import pytest
 
-from archiver.cli import main
+from archiver.cli import main, serve
+from archiver.errors import ConfigError
 from archiver.simulator import Simulation, run_simulation
 from tests.conftest import TOKEN, ServiceFactory
 
@@ -28,8 +31,9 @@ async def test_missing_or_wrong_token_is_refused_before_upgrade_and_nothing_is_s
 
 
 async def test_any_configured_token_is_accepted_for_rotation(service: ServiceFactory) -> None:
-    running = await service(auth_tokens=f"old-secret-1,{TOKEN}")
-    for token in ("old-secret-1", TOKEN):
+    old = "old-secret-1-5d2e8a0c4f6b1937e0a2"
+    running = await service(auth_tokens=f"{old},{TOKEN}")
+    for token in (old, TOKEN):
         async with aiohttp.ClientSession() as session:
             ws = await session.ws_connect(f"ws://127.0.0.1:{running.port}/ws?token={token}")
             await ws.close()
@@ -57,6 +61,25 @@ async def test_token_appears_in_no_log_line(
 def test_serve_refuses_to_start_without_a_token(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve"]) == 2
     assert "ARCHIVER_AUTH_TOKENS" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_static_token_shorter_than_32_characters(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    short = "short-static-1f0c"
+    monkeypatch.setenv("ARCHIVER_AUTH_TOKENS", f"{TOKEN},{short}")
+    # A spool that cannot be written refuses too, but only once the tokens have passed.
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("ARCHIVER_SPOOL_DIR", str(tmp_path / "not-a-folder"))
+    assert main(["serve"]) == 2
+    refusal = capsys.readouterr().err
+    assert "ARCHIVER_AUTH_TOKENS" in refusal
+    assert "32 characters" in refusal
+    assert short not in refusal
+    assert TOKEN not in refusal
+    monkeypatch.setenv("ARCHIVER_AUTH_TOKENS", TOKEN)
+    with pytest.raises(ConfigError, match="spool"):
+        serve()
 
 
 async def test_health_and_readiness(service: ServiceFactory) -> None:

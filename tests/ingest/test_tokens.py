@@ -12,7 +12,7 @@ import pytest
 from archiver.cli import main
 from archiver.errors import ConfigError, TokenError
 from archiver.ingest.server import STATE, create_app
-from archiver.ingest.tokens import TokenCheck, create_token, key_id
+from archiver.ingest.tokens import TokenCheck, create_token, ingest_grant, key_id, view_grant
 from archiver.settings import Settings
 from archiver.simulator import Simulation, run_simulation
 from tests.conftest import TOKEN, RunningService, ServiceFactory
@@ -43,9 +43,13 @@ async def connects(url: str) -> None:
 
 def test_a_token_is_short_url_safe_and_names_its_key() -> None:
     token = create_token(KEY, 3600, now=1_800_000_000)
-    assert re.fullmatch(r"v1\.[A-Za-z0-9_-]{8}\.1800003600\.[A-Za-z0-9_-]{43}", token)
+    assert re.fullmatch(r"v2\.[A-Za-z0-9_-]{8}\.1800003600\.u\.[A-Za-z0-9_-]{43}", token)
     assert token.split(".")[1] == key_id(KEY.encode())
     assert len(token) < 80
+    bot = "0d7c2f8e-4b1a-4e55-9a3c-2f6d8b1e7a90"
+    scoped = create_token(KEY, 3600, now=1_800_000_000, grant=ingest_grant(bot))
+    assert scoped.split(".")[3] == f"b~{bot}"
+    assert len(scoped) < 120
     TokenCheck((), (KEY.encode(),), clock=lambda: 1_800_003_599.0).verify(token)
     with pytest.raises(TokenError) as error:
         TokenCheck((), (KEY.encode(),), clock=lambda: 1_800_003_600.0).verify(token)
@@ -79,8 +83,13 @@ def _tampered(token: str) -> str:
 
 
 def _later_expiry(token: str) -> str:
-    version, kid, expiry, signature = token.split(".")
-    return f"{version}.{kid}.{int(expiry) + 3600}.{signature}"
+    version, kid, expiry, scope, signature = token.split(".")
+    return f"{version}.{kid}.{int(expiry) + 3600}.{scope}.{signature}"
+
+
+def _other_bot(token: str) -> str:
+    version, kid, expiry, _, signature = token.split(".")
+    return f"{version}.{kid}.{expiry}.b~someone-else.{signature}"
 
 
 @pytest.mark.parametrize(
@@ -89,6 +98,8 @@ def _later_expiry(token: str) -> str:
         (lambda: create_token(KEY, 60, now=time.time() - 120), "expired"),
         (lambda: _tampered(create_token(KEY, 600)), "bad_signature"),
         (lambda: _later_expiry(create_token(KEY, 600)), "bad_signature"),
+        (lambda: _other_bot(create_token(KEY, 600, grant=ingest_grant("bot-1"))), "bad_signature"),
+        (lambda: create_token(KEY, 600, grant=view_grant("bot-1", "rec-1")), "wrong_scope"),
         (lambda: create_token(OTHER_KEY, 600), "unknown_key"),
         (lambda: "v1.abc", "malformed"),
         (lambda: "v1.abcdefgh.12x4.sig", "malformed"),
@@ -100,6 +111,8 @@ def _later_expiry(token: str) -> str:
         "expired",
         "tampered",
         "expiry-extended",
+        "scope-changed",
+        "viewer-token",
         "wrong-key",
         "truncated",
         "expiry-not-digits",
@@ -138,13 +151,16 @@ async def test_static_and_signed_tokens_work_together(service: ServiceFactory) -
     assert await refused(ws_url(running, TOKEN + "x")) == 401
 
 
-async def test_the_viewer_takes_signed_tokens_too(service: ServiceFactory) -> None:
+async def test_the_viewer_takes_signed_viewer_tokens_too(service: ServiceFactory) -> None:
     running = await service(auth_tokens="", token_keys=KEY, viewer=True)
     page = f"{running.http}/recordings/bot-1/rec-1"
+    viewer = view_grant("bot-1", "rec-1")
     async with aiohttp.ClientSession() as session:
-        async with session.get(f"{page}?token={create_token(KEY, 600)}") as response:
-            assert response.status != 401
-        expired = create_token(KEY, 60, now=time.time() - 120)
+        async with session.get(f"{page}?token={create_token(KEY, 600, grant=viewer)}") as ok:
+            assert ok.status != 401
+        async with session.get(f"{page}?token={create_token(KEY, 600)}") as ingest:
+            assert ingest.status == 401
+        expired = create_token(KEY, 60, now=time.time() - 120, grant=viewer)
         async with session.get(f"{page}?token={expired}") as response:
             assert response.status == 401
 

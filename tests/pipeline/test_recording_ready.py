@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from pydantic import ValidationError
 
-from archiver import metrics
+from archiver import logs, metrics
 from archiver.errors import ConfigError
 from archiver.ingest.server import STATE, create_app
 from archiver.layout import RecordingId
@@ -28,7 +28,7 @@ from archiver.settings import Settings
 from archiver.simulator import Simulation as Plan
 from archiver.simulator import encode_stream, media_message, participant_event
 from archiver.store import LocalFolderStore
-from tests.conftest import RunningService, ServiceFactory, serve_locally
+from tests.conftest import TOKEN, RunningService, ServiceFactory, serve_locally
 
 SECRET = "webhook-secret-3b9d1c"
 FAST = {
@@ -400,6 +400,60 @@ async def test_a_drain_completes_recordings_in_their_grace_but_not_those_it_ends
 
 def test_a_webhook_needs_its_secret_and_an_http_url() -> None:
     with pytest.raises(ConfigError, match="ARCHIVER_WEBHOOK_SECRET"):
-        create_app(Settings(_env_file=None, auth_tokens="t", webhook_url="https://h.example/"))
+        create_app(Settings(_env_file=None, auth_tokens=TOKEN, webhook_url="https://h.example/"))
     with pytest.raises(ValidationError, match="webhook URL"):
         Settings(_env_file=None, webhook_url="ftp://h.example/", webhook_secret="s")
+
+
+def _with_credentials(url: str, host: str | None = None) -> str:
+    """`url` with user-info (a password) in it, and `host` (host:port) instead of its own."""
+    scheme, _, rest = url.partition("://")
+    authority, _, path = rest.partition("/")
+    return f"{scheme}://hook-user:pw-secret-91@{host or authority}/{path}"
+
+
+async def _deliver_once(tmp_path: Path, settings: Settings, recording: RecordingId) -> None:
+    logs.configure("info", "json")
+    sender = ReadyNotices(settings, LocalFolderStore(tmp_path))
+    sender.send(_notice(recording))
+    await sender.wait()
+    await sender.close()
+
+
+async def test_the_webhook_urls_user_info_and_query_are_never_logged_or_recorded(
+    tmp_path: Path, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _with_credentials(receiver.url)
+    recording = RecordingId("bot-1", "rec-1")
+    await _deliver_once(tmp_path, _settings(url), recording)
+
+    assert len(receiver.accepted) == 1
+    delivery = (tmp_path / recording.delivery_key(1)).read_text()
+    assert orjson.loads(delivery)["outcome"] == "delivered"
+    logged = capsys.readouterr().out
+    (line,) = [orjson.loads(n) for n in logged.splitlines() if "notice_delivered" in n]
+    host = receiver.url.partition("://")[2].partition("/")[0]
+    assert line["webhook"] == f"http://{host}/hook"
+    for secret in ("hook-user", "pw-secret-91", "query-secret"):
+        assert secret not in logged
+        assert secret not in delivery
+
+
+async def test_an_unusable_webhook_url_is_not_quoted_in_logs_or_records(
+    tmp_path: Path, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _with_credentials(receiver.url, host="127.0.0.1:99999")
+    settings = Settings(_env_file=None, webhook_url=url, **{**FAST, "webhook_deadline_s": 0.3})
+    recording = RecordingId("bot-1", "rec-1")
+    await _deliver_once(tmp_path, settings, recording)
+
+    delivery = (tmp_path / recording.delivery_key(1)).read_text()
+    record = orjson.loads(delivery)
+    assert record["outcome"] == "gave_up"
+    assert "http://127.0.0.1:99999/hook" in record["error"]
+    logged = capsys.readouterr().out
+    assert "notice_attempt_failed" in logged
+    assert "notice_failed" in logged
+    for secret in ("hook-user", "pw-secret-91", "query-secret"):
+        assert secret not in logged
+        assert secret not in delivery

@@ -46,6 +46,30 @@ class Settings(BaseSettings):
         "its own bots and its own slot of the spool; by default the CPUs the container may "
         "use (its cgroup quota, else its CPU affinity).",
     )
+    header_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a new connection has to send the headers of its first request "
+        "in full; one that has not (idle, slow or half-open) is closed. Bots, browsers and "
+        "load balancers send them at once.",
+    )
+    idle_http_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a connection may sit idle between HTTP requests (keep-alive), or "
+        "take over the headers of its next one, before it is closed. Websockets are not "
+        "touched (their pings keep them).",
+    )
+    max_pending_connections: int = Field(
+        default=256,
+        ge=1,
+        description="Connections a worker holds that are not a bot's websocket (waiting for "
+        "their headers, being answered, or idle between requests). Beyond it each new one "
+        "closes the oldest still waiting for its headers, else the oldest idle one, or is "
+        "closed at once when every one is being answered; counted and logged "
+        "(`pending_connections_shed`). Keeps descriptors for bots and `/healthz` "
+        "(`ulimit -n` is 1024 on Fargate).",
+    )
 
     # Where the archive goes.
     store: str = Field(

@@ -3,8 +3,10 @@ aiohttp workers (by default one per CPU the container may use) sharing one port.
 
 All workers accept on gunicorn's one listening socket, each through
 `archiver.ingest.listener`: one connection at a time, then a pause that grows with the bots
-the worker holds, so bots spread over the workers even when they arrive in a burst.
-A bot's connection stays with the worker that accepted it.
+the worker holds beyond its least busy sibling (their counts in a page of memory the master
+maps before the first fork), so bots spread over the workers even when they arrive in a
+burst. A bot's connection stays with the worker that accepted it. Connections that are not
+bots are closed when their headers are late, when idle, and beyond a cap per worker.
 
 Each worker owns one slot of the spool (`archiver.workers`): its own `objects/` and
 `journal/` under `spool_dir/worker-<n>/`, held by a file lock for its lifetime, and a share
@@ -30,6 +32,7 @@ from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
 from archiver import logs, metrics, workers
+from archiver.ingest.listener import LoadShare, WorkerLoads
 from archiver.ingest.server import DrainingAppRunner, RedactingAccessLogger, create_app
 from archiver.settings import Settings
 
@@ -44,6 +47,8 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
         self.settings = settings
         self.exporter = metrics.Exporter(settings, multiprocess_folder=True)
         self.listeners: list[socket.socket] = []
+        # Before the first fork: every worker, and every replacement, maps the same page.
+        self.loads = WorkerLoads(settings.workers)
         super().__init__()
 
     def load_config(self) -> None:
@@ -70,6 +75,10 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
         for name, value in options.items():
             self.cfg.set(name, value)
 
+    def _worker_exited(self, arbiter: Any, worker: Any) -> None:
+        self.exporter.process_exited(worker.pid)
+        self.loads.forget(worker.pid)
+
     def _accept_ourselves(self, worker: Any) -> None:
         """In the worker, before it serves: its runner accepts on the shared socket itself
         (one bot at a time, the busiest last) instead of aiohttp's greedy accept loop."""
@@ -91,6 +100,9 @@ class Supervisor(BaseApplication):  # type: ignore[misc]
             return DrainingAppRunner(
                 create_app(own, slot=slot),
                 listeners=self.listeners,
+                share=LoadShare(self.loads, slot.number),
+                # Between requests; a connection's first request has `header_timeout_s`.
+                keepalive_timeout=settings.idle_http_timeout_s,
                 access_log_class=RedactingAccessLogger,
                 shutdown_timeout=settings.drain_deadline_s,
             )

@@ -16,7 +16,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ from archiver.consumers.viewer import ViewerConfig, add_viewer, find_hls_js
 from archiver.errors import ConfigError, InputError, StoreError, TokenError
 from archiver.events import AUDIO_EVENTS
 from archiver.ingest.bindings import TokenBindings
-from archiver.ingest.listener import accept_forever
+from archiver.ingest.listener import LoadShare, PendingConnections, accept_forever
 from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
 from archiver.ingest.tokens import Grant, TokenCheck
 from archiver.layout import RecordingId, StreamId
@@ -574,21 +574,44 @@ class DrainingAppRunner(web.AppRunner):
     lost and the bot would see 1006."""
 
     def __init__(
-        self, app: web.Application, listeners: Sequence[socket.socket] = (), **kwargs: Any
+        self,
+        app: web.Application,
+        listeners: Sequence[socket.socket] = (),
+        share: LoadShare | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self.listeners = listeners
         """Listening sockets this runner accepts on itself (`archiver.ingest.listener`)."""
+        self.share = share
+        """This worker's entry among the loads of its siblings on those sockets."""
+        self.pending: PendingConnections | None = None
+        """The connections it accepted there that are not bots' websockets: bounded in time
+        (`header_timeout_s`) and number (`max_pending_connections`)."""
         self._accepting: list[asyncio.Task[None]] = []
 
     async def setup(self) -> None:
         await super().setup()
         server = self.server
         assert server is not None
-        for listener in self.listeners:
-            self._accepting.append(
-                asyncio.create_task(accept_forever(listener, server, self._bots_held))
+        if not self.listeners:
+            return
+        factory: Callable[[], asyncio.Protocol] = server
+        admit = None
+        if STATE in self.app:  # The app's start-up has run: its settings are there.
+            settings = self.app[STATE].settings
+            self.pending = PendingConnections(
+                server,
+                self._bots_held,
+                header_timeout_s=settings.header_timeout_s,
+                max_pending=settings.max_pending_connections,
             )
+            factory, admit = self.pending.protocol, self.pending.admit
+        for listener in self.listeners:
+            accepting = accept_forever(
+                listener, factory, self._bots_held, admit=admit, share=self.share
+            )
+            self._accepting.append(asyncio.create_task(accepting))
 
     def _bots_held(self) -> int:
         return self.app[STATE].connections if STATE in self.app else 0
@@ -597,6 +620,8 @@ class DrainingAppRunner(web.AppRunner):
         for task in self._accepting:
             task.cancel()
         await asyncio.gather(*self._accepting, return_exceptions=True)
+        if self.pending is not None:
+            self.pending.close()
         if STATE in self.app:
             await _ask_bots_to_reconnect(self.app)
         await super().cleanup()

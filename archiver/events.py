@@ -183,6 +183,7 @@ class EventLog:
         }
         self.unwritten = False
         self.task: asyncio.Task[None] | None = None
+        self.publisher: InOrderPublisher[EventBatchEntry] | None = None
         self.journal: StreamJournal | None = None
         self.manifest_etag = ""
         """The stored events manifest version this log writes over ("": none yet)."""
@@ -305,6 +306,19 @@ class EventLog:
             self.queue.put_nowait(None)
             self._ensure_running()
 
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        """Its writer's task and what that task waits for."""
+        found = [] if self.task is None else [self.task]
+        if self.publisher is not None:
+            found.extend(self.publisher.tasks())
+        return found
+
+    def stop(self) -> None:
+        """A shutdown past its deadline: the batch timer starts no more writes."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def _ensure_running(self) -> None:
         if not self.running:
             self.task = asyncio.create_task(self._run(), name=f"events {self.recording.prefix}")
@@ -326,6 +340,7 @@ class EventLog:
         publish: InOrderPublisher[EventBatchEntry] = InOrderPublisher(
             self.spool, self.budget, self._list, self._lost_upload
         )
+        self.publisher = publish
         try:
             while (batch := await self.queue.get()) is not None:
                 await self._hand_over(batch, publish)
@@ -531,7 +546,7 @@ class EventArchive:
         """Wait until every log's writer has finished, then forget the idle logs (a later
         connection continues from the stored manifest)."""
         while tasks := [e.task for e in self.logs.values() if e.running and e.task]:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks)
         self._forget_idle()
 
     def _done(self, event_log: EventLog) -> None:
@@ -544,6 +559,13 @@ class EventArchive:
         """Drop logs with nothing left to write, so memory follows the live recordings."""
         for event_log in [e for e in self.logs.values() if e.idle and not e.unwritten]:
             self._done(event_log)
+
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        return [t for event_log in self.logs.values() for t in event_log.tasks()]
+
+    def stop(self) -> None:
+        for event_log in self.logs.values():
+            event_log.stop()
 
     def unfinished(self) -> list[str]:
         """Manifest keys of events logs still being written out."""

@@ -48,6 +48,9 @@ class FreedMemory:
         if self._task is not None:
             self._task.cancel()
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [] if self._task is None else [self._task]
+
     async def _release_after(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         trim = self._trim

@@ -44,6 +44,8 @@ class InOrderPublisher(Generic[EntryT]):
         self._listed = listed
         self._lost = lost
         self._queue: asyncio.Queue[tuple[asyncio.Task[EntryT], int] | None] = asyncio.Queue()
+        self._uploads: set[asyncio.Task[EntryT]] = set()
+        """Uploads under way, until each is done."""
         self._task = asyncio.create_task(self._publish())
 
     def hand_over(
@@ -56,11 +58,17 @@ class InOrderPublisher(Generic[EntryT]):
         """Start the upload of a spooled object now; list its entry after those before it.
         `stored` is called as soon as the store holds it (for the metrics)."""
         upload = asyncio.create_task(self._confirm(entry, spooled, stored))
+        self._uploads.add(upload)
+        upload.add_done_callback(self._uploads.discard)
         self._queue.put_nowait((upload, weight))
 
     async def close(self) -> None:
         self._queue.put_nowait(None)
         await self._task
+
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        """Its task and its uploads under way: what a shutdown past its deadline cancels."""
+        return [self._task, *self._uploads]
 
     async def _confirm(
         self, entry: EntryT, spooled: list[SpooledObject], stored: Callable[[], None] | None

@@ -706,6 +706,18 @@ class SessionWriter:
                 session.grace.cancel()
                 self._grace_over(recording, session)
 
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return list(self.writes)
+
+    def stop(self) -> None:
+        """A shutdown past its deadline: no recording waiting out its grace completes here
+        (its file stays, for the next process on this spool)."""
+        self.draining = True
+        for session in self.waiting.values():
+            if session.grace is not None:
+                session.grace.cancel()
+                session.grace = None
+
     async def flush(self) -> None:
         """Wait for every write already asked for."""
         while self.writes:

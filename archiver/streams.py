@@ -71,6 +71,7 @@ log = structlog.get_logger(__name__)
 
 EndReason = Literal["connection_closed", "participant_left", "idle", "shutdown"]
 _BATCH_MAX = 64
+_CANCEL_ROUND_S = 0.05
 _OUR_FAILURES = frozenset({"segmenter_error", "worker_error"})
 
 
@@ -223,6 +224,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         """The last run's final manifest is stored: nothing of this stream is only here."""
         self.on_ended: Callable[[Stream[Any, Any]], None] | None = None
         """Called when the worker has finished with nothing queued."""
+        self.publisher: InOrderPublisher[EntryT] | None = None
+        """The current run's (or the last one's)."""
 
     @property
     def journal_folder(self) -> Path:
@@ -305,6 +308,13 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             self.wake.set()
             self.hurry.set()
 
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        """Its worker's task and what that task waits for, while any is running."""
+        found = [] if self.task is None else [self.task]
+        if self.publisher is not None:
+            found.extend(self.publisher.tasks())
+        return found
+
     def pending_frames(self) -> int:
         return len(self.queue) + self.in_hand_frames + self.held_frames + self.in_flight_frames
 
@@ -340,6 +350,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         publish: InOrderPublisher[EntryT] = InOrderPublisher(
             self.spool, self.budget, self._list, self._lost_upload
         )
+        self.publisher = publish
         reason: EndReason = "shutdown"
         try:
             await self._open(pending[0])
@@ -753,6 +764,12 @@ class H264Stream(Stream[MediaSegment, SegmentEntry]):
     """Another writer of this stream is known to exist: its configuration is worth waiting
     for at the end, too."""
 
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        found = super().tasks()
+        if self.awaiting is not None:
+            found.append(self.awaiting)
+        return found
+
     def _begin(
         self, first: MediaMessage, previous: dict[str, Any] | None
     ) -> tuple[StreamManifest, H264Segmenter]:
@@ -930,6 +947,26 @@ _STREAM_TYPES: dict[MediaFormat, type[Stream[Any, Any]]] = {
 }
 
 
+async def cancel_until_done(
+    tasks_of: Callable[[], list[asyncio.Task[Any]]], patience_s: float
+) -> list[str]:
+    """Cancel the tasks `tasks_of` lists until it lists none or `patience_s` has passed;
+    the names of those left. Each one's failure, other than its cancellation, is logged:
+    nothing ends unobserved."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + patience_s
+    seen: set[asyncio.Task[Any]] = set()
+    while (tasks := tasks_of()) and loop.time() < give_up:
+        seen.update(tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=_CANCEL_ROUND_S)
+    for task in seen:
+        if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("task_failed_while_stopping", task=task.get_name(), error=repr(exc))
+    return sorted(task.get_name() for task in tasks_of())
+
+
 class StreamRegistry:
     """Every stream of this process, by id, and every recording's events; routes messages
     and ends streams."""
@@ -1030,9 +1067,9 @@ class StreamRegistry:
 
     async def wait_idle(self) -> None:
         """Wait until every stream's worker and every events log has finished and every
-        index is written."""
+        index is written. Cancelling the wait cancels none of them (`abort` does)."""
         while tasks := [s.task for s in self.streams.values() if s.running and s.task]:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks)
         await self.events.wait_idle()
         await self.sessions.flush()
 
@@ -1041,6 +1078,24 @@ class StreamRegistry:
         self.events.end_all()
         await self.wait_idle()
         self.freed_memory.close()
+
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        """Every task of the pipeline behind this registry that has not finished: streams'
+        workers and uploads, events logs' writers, index writes."""
+        found = [t for stream in self.streams.values() for t in stream.tasks()]
+        found.extend(self.events.tasks())
+        found.extend(self.sessions.tasks())
+        found.extend(self.freed_memory.tasks())
+        return [t for t in found if not t.done()]
+
+    async def abort(self, patience_s: float) -> list[str]:
+        """Stop the pipeline now (a drain past its deadline): no timer starts new work, and
+        every task is cancelled, again each time one catches it to clean up (a stream
+        storing its last manifest), until all have ended or `patience_s` has passed. What
+        they leave in the spool stays there. Returns the names of those still running."""
+        self.sessions.stop()
+        self.events.stop()
+        return await cancel_until_done(self.tasks, patience_s)
 
     def unfinished(self) -> list[str]:
         """Manifest keys of streams and events logs still being written out."""

@@ -43,7 +43,7 @@ from archiver.sessions import read_waiting
 from archiver.settings import Settings
 from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_store
 from archiver.store.spool import Spool, SpoolState
-from archiver.streams import StreamRegistry
+from archiver.streams import StreamRegistry, cancel_until_done
 from archiver.workers import Slot
 
 log = structlog.get_logger(__name__)
@@ -72,6 +72,8 @@ class ServiceState:
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     all_closed: asyncio.Event = field(default_factory=asyncio.Event)
     bots_asked_to_reconnect: bool = False
+    drain_deadline: float | None = None
+    """When the drain must be over (loop time), from the moment it began."""
 
     def refusals(self) -> list[str]:
         """Why the task takes no new bots now; empty when it does."""
@@ -376,6 +378,7 @@ def create_app(
         )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
         active_store = store if store is not None else open_store(settings)
         fallback = open_fallback_store(settings)
         spool = Spool(
@@ -440,13 +443,17 @@ def create_app(
             fallback_store=_describe_store(settings.fallback_store or ""),
         )
         yield
-        app[STATE].ready = False
-        await _drain(settings, spool, registry, recovery, notices)
+        state = app[STATE]
+        state.ready = False
+        deadline = state.drain_deadline or loop.time() + settings.drain_deadline_s
+        await _drain(settings, spool, registry, recovery, notices, deadline)
         for task in background:
             task.cancel()
         await asyncio.wait(background)
         await protection.hold("spool", spool.holds_only_copies)
-        executor.shutdown(wait=False, cancel_futures=True)
+        # Every task that could use the segmenting threads has ended: none is left waiting
+        # on a pool that is gone.
+        await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
         await notices.close()
         await protection.close()
         await asyncio.to_thread(exporter.stop)
@@ -460,6 +467,10 @@ def create_app(
     app.on_shutdown.append(_ask_bots_to_reconnect)
     return app
 
+
+_ABORT_PATIENCE_S = 2.0
+"""How long a drain past its deadline waits for the pipeline's tasks to unwind once
+cancelled (the supervisor's grace beyond the deadline is 5 s)."""
 
 MIN_STATIC_TOKEN_LENGTH = 32
 """Shortest static token `serve` accepts: a guessable one would let anyone write."""
@@ -495,33 +506,50 @@ async def _drain(
     registry: StreamRegistry,
     recovery: Recovery,
     notices: ReadyNotices,
+    deadline: float,
 ) -> None:
-    """Flush every stream and empty the spool within the deadline. Nothing may stay on a
-    disk that goes with the task: with a fallback store, what the primary has not taken by
-    half the deadline (at once, when it is unreachable now) goes to the fallback."""
+    """Flush every stream and empty the spool by `deadline` (loop time). Nothing may stay on
+    a disk that goes with the task: with a fallback store, what the primary has not taken by
+    half the drain (at once, when it is unreachable now) goes to the fallback. Past the
+    deadline the pipeline is stopped, every task of it ended, and what it leaves in the
+    spool named in one log line."""
     loop = asyncio.get_running_loop()
-    evacuate = loop.call_later(
-        settings.drain_deadline_s / 2, spool.use_fallback, "drain half over", True
+    evacuate = loop.call_at(
+        deadline - settings.drain_deadline_s / 2, spool.use_fallback, "drain half over", True
     )
     if not spool.store_reachable:
         spool.use_fallback("draining while the primary store is unreachable", pin=True)
+    passed = False
     try:
-        async with asyncio.timeout(settings.drain_deadline_s):
+        async with asyncio.timeout_at(deadline):
             await registry.close()
             if recovery.uploads is not None:
-                await recovery.uploads
+                await asyncio.wait([recovery.uploads])
     except TimeoutError:
-        log.error(
-            "drain_deadline_passed",
-            unfinished_streams=registry.unfinished(),
-            left_in_spool=spool.waiting_keys(),
-        )
+        passed = True
     finally:
         evacuate.cancel()
-    # Notices under way get one more attempt's time; what is left keeps its claim for
-    # another task to take over.
+    if passed:
+        unfinished = registry.unfinished()
+        tasks = [recovery.uploads] if recovery.uploads is not None else []
+        outlived = await registry.abort(_ABORT_PATIENCE_S)
+        outlived += await cancel_until_done(
+            lambda: [t for t in tasks if not t.done()], _ABORT_PATIENCE_S
+        )
+        left = spool.waiting_keys()
+        log.error(
+            "drain_deadline_passed",
+            unfinished_streams=unfinished,
+            left_in_spool=len(left),
+            left_in_spool_keys=left,
+            fallback_in_use=spool.using_fallback,
+            tasks_outlived=outlived,
+        )
+        return
+    # Notices under way get one more attempt's time, within the deadline; what is left
+    # keeps its claim for another task to take over.
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(settings.webhook_timeout_s):
+        async with asyncio.timeout_at(min(deadline, loop.time() + settings.webhook_timeout_s)):
             await notices.wait()
 
 
@@ -635,6 +663,8 @@ async def _ask_bots_to_reconnect(app: web.Application) -> None:
     is it closed from this side."""
     state = app[STATE]
     state.ready = False
+    if state.drain_deadline is None:
+        state.drain_deadline = asyncio.get_running_loop().time() + state.settings.drain_deadline_s
     # Before the bots leave: recordings their reconnects continue elsewhere must not be
     # completed here.
     state.registry.sessions.drain()

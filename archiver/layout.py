@@ -35,12 +35,15 @@ def key_micros(relative_s: float | None) -> int:
 def conflict_key(key: str, sha256: str) -> str:
     """Where an object goes whose own key already holds other bytes (another writer won a
     race for it): its name tagged with the first 16 hex digits of its SHA-256, so that it
-    sorts right after the other. The same for a key tagged already."""
+    sorts right after the other; a name that ends with those already (an init segment's,
+    named by its content) takes the next 16. A key tagged with the last of these is its own
+    answer: a second conflict there is not moved again."""
     folder, _, name = key.rpartition("/")
     base, dot, extension = name.partition(".")
-    tag = f"-{sha256[:16]}"
-    if base.endswith(tag):
+    first, second = f"-{sha256[:16]}", f"-{sha256[16:32]}"
+    if base.endswith(second):
         return key
+    tag = second if base.endswith(first) else first
     return f"{folder}/{base}{tag}{dot}{extension}" if folder else f"{base}{tag}{dot}{extension}"
 
 

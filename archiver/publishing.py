@@ -46,6 +46,8 @@ class InOrderPublisher(Generic[EntryT]):
         self._queue: asyncio.Queue[tuple[asyncio.Task[EntryT], int] | None] = asyncio.Queue()
         self._uploads: set[asyncio.Task[EntryT]] = set()
         """Uploads under way, until each is done."""
+        self._moved: dict[str, str] = {}
+        """Init segments stored under a key of their own: where each was meant, where it is."""
         self._task = asyncio.create_task(self._publish())
 
     def hand_over(
@@ -76,18 +78,31 @@ class InOrderPublisher(Generic[EntryT]):
         for spooled_object in spooled:
             _, key = await self.spool.confirm_where(spooled_object)
             self.budget.count_media(spooled_object.size)
-            if key != spooled_object.key and spooled_object.listing is not None:
-                # Another writer held its key with other bytes: listed where it was stored.
+            if key == spooled_object.key:
+                continue
+            # Another writer held its key with other bytes: listed where it was stored.
+            if spooled_object.listing is not None:
                 entry = replace(cast("Any", entry), key=self.spool.location(key))
+            else:
+                # An init segment: this entry and every later one naming it follow it.
+                self._moved[self.spool.location(spooled_object.key)] = self.spool.location(key)
         if stored is not None:
             stored()
+        return entry
+
+    def _relocated(self, entry: EntryT) -> EntryT:
+        """The entry naming its init segment where that was stored (in order, so the entry
+        that carried a moved init segment is listed before any later one naming it)."""
+        init_key = getattr(entry, "init_key", None)
+        if init_key in self._moved:
+            return cast("EntryT", replace(cast("Any", entry), init_key=self._moved[init_key]))
         return entry
 
     async def _publish(self) -> None:
         while (item := await self._queue.get()) is not None:
             upload, weight = item
             try:
-                entry = await upload
+                entry = self._relocated(await upload)
             except Exception as exc:  # noqa: BLE001 (that object only; the writer counts it)
                 self._lost(weight, exc)
                 continue

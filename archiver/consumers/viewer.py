@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import posixpath
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -311,13 +312,18 @@ async def _playlist(request: web.Request) -> web.Response:
     )
 
 
+_OBJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+"""One part of an object key below a recording, as `archiver.layout` names them."""
+
+
 async def _object(request: web.Request) -> web.Response:
     """An object of the recording, whole or one byte range (PNG frames): how a store that
     cannot presign URLs reaches the browser."""
     archive, links = _authorized(request)
     inside = request.match_info["key"]
     parts = inside.split("/")
-    if any(part in ("", ".", "..") for part in parts) or parts[0] != "participants":
+    if parts[0] != "participants" or not all(_OBJECT_NAME.fullmatch(part) for part in parts):
+        # What the write side builds, only: no `..`, no NUL, nothing a store would choke on.
         raise web.HTTPNotFound()
     key = f"{links.recording.prefix}/{inside}"
     content_type = _CONTENT_TYPES.get(posixpath.splitext(key)[1], "application/octet-stream")

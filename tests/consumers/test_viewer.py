@@ -144,7 +144,8 @@ async def test_a_file_store_is_served_by_the_service(file_viewer: Viewing) -> No
         assert len(body) == frame["size"]
         assert body.startswith(PNG_SIGNATURE)
     objects = png["frames"][0]["url"].partition("/objects/")[0] + "/objects"
-    for outside in ("/../session.json", "/session.json", "/participants/../../x"):
+    hostile = ("/participants/%00", "/participants/a%00b/x.m4s", "/participants/" + "a" * 300)
+    for outside in ("/../session.json", "/session.json", "/participants/../../x", *hostile):
         status, _, _ = await get(f"{file_viewer.http}{objects}{outside}?token={TOKEN}")
         assert status == 404, outside
 

@@ -66,7 +66,7 @@ class S3Store:
             code = exc.response.get("Error", {}).get("Code", "")
             if code in _NOT_FOUND:
                 raise FileNotFoundError(key) from exc
-            if code in _DENIED and fn == self._client.get_object:
+            if code in _DENIED and fn == self._read_object:
                 raise PermissionError(key) from exc
             if code in _PRECONDITION or (code in _NOT_FOUND and "IfMatch" in kwargs):
                 raise _AlreadyThere(key) from exc
@@ -136,8 +136,8 @@ class S3Store:
     async def _get_object(self, key: str, **extra: str) -> tuple[bytes, str] | None:
         """The object's bytes (or the range asked for) and ETag; None when there is none."""
         try:
-            response = await self._call(
-                key, self._client.get_object, Bucket=self.bucket, Key=self.prefix + key, **extra
+            read: tuple[bytes, str] = await self._call(
+                key, self._read_object, Bucket=self.bucket, Key=self.prefix + key, **extra
             )
         except FileNotFoundError:
             return None
@@ -147,9 +147,14 @@ class S3Store:
             if await self._absent(key):
                 return None
             raise StoreError(self.prefix + key, "S3 refused: AccessDenied") from None
-        loop = asyncio.get_running_loop()
-        body: bytes = await loop.run_in_executor(self._pool, response["Body"].read)
-        return body, str(response.get("ETag", "")).strip('"')
+        return read
+
+    def _read_object(self, **request: Any) -> tuple[bytes, str]:
+        """GET and read the body in one job of the pool: a response read later would hold
+        its connection while other jobs open more than the pool keeps (urllib3 then
+        discards them, with a warning each)."""
+        response = self._client.get_object(**request)
+        return response["Body"].read(), str(response.get("ETag", "")).strip('"')
 
     def presigned_get_url(self, key: str, expires_s: int) -> str:
         """A URL that GETs the object (whole, or a `Range`) without credentials until it

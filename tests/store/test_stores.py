@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
-from structlog.testing import capture_logs
 
+from archiver import logs
 from archiver.errors import ObjectConflictError, StoreError
 from archiver.store import LocalFolderStore, ObjectStore, S3Store
 from archiver.store.base import StoredObject
@@ -174,20 +175,26 @@ async def test_listing_and_conditional_delete(store: ObjectStore) -> None:
     assert await store.list_keys("") == []
 
 
-async def test_spool_write_failure_is_counted_and_logged_once_per_cause(tmp_path: Path) -> None:
+async def test_spool_write_failure_is_counted_and_logged_once_per_cause(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The service's own log lines, as an operator reads them: independent of whichever
+    # structlog configuration an earlier test in this process left its loggers bound to.
+    logs.configure("info", "json")
     spool = Spool(tmp_path / "spool", LocalFolderStore(tmp_path / "archive"), 1024**2)
     (tmp_path / "spool").mkdir()
     (tmp_path / "spool" / "objects").write_text("a file where the folder should be")
-    with capture_logs() as logged:
-        for _ in range(3):
-            with pytest.raises(StoreError):
-                await spool.write("m/segments/1.m4s", b"media", "video/iso.segment")
+    for _ in range(3):
+        with pytest.raises(StoreError):
+            await spool.write("m/segments/1.m4s", b"media", "video/iso.segment")
     assert not spool.writable
     assert spool.counters["spool_write_failures"] == 3
     assert spool.pending_bytes == 0
+    out = capsys.readouterr().out
+    logged = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
     failures = [line for line in logged if line["event"] == "spool_write_failed"]
     assert len(failures) == 1
-    assert failures[0]["log_level"] == "error"
+    assert failures[0]["level"] == "error"
     (tmp_path / "spool" / "objects").unlink()
     await spool.write("m/segments/1.m4s", b"media", "video/iso.segment")
     assert spool.writable

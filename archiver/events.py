@@ -31,7 +31,6 @@ import orjson
 import structlog
 
 from archiver.errors import StoreError
-from archiver.ingest.messages import EventMessage
 from archiver.layout import RecordingId, key_micros
 from archiver.manifests import (
     EventBatchEntry,
@@ -47,6 +46,7 @@ from archiver.settings import Settings
 from archiver.store.base import sha256_digest
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool
+from archiver.values import EventMessage
 
 if TYPE_CHECKING:
     from archiver.sessions import SessionWriter

@@ -20,10 +20,10 @@ import structlog
 
 from archiver import metrics
 from archiver.errors import ObjectConflictError, StoreError
-from archiver.ingest.messages import RecordingContext
 from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.segmenting.fmp4 import MIN_GAP_TICKS, TIMESCALE, MediaSegment
 from archiver.segmenting.png import MICROS, PngBatch
+from archiver.values import RecordingContext
 
 if TYPE_CHECKING:
     from archiver.store.base import StoredObject

@@ -24,7 +24,6 @@ import structlog
 
 from archiver import metrics
 from archiver.errors import InputError, SegmenterFailure, StoreError
-from archiver.ingest.messages import RecordingContext
 from archiver.layout import RecordingId, StreamId, key_micros
 from archiver.manifests import (
     MANIFEST_TYPES,
@@ -47,6 +46,7 @@ from archiver.sessions import SessionIndex
 from archiver.store.base import sha256_digest
 from archiver.store.journal import read_segment, stream_folders
 from archiver.store.spool import Spool, SpooledObject
+from archiver.values import RecordingContext
 
 log = structlog.get_logger(__name__)
 

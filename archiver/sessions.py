@@ -26,7 +26,6 @@ import orjson
 import structlog
 
 from archiver.errors import InputError, StoreError
-from archiver.ingest.messages import RecordingContext
 from archiver.layout import RecordingId, StreamId, local_name, safe_id
 from archiver.manifests import (
     SCHEMA_VERSION,
@@ -39,6 +38,7 @@ from archiver.manifests import (
 from archiver.manifests import dumps as dump_json
 from archiver.notices import ReadyNotice
 from archiver.settings import Settings
+from archiver.values import RecordingContext
 
 if TYPE_CHECKING:
     from archiver.notices import ReadyNotices

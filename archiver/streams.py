@@ -31,7 +31,6 @@ from archiver import metrics
 from archiver.continuity import Continuation, ContinuationFinder
 from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
 from archiver.events import EventArchive
-from archiver.ingest.messages import MediaMessage
 from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.manifests import (
     ArchiveManifest,
@@ -66,6 +65,7 @@ from archiver.sessions import WAITING_FOLDER, SessionWriter
 from archiver.settings import Settings
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
+from archiver.values import MediaMessage
 
 log = structlog.get_logger(__name__)
 

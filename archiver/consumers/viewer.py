@@ -34,11 +34,11 @@ from aiohttp import web
 
 from archiver.consumers.reader import Archive, StreamInfo, parse_stream_key
 from archiver.errors import ConfigError, DamagedObjectError, InvalidIdError, StoreError
-from archiver.ingest.tokens import Grant
 from archiver.layout import RecordingId, safe_id
 from archiver.playlists import CONTENT_TYPE as PLAYLIST_CONTENT_TYPE
 from archiver.playlists import render_playlist
 from archiver.store import ReadableStore, S3Store, store_from_url
+from archiver.values import Grant
 
 PAGE_DIR = Path(__file__).with_name("viewer_page")
 HLS_JS_URL = "/viewer/hls.min.js"

@@ -11,7 +11,6 @@ deeper than the archive's own JSON writers can serialise.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +19,7 @@ import pydantic
 
 from archiver.errors import InputError
 from archiver.layout import MediaFormat, RecordingId, StreamId, VideoType, safe_id
+from archiver.values import EventMessage, MediaMessage, RecordingContext
 
 MEDIA_EVENTS: dict[str, MediaFormat] = {
     "video_separate_h264.data": "h264",
@@ -125,40 +125,6 @@ def _absolute(timestamp: dict[str, Any]) -> datetime:
         return when.astimezone(UTC)
     except OverflowError:
         raise _Refused(where, "outside the representable range in UTC") from None
-
-
-@dataclass(frozen=True, slots=True)
-class RecordingContext:
-    """The customer's ids and metadata for joining the archive to their own records."""
-
-    bot: dict[str, Any]
-    recording: dict[str, Any]
-    realtime_endpoint: dict[str, Any] | None
-    video_separate: dict[str, Any] | None
-
-
-@dataclass(frozen=True, slots=True)
-class MediaMessage:
-    """One access unit or PNG for one stream, its payload still base64."""
-
-    stream: StreamId
-    buffer_b64: str
-    relative_s: float
-    absolute: datetime
-    participant: dict[str, Any]
-    context: RecordingContext
-
-
-@dataclass(frozen=True, slots=True)
-class EventMessage:
-    """Any other event; routed by recording and participant when the message names them."""
-
-    event: str
-    recording: RecordingId | None
-    participant_id: str | None
-    body: dict[str, Any]
-    raw: bytes
-    """The message exactly as received, for the events archive."""
 
 
 def parse_message(raw: str | bytes) -> MediaMessage | EventMessage:

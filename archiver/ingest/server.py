@@ -32,8 +32,8 @@ from archiver.errors import ConfigError, InputError, StoreError, TokenError
 from archiver.events import AUDIO_EVENTS
 from archiver.ingest.bindings import TokenBindings
 from archiver.ingest.listener import LoadShare, PendingConnections, accept_forever
-from archiver.ingest.messages import EventMessage, MediaMessage, parse_message
-from archiver.ingest.tokens import Grant, TokenCheck
+from archiver.ingest.messages import parse_message
+from archiver.ingest.tokens import TokenCheck
 from archiver.layout import RecordingId, StreamId
 from archiver.notices import ReadyNotices
 from archiver.protection import SharedWants, TaskProtection
@@ -44,6 +44,7 @@ from archiver.settings import Settings
 from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_store
 from archiver.store.spool import Spool, SpoolState
 from archiver.streams import StreamRegistry, cancel_until_done
+from archiver.values import EventMessage, Grant, MediaMessage
 from archiver.workers import Slot
 
 log = structlog.get_logger(__name__)

@@ -29,10 +29,10 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from archiver.errors import ConfigError, InvalidIdError, TokenError
 from archiver.layout import safe_id
+from archiver.values import Grant
 
 VERSION = "v2"
 _UNSCOPED_VERSION = "v1"
@@ -55,35 +55,13 @@ def _signature(key: bytes, signed: str) -> str:
     return _b64(hmac.digest(key, signed.encode(), hashlib.sha256))
 
 
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """What an accepted token allows."""
-
-    kind: Literal["static", "ingest", "view"]
-    bot_id: str | None = None
-    """The one bot an ingest token writes for (None: bound on first use), or whose
-    recording a viewer token opens."""
-    recording_id: str | None = None
-    """The one recording a viewer token opens."""
-    binding: str | None = None
-    """An unbound ingest token's name for its durable binding (hex, from its signature)."""
-    expiry: float | None = None
-    """When a signed token stops being accepted (Unix time)."""
-
-    @property
-    def scope(self) -> str:
-        if self.kind == "view":
-            return _SCOPE_SEPARATOR.join(("v", str(self.bot_id), str(self.recording_id)))
-        if self.kind == "ingest" and self.bot_id is not None:
-            return f"b{_SCOPE_SEPARATOR}{self.bot_id}"
-        return "u"
-
-    def opens(self, bot_id: str, recording_id: str) -> bool:
-        """Whether the viewer may show this recording with it: a static token opens every
-        one (local use), a viewer token its own, an ingest token none."""
-        if self.kind == "static":
-            return True
-        return self.kind == "view" and (self.bot_id, self.recording_id) == (bot_id, recording_id)
+def _scope(grant: Grant) -> str:
+    """The scope part of a signed token that allows what `grant` says."""
+    if grant.kind == "view":
+        return _SCOPE_SEPARATOR.join(("v", str(grant.bot_id), str(grant.recording_id)))
+    if grant.kind == "ingest" and grant.bot_id is not None:
+        return f"b{_SCOPE_SEPARATOR}{grant.bot_id}"
+    return "u"
 
 
 def ingest_grant(bot_id: str | None = None) -> Grant:
@@ -117,7 +95,7 @@ def create_token(
             f"{max_ttl_s:g} s (ARCHIVER_TOKEN_MAX_TTL_S)"
         )
     expiry = math.ceil((time.time() if now is None else now) + ttl_s)
-    scope = (grant or ingest_grant()).scope
+    scope = _scope(grant or ingest_grant())
     signed = f"{VERSION}.{key_id(key)}.{expiry}.{scope}"
     return f"{signed}.{_signature(key, signed)}"
 

@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from archiver.errors import InputError
-from archiver.ingest.messages import MAX_DEPTH, EventMessage, MediaMessage, parse_message
+from archiver.ingest.messages import MAX_DEPTH, parse_message
 from archiver.layout import safe_id
 from archiver.simulator import participant_event
+from archiver.values import EventMessage, MediaMessage
 from tests.hostile import START, deep, dumps, h264_units, real_media
 
 PROPERTIES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -20,7 +20,6 @@ import orjson
 import pytest
 
 from archiver.errors import MediaError
-from archiver.ingest.messages import RecordingContext
 from archiver.layout import RecordingId, StreamId
 from archiver.recovery import JOURNAL_FOLDER, stream_header
 from archiver.segmenting.png import PngBatcher, read_header
@@ -32,6 +31,7 @@ from archiver.simulator import (
     run_simulation,
 )
 from archiver.store.journal import StreamJournal
+from archiver.values import RecordingContext
 from archiver.verify import PngStreamCheck, check_png_stream
 from tests.conftest import RunningService, ServiceFactory
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import orjson
 
-from archiver.ingest.messages import RecordingContext
 from archiver.layout import RecordingId, StreamId
 from archiver.manifests import (
     JSON_TYPE,
@@ -38,6 +37,7 @@ from archiver.store import LocalFolderStore
 from archiver.store.base import md5_hex, sha256_digest
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool
+from archiver.values import RecordingContext
 from archiver.verify import check_stream
 
 RECORDING = RecordingId("bot-1", "rec-1")

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -22,6 +23,26 @@ from archiver.settings import Settings
 from archiver.store import S3Store
 
 TOKEN = "test-token-7f3a9c1e5b2d8046a1c9e3f7"
+
+SLOW_FAMILIES = {
+    "faults": "processes",
+    "readme": "processes",
+    "deploy": "deploy",
+    "benchmarks": "benchmark",
+    "test_viewer_browser.py": "browser",
+}
+"""Test folders (or files) whose tests are slow by nature, and the marker each gets; every
+one of them is also marked `slow`, which plain `pytest` leaves out."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        parts = item.path.relative_to(tests).parts
+        family = SLOW_FAMILIES.get(parts[0]) or SLOW_FAMILIES.get(parts[-1])
+        if family is not None:
+            item.add_marker(family)
+            item.add_marker("slow")
 
 
 async def serve_locally(runner: web.AppRunner) -> str:

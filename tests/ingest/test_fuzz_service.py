@@ -210,6 +210,8 @@ async def assert_every_stream_ends(running: RunningService, within_s: float) -> 
     await running.settle(timeout_s=10)
 
 
+@pytest.mark.volume
+@pytest.mark.slow
 async def test_fuzzed_messages_beside_good_streams(
     service: ServiceFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:

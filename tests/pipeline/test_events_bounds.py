@@ -6,6 +6,7 @@ import asyncio
 
 import aiohttp
 import orjson
+import pytest
 
 from archiver.ingest.server import STATE
 from archiver.simulator import participant
@@ -14,6 +15,8 @@ from tests.conftest import ServiceFactory
 from tests.pipeline.test_events_archive import Meeting, send_all
 
 
+@pytest.mark.volume
+@pytest.mark.slow
 async def test_3000_joins_and_leaves_with_alternating_bulky_details_keep_session_json_small(
     service: ServiceFactory,
 ) -> None:

@@ -274,6 +274,8 @@ async def test_a_reconnect_overlapping_the_old_socket_loses_nothing(
     assert check.manifest["counters"]["received"] == 40
 
 
+@pytest.mark.volume
+@pytest.mark.slow
 async def test_hundreds_of_participants_coming_and_going_on_one_connection_are_all_archived(
     service: ServiceFactory,
 ) -> None:

@@ -13,15 +13,15 @@ import structlog
 
 from archiver import logs
 from archiver.errors import ConfigError, InvalidIdError, StoreError
-from archiver.ingest.server import create_app
 from archiver.ingest.tokens import create_token, ingest_grant, view_grant
 from archiver.loadgen import Load, run_load
 from archiver.reconcile import reconcile
+from archiver.service.app import create_app
+from archiver.service.supervisor import Supervisor
 from archiver.settings import Settings
 from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
 from archiver.store import open_fallback_store, open_store
 from archiver.store.spool import probe_folder
-from archiver.supervisor import Supervisor
 from archiver.values import Grant
 
 log = structlog.get_logger(__name__)

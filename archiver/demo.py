@@ -11,8 +11,9 @@ import orjson
 from aiohttp import web
 
 from archiver import logs
-from archiver.ingest.server import DrainingAppRunner, create_app
 from archiver.layout import RecordingId
+from archiver.service.app import create_app
+from archiver.service.shutdown import DrainingAppRunner
 from archiver.settings import Settings
 from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
 from archiver.store import LocalFolderStore

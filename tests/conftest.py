@@ -18,7 +18,9 @@ from aiohttp import web
 from moto.server import ThreadedMotoServer
 
 from archiver import logs
-from archiver.ingest.server import STATE, DrainingAppRunner, RedactingAccessLogger, create_app
+from archiver.ingest.server import STATE, RedactingAccessLogger
+from archiver.service.app import create_app
+from archiver.service.shutdown import DrainingAppRunner
 from archiver.settings import Settings
 from archiver.store import S3Store
 

@@ -10,47 +10,32 @@ task), and `/readyz` says why, for people and for docker compose.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import socket
-import struct
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import structlog
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
 from archiver import metrics
-from archiver.consumers.viewer import ViewerConfig, add_viewer, find_hls_js
-from archiver.errors import ConfigError, InputError, StoreError, TokenError
+from archiver.errors import InputError, StoreError, TokenError
 from archiver.events import AUDIO_EVENTS
 from archiver.ingest.bindings import TokenBindings
-from archiver.ingest.listener import LoadShare, PendingConnections, accept_forever
 from archiver.ingest.messages import parse_message
 from archiver.ingest.tokens import TokenCheck
 from archiver.layout import RecordingId, StreamId
 from archiver.notices import ReadyNotices
-from archiver.protection import SharedWants, TaskProtection
-from archiver.reconcile import primary_answers, reconcile
-from archiver.recovery import Recovery, merge_documents, recover
-from archiver.sessions import read_waiting
+from archiver.protection import TaskProtection
 from archiver.settings import Settings
-from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_store
 from archiver.store.spool import Spool, SpoolState
-from archiver.streams import StreamRegistry, cancel_until_done
+from archiver.streams import StreamRegistry
 from archiver.values import EventMessage, Grant, MediaMessage
 from archiver.workers import Slot
 
 log = structlog.get_logger(__name__)
 
-_PROTECTION_CHECK_S = 1.0
-_EMPTY_CHECKS_BEFORE_RELEASE = 3
 _LEAVE_EVENT = "participant_events.leave"
 
 
@@ -350,347 +335,8 @@ class Connection:
         )
 
 
-def create_app(
-    settings: Settings, store: ObjectStore | None = None, slot: Slot | None = None
-) -> web.Application:
-    """The service as an aiohttp app; it opens the store and worker threads on start-up.
-    Under the supervisor, `slot` is the worker's claim on its part of the spool
-    (`settings.spool_dir` is then the slot's folder) and the orphaned parts it adopted."""
-    tokens = _token_check(settings)
-    if settings.webhook_url and settings.webhook_secret is None:
-        raise ConfigError(
-            "ARCHIVER_WEBHOOK_URL needs ARCHIVER_WEBHOOK_SECRET, the key its notices are "
-            "signed with (e.g. ARCHIVER_WEBHOOK_SECRET=$(openssl rand -hex 32))"
-        )
-    app = web.Application(client_max_size=1024**2)
+def add_routes(app: web.Application) -> None:
+    """The bots' and the platform's routes; `archiver.service.app` builds what they share."""
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    if settings.viewer:
-        add_viewer(
-            app,
-            ViewerConfig(
-                store_url=settings.store,
-                endpoint_url=settings.s3_endpoint_url,
-                grant=tokens.grant,
-                hls_js=find_hls_js(settings.viewer_hls_js_path),
-                url_expiry_s=settings.viewer_url_expiry_s,
-            ),
-        )
-
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        active_store = store if store is not None else open_store(settings)
-        fallback = open_fallback_store(settings)
-        spool = Spool(
-            settings.spool_dir,
-            active_store,
-            cap_bytes=settings.spool_cap_bytes,
-            high_water_ratio=settings.spool_high_water_ratio,
-            backoff_s=settings.upload_backoff_s,
-            concurrency=settings.upload_concurrency,
-            fallback=fallback,
-            fallback_after_s=settings.fallback_after_s,
-            merge_documents=merge_documents,
-        )
-        adopted = slot.adopted if slot is not None else []
-        left_waiting = await asyncio.to_thread(
-            lambda: [
-                *read_waiting(Path(settings.spool_dir)),
-                *(r for folder in adopted for r in read_waiting(folder, take=True)),
-            ]
-        )
-        recovery = await recover(
-            spool, Path(settings.spool_dir), settings.segment_target_s, adopted
-        )
-        executor = ThreadPoolExecutor(
-            max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="segment"
-        )
-        notices = ReadyNotices(settings, active_store)
-        registry = StreamRegistry(settings, spool, executor, recovery, notices)
-        registry.sessions.wait_again(left_waiting)
-        shared = (
-            SharedWants(slot.folder.parent / "protection", str(slot.number))
-            if slot is not None and settings.ecs_agent_uri
-            else None
-        )
-        protection = TaskProtection(settings.ecs_agent_uri, shared=shared)
-        await protection.start()
-        # Under the supervisor the master serves every worker's metrics; alone, this process.
-        exporter = metrics.Exporter(settings, multiprocess_folder=False)
-        if slot is None:
-            exporter.start()
-        bindings = TokenBindings(spool)
-        app[STATE] = ServiceState(
-            settings, spool, registry, protection, tokens, notices, bindings, slot
-        )
-        if settings.auth_tokens:
-            log.warning(
-                "static_tokens_accepted",
-                detail="a static token writes for any bot and opens every recording: for "
-                "local use; give bots signed tokens (ARCHIVER_TOKEN_KEYS, archiver token "
-                "create --bot)",
-            )
-        background = [asyncio.create_task(_protect_while_spooled(spool, protection))]
-        if fallback is not None:
-            background.append(
-                asyncio.create_task(
-                    _reconcile_forever(spool, fallback, settings.reconcile_interval_s)
-                )
-            )
-        log.info(
-            "service_started",
-            store=_describe_store(settings.store),
-            fallback_store=_describe_store(settings.fallback_store or ""),
-        )
-        yield
-        state = app[STATE]
-        state.ready = False
-        deadline = state.drain_deadline or loop.time() + settings.drain_deadline_s
-        await _drain(settings, spool, registry, recovery, notices, deadline)
-        for task in background:
-            task.cancel()
-        await asyncio.wait(background)
-        await protection.hold("spool", spool.holds_only_copies)
-        # Every task that could use the segmenting threads has ended: none is left waiting
-        # on a pool that is gone.
-        await asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True)
-        await notices.close()
-        await protection.close()
-        await asyncio.to_thread(exporter.stop)
-        if fallback is not None:
-            await fallback.close()
-        if store is None:
-            await active_store.close()
-        log.info("service_stopped", **app[STATE].totals)
-
-    app.cleanup_ctx.append(lifecycle)
-    app.on_shutdown.append(_ask_bots_to_reconnect)
-    return app
-
-
-_ABORT_PATIENCE_S = 2.0
-"""How long a drain past its deadline waits for the pipeline's tasks to unwind once
-cancelled (the supervisor's grace beyond the deadline is 5 s)."""
-
-MIN_STATIC_TOKEN_LENGTH = 32
-"""Shortest static token `serve` accepts: a guessable one would let anyone write."""
-
-
-def _token_check(settings: Settings) -> TokenCheck:
-    """Static tokens, signing keys, or both; neither, or a static token too short to be
-    secret, refuses to start."""
-    if not settings.auth_tokens and not settings.token_keys:
-        raise ConfigError(
-            "no auth token configured: set ARCHIVER_AUTH_TOKENS to one or more "
-            "comma-separated secrets (e.g. ARCHIVER_AUTH_TOKENS=$(openssl rand -hex 24)), "
-            "or ARCHIVER_TOKEN_KEYS to signing keys for `archiver token create`"
-        )
-    short = sum(len(t.get_secret_value()) < MIN_STATIC_TOKEN_LENGTH for t in settings.auth_tokens)
-    if short:
-        # How many, never which: no part of a token leaves the process.
-        raise ConfigError(
-            f"{short} of the {len(settings.auth_tokens)} ARCHIVER_AUTH_TOKENS tokens "
-            f"{'is' if short == 1 else 'are'} shorter than {MIN_STATIC_TOKEN_LENGTH} "
-            "characters: every static token needs at least that many (e.g. "
-            "ARCHIVER_AUTH_TOKENS=$(openssl rand -hex 24))"
-        )
-    return TokenCheck.build(
-        [t.get_secret_value() for t in settings.auth_tokens],
-        [k.get_secret_value() for k in settings.token_keys],
-    )
-
-
-async def _drain(
-    settings: Settings,
-    spool: Spool,
-    registry: StreamRegistry,
-    recovery: Recovery,
-    notices: ReadyNotices,
-    deadline: float,
-) -> None:
-    """Flush every stream and empty the spool by `deadline` (loop time). Nothing may stay on
-    a disk that goes with the task: with a fallback store, what the primary has not taken by
-    half the drain (at once, when it is unreachable now) goes to the fallback. Past the
-    deadline the pipeline is stopped, every task of it ended, and what it leaves in the
-    spool named in one log line."""
-    loop = asyncio.get_running_loop()
-    evacuate = loop.call_at(
-        deadline - settings.drain_deadline_s / 2, spool.use_fallback, "drain half over", True
-    )
-    if not spool.store_reachable:
-        spool.use_fallback("draining while the primary store is unreachable", pin=True)
-    passed = False
-    try:
-        async with asyncio.timeout_at(deadline):
-            await registry.close()
-            if recovery.uploads is not None:
-                await asyncio.wait([recovery.uploads])
-    except TimeoutError:
-        passed = True
-    finally:
-        evacuate.cancel()
-    if passed:
-        unfinished = registry.unfinished()
-        tasks = [recovery.uploads] if recovery.uploads is not None else []
-        outlived = await registry.abort(_ABORT_PATIENCE_S)
-        outlived += await cancel_until_done(
-            lambda: [t for t in tasks if not t.done()], _ABORT_PATIENCE_S
-        )
-        left = spool.waiting_keys()
-        log.error(
-            "drain_deadline_passed",
-            unfinished_streams=unfinished,
-            left_in_spool=len(left),
-            left_in_spool_keys=left,
-            fallback_in_use=spool.using_fallback,
-            tasks_outlived=outlived,
-        )
-        return
-    # Notices under way get one more attempt's time, within the deadline; what is left
-    # keeps its claim for another task to take over.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout_at(min(deadline, loop.time() + settings.webhook_timeout_s)):
-            await notices.wait()
-
-
-async def _protect_while_spooled(spool: Spool, protection: TaskProtection) -> None:
-    """Keep the task protected while its spool holds the only copy of anything; released
-    only after it has held nothing for a few checks in a row, so a busy spool that empties
-    for an instant does not flap the agent."""
-    empty_checks = 0
-    while True:
-        if spool.holds_only_copies:
-            empty_checks = 0
-            await protection.hold("spool", True)
-        else:
-            empty_checks += 1
-            if empty_checks >= _EMPTY_CHECKS_BEFORE_RELEASE:
-                await protection.hold("spool", False)
-        await asyncio.sleep(_PROTECTION_CHECK_S)
-
-
-async def _reconcile_forever(spool: Spool, fallback: ListingStore, interval_s: float) -> None:
-    """Whenever the primary answers: send uploads there again, and move what the fallback
-    holds (from this task or any other) into it."""
-    while True:
-        try:
-            if await primary_answers(spool.store):
-                spool.primary_reachable()
-                report = await reconcile(spool.store, fallback)
-                if report.moved or report.left:
-                    log.warning(
-                        "fallback_reconciled",
-                        moved_objects=report.moved_objects,
-                        moved_bytes=report.moved_bytes,
-                        merged_documents=report.merged_documents,
-                        left=len(report.left),
-                        seconds=report.seconds,
-                    )
-                if report.moved and not report.left:
-                    continue  # More may have arrived meanwhile: look again at once.
-        except StoreError as exc:
-            log.warning("reconcile_failed", error=str(exc))
-        except Exception:
-            log.exception("reconcile_failed")
-        await asyncio.sleep(interval_s)
-
-
-class DrainingAppRunner(web.AppRunner):
-    """The runner to serve the app with: bots are asked to reconnect, and read until they
-    reply, before aiohttp's own shutdown begins. From then on aiohttp ignores whatever
-    arrives on every connection, websockets included, so frames still on the wire would be
-    lost and the bot would see 1006."""
-
-    def __init__(
-        self,
-        app: web.Application,
-        listeners: Sequence[socket.socket] = (),
-        share: LoadShare | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(app, **kwargs)
-        self.listeners = listeners
-        """Listening sockets this runner accepts on itself (`archiver.ingest.listener`)."""
-        self.share = share
-        """This worker's entry among the loads of its siblings on those sockets."""
-        self.pending: PendingConnections | None = None
-        """The connections it accepted there that are not bots' websockets: bounded in time
-        (`header_timeout_s`) and number (`max_pending_connections`)."""
-        self._accepting: list[asyncio.Task[None]] = []
-
-    async def setup(self) -> None:
-        await super().setup()
-        server = self.server
-        assert server is not None
-        if not self.listeners:
-            return
-        factory: Callable[[], asyncio.Protocol] = server
-        admit = None
-        if STATE in self.app:  # The app's start-up has run: its settings are there.
-            settings = self.app[STATE].settings
-            self.pending = PendingConnections(
-                server,
-                self._bots_held,
-                header_timeout_s=settings.header_timeout_s,
-                max_pending=settings.max_pending_connections,
-            )
-            factory, admit = self.pending.protocol, self.pending.admit
-        for listener in self.listeners:
-            accepting = accept_forever(
-                listener, factory, self._bots_held, admit=admit, share=self.share
-            )
-            self._accepting.append(asyncio.create_task(accepting))
-
-    def _bots_held(self) -> int:
-        return self.app[STATE].connections if STATE in self.app else 0
-
-    async def cleanup(self) -> None:
-        for task in self._accepting:
-            task.cancel()
-        await asyncio.gather(*self._accepting, return_exceptions=True)
-        if self.pending is not None:
-            self.pending.close()
-        if STATE in self.app:
-            await _ask_bots_to_reconnect(self.app)
-        await super().cleanup()
-
-
-async def _ask_bots_to_reconnect(app: web.Application) -> None:
-    """Shutdown, first step: stop being ready and send every bot a close frame with 1012
-    (service restart), so each bot reconnects to another instance while this one drains. A
-    bot may send until it has seen that frame (RFC 6455): its connection keeps being read
-    and archived until its close reply arrives, within `close_reply_timeout_s`; only then
-    is it closed from this side."""
-    state = app[STATE]
-    state.ready = False
-    if state.drain_deadline is None:
-        state.drain_deadline = asyncio.get_running_loop().time() + state.settings.drain_deadline_s
-    # Before the bots leave: recordings their reconnects continue elsewhere must not be
-    # completed here.
-    state.registry.sessions.drain()
-    if state.bots_asked_to_reconnect:
-        return
-    state.bots_asked_to_reconnect = True
-    sockets = list(state.sockets)
-    log.info("draining", connections=len(sockets))
-    frame = struct.pack("!H", WSCloseCode.SERVICE_RESTART) + b"service restart"
-    await asyncio.gather(
-        *(ws.send_frame(frame, WSMsgType.CLOSE) for ws in sockets), return_exceptions=True
-    )
-    if state.sockets:
-        state.all_closed.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(state.settings.close_reply_timeout_s):
-                await state.all_closed.wait()
-    late = list(state.sockets)
-    if late:
-        log.warning("close_reply_missing", connections=len(late))
-    await asyncio.gather(
-        *(ws.close(code=WSCloseCode.SERVICE_RESTART, message=b"service restart") for ws in late),
-        return_exceptions=True,
-    )
-
-
-def _describe_store(url: str) -> str:
-    return url.split("?", 1)[0]

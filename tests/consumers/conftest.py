@@ -21,7 +21,8 @@ import pytest
 from aiohttp import web
 
 from archiver import logs
-from archiver.ingest.server import STATE, create_app
+from archiver.ingest.server import STATE
+from archiver.service.app import create_app
 from archiver.settings import Settings
 from archiver.simulator import Simulation, encode_stream, media_message, run_simulation
 from archiver.store import LocalFolderStore

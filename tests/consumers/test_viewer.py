@@ -13,7 +13,7 @@ import pytest
 
 from archiver.consumers.viewer import rewrite_playlist
 from archiver.errors import ConfigError
-from archiver.ingest.server import create_app
+from archiver.service.app import create_app
 from archiver.settings import Settings
 from tests.conftest import TOKEN, ServiceFactory
 from tests.consumers.conftest import Viewing

@@ -11,8 +11,9 @@ import pytest
 
 from archiver.cli import main
 from archiver.errors import ConfigError, TokenError
-from archiver.ingest.server import STATE, create_app
+from archiver.ingest.server import STATE
 from archiver.ingest.tokens import TokenCheck, create_token, ingest_grant, key_id, view_grant
+from archiver.service.app import create_app
 from archiver.settings import Settings
 from archiver.simulator import Simulation, run_simulation
 from tests.conftest import TOKEN, RunningService, ServiceFactory

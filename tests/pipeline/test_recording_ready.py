@@ -21,9 +21,10 @@ from pydantic import ValidationError
 
 from archiver import logs, metrics
 from archiver.errors import ConfigError
-from archiver.ingest.server import STATE, create_app
+from archiver.ingest.server import STATE
 from archiver.layout import RecordingId
 from archiver.notices import ReadyNotice, ReadyNotices
+from archiver.service.app import create_app
 from archiver.settings import Settings
 from archiver.simulator import Simulation as Plan
 from archiver.simulator import encode_stream, media_message, participant_event

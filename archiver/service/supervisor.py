@@ -35,7 +35,9 @@ from gunicorn.app.base import BaseApplication
 
 from archiver import logs, metrics, workers
 from archiver.ingest.listener import LoadShare, WorkerLoads
-from archiver.ingest.server import DrainingAppRunner, RedactingAccessLogger, create_app
+from archiver.ingest.server import RedactingAccessLogger
+from archiver.service.app import create_app
+from archiver.service.shutdown import DrainingAppRunner
 from archiver.settings import Settings
 
 _GRACE_MARGIN_S = 5.0

@@ -1,0 +1,1 @@
+"""Running the service: its composition, its shutdown, its supervisor."""

@@ -11,13 +11,13 @@ import orjson
 from aiohttp import web
 
 from archiver import logs
+from archiver.consumers.decode_check import Check, check_events, check_png_stream, check_stream
 from archiver.layout import RecordingId
 from archiver.service.app import create_app
 from archiver.service.shutdown import DrainingAppRunner
 from archiver.settings import Settings
 from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
 from archiver.store import LocalFolderStore
-from archiver.verify import Check, check_events, check_png_stream, check_stream
 
 
 async def run_demo(participants: int, seconds: float, root: Path, png_participants: int = 2) -> int:

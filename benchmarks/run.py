@@ -60,11 +60,11 @@ import aiohttp
 import boto3
 import orjson
 
+from archiver.consumers.decode_check import check_stream
 from archiver.layout import RecordingId, StreamId
 from archiver.loadgen import Clip, Load, LoadReport, encode_clip, run_load
 from archiver.settings import Settings
 from archiver.store import S3Store
-from archiver.verify import check_stream
 from benchmarks import procs
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from archiver.verify import counter_problems
+from archiver.consumers.decode_check import counter_problems
 
 
 def listed_frames(manifest: dict[str, Any]) -> int:

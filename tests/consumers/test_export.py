@@ -14,9 +14,9 @@ import orjson
 import pytest
 
 from archiver.cli import main
+from archiver.consumers.decode_check import check_events, check_stream
 from archiver.layout import RecordingId
 from archiver.store import S3Store
-from archiver.verify import check_events, check_stream
 from tests.consumers.conftest import Archived, Continue, Simulate, picture_md5, sent_pictures
 
 

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import orjson
 
+from archiver.consumers.decode_check import check_events, check_stream
 from archiver.layout import RecordingId
 from archiver.simulator import envelope, media_message, participant_event
-from archiver.verify import check_events, check_stream
 from tests.faults.conftest import ServiceProcess, ServiceProcesses
 from tests.hostile import START, h264_units
 

@@ -10,8 +10,8 @@ import uuid
 import aiohttp
 import orjson
 
+from archiver.consumers.decode_check import check_stream
 from archiver.simulator import media_message, participant_event
-from archiver.verify import check_stream
 from tests.faults.conftest import ServiceProcess, ServiceProcesses
 from tests.faults.test_bounded_events import peak_of
 from tests.hostile import START, h264_units

@@ -3,9 +3,9 @@ frame the client counts as sent is archived and decodes."""
 
 from __future__ import annotations
 
+from archiver.consumers.decode_check import check_stream
 from archiver.layout import RecordingId, StreamId
 from archiver.loadgen import Load, encode_clip, run_load
-from archiver.verify import check_stream
 from tests.faults.conftest import ServiceProcesses
 
 

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import aiohttp
 import orjson
 
+from archiver.consumers.decode_check import check_stream
 from archiver.playlists import PLAYLIST_NAME
 from archiver.simulator import (
     SimulatedStream,
@@ -23,7 +24,6 @@ from archiver.simulator import (
     participant_event,
     watch_for_close,
 )
-from archiver.verify import check_stream
 from tests.faults.conftest import ServiceProcess, ServiceProcesses
 
 BOT = "bot-continuity"

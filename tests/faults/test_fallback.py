@@ -13,9 +13,9 @@ import aiohttp
 import orjson
 import pytest
 
+from archiver.consumers.decode_check import check_stream
 from archiver.simulator import Simulation, run_simulation
 from archiver.store import LocalFolderStore
-from archiver.verify import check_stream
 from tests.faults.conftest import RestartableS3, ServiceProcess, ServiceProcesses
 
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import aiohttp
 import orjson
 
+from archiver.consumers.decode_check import check_events, check_stream
 from archiver.layout import RecordingId
 from archiver.simulator import (
     Simulation,
@@ -19,7 +20,6 @@ from archiver.simulator import (
     participant_event,
     run_simulation,
 )
-from archiver.verify import check_events, check_stream
 from tests.faults.conftest import RestartableS3, ServiceProcess, ServiceProcesses
 
 

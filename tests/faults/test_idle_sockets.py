@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
+from archiver.consumers.decode_check import check_stream
 from archiver.settings import Settings
-from archiver.verify import check_stream
 from tests.faults.conftest import ServiceProcesses
 from tests.faults.test_faults import wait_for_manifest
 from tests.faults.test_workers import FPS, Bot, encode

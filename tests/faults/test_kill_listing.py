@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from archiver.consumers.decode_check import check_events, check_png_stream, check_stream
 from archiver.layout import RecordingId, StreamId
 from archiver.simulator import (
     SimulatedStream,
@@ -28,7 +29,6 @@ from archiver.simulator import (
     participant,
     participant_event,
 )
-from archiver.verify import check_events, check_png_stream, check_stream
 from tests.conftest import client
 from tests.faults.conftest import RestartableS3, ServiceProcess, ServiceProcesses
 

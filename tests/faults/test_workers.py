@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 import aiohttp
 import orjson
 
+from archiver.consumers.decode_check import check_stream
 from archiver.simulator import SimulatedStream, encode_stream, media_message
-from archiver.verify import check_stream
 from tests.faults.conftest import ServiceProcess, ServiceProcesses
 from tests.faults.test_faults import wait_for_manifest
 

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import aiohttp
 import orjson
 
+from archiver.consumers.decode_check import check_stream
 from archiver.simulator import Simulation, encode_stream, media_message
-from archiver.verify import check_stream
 from tests.conftest import ServiceFactory
 
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import aiohttp
 import orjson
 
+from archiver.consumers.decode_check import check_stream
 from archiver.ingest.server import STATE
 from archiver.layout import RecordingId, StreamId
 from archiver.loadgen import Load, encode_clip, run_load
@@ -20,7 +21,6 @@ from archiver.simulator import (
     run_simulation,
     watch_for_close,
 )
-from archiver.verify import check_stream
 from tests.conftest import RunningService, ServiceFactory
 
 

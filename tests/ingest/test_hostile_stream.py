@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from archiver.verify import check_png_stream, check_stream
+from archiver.consumers.decode_check import check_png_stream, check_stream
 from tests.conftest import ServiceFactory
 from tests.hostile import START, h264_units, png_images, real_media
 from tests.invariants import assert_counters_add_up

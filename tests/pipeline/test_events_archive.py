@@ -15,6 +15,7 @@ import jsonschema
 import orjson
 import pytest
 
+from archiver.consumers.decode_check import check_events, check_png_stream, check_stream
 from archiver.events import WRITER
 from archiver.layout import RecordingId
 from archiver.simulator import (
@@ -26,7 +27,6 @@ from archiver.simulator import (
     participant,
     participant_event,
 )
-from archiver.verify import check_events, check_png_stream, check_stream
 from tests.conftest import RunningService, ServiceFactory
 
 START = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)

@@ -8,9 +8,9 @@ import aiohttp
 import orjson
 import pytest
 
+from archiver.consumers.decode_check import check_events
 from archiver.ingest.server import STATE
 from archiver.simulator import participant
-from archiver.verify import check_events
 from tests.conftest import ServiceFactory
 from tests.pipeline.test_events_archive import Meeting, send_all
 

@@ -12,8 +12,8 @@ from collections import defaultdict
 import av
 import pytest
 
+from archiver.consumers.decode_check import check_stream
 from archiver.simulator import Simulation, run_simulation
-from archiver.verify import check_stream
 from tests.conftest import RunningService, ServiceFactory
 
 

@@ -19,6 +19,7 @@ import jsonschema
 import orjson
 import pytest
 
+from archiver.consumers.decode_check import PngStreamCheck, check_png_stream
 from archiver.errors import MediaError
 from archiver.layout import RecordingId, StreamId
 from archiver.recovery import JOURNAL_FOLDER, stream_header
@@ -32,7 +33,6 @@ from archiver.simulator import (
 )
 from archiver.store.journal import StreamJournal
 from archiver.values import RecordingContext
-from archiver.verify import PngStreamCheck, check_png_stream
 from tests.conftest import RunningService, ServiceFactory
 
 PNG_EVENT = "video_separate_png.data"

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import hashlib
 
+from archiver.consumers.decode_check import check_stream
 from archiver.ingest.server import STATE
 from archiver.simulator import Simulation, run_simulation
-from archiver.verify import check_stream
 from tests.conftest import ServiceFactory
 
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import av
 import pytest
 
+from archiver.consumers.decode_check import decode
 from archiver.errors import MediaError
 from archiver.segmenting.fmp4 import (
     TIMESCALE,
@@ -19,7 +20,6 @@ from archiver.segmenting.fmp4 import (
 )
 from archiver.segmenting.h264 import analyse, probe_config
 from archiver.simulator import SimulatedStream, encode_stream
-from archiver.verify import decode
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from archiver.consumers.decode_check import decode
 from archiver.errors import InputError, MediaError
 from archiver.segmenting.fmp4 import TIMESCALE, H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import MAX_NAL_UNITS, analyse, probe_config
 from archiver.segmenting.png import PNG_TRAILER, PngBatch, PngBatcher, read_header
-from archiver.verify import decode
 from tests.hostile import START, h264_units, png_images
 
 PROPERTIES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from archiver.consumers.decode_check import check_stream
 from archiver.layout import RecordingId, StreamId
 from archiver.manifests import (
     JSON_TYPE,
@@ -38,7 +39,6 @@ from archiver.store.base import md5_hex, sha256_digest
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool
 from archiver.values import RecordingContext
-from archiver.verify import check_stream
 
 RECORDING = RecordingId("bot-1", "rec-1")
 STREAM = StreamId(RECORDING, "100", "webcam", "h264")

@@ -9,6 +9,7 @@ import pytest
 
 from archiver.cli import main, serve
 from archiver.errors import ConfigError
+from archiver.ingest.server import STATE
 from archiver.simulator import Simulation, run_simulation
 from tests.conftest import TOKEN, ServiceFactory
 
@@ -36,7 +37,11 @@ async def test_any_configured_token_is_accepted_for_rotation(service: ServiceFac
     for token in (old, TOKEN):
         async with aiohttp.ClientSession() as session:
             ws = await session.ws_connect(f"ws://127.0.0.1:{running.port}/ws?token={token}")
+            assert not ws.closed
             await ws.close()
+            assert ws.close_code == 1000
+    totals = running.app[STATE].totals
+    assert totals["refused_unauthorized"] == 0
 
 
 async def test_token_appears_in_no_log_line(

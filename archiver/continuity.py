@@ -4,7 +4,7 @@ A reconnect to another worker or task, or a deploy, brings a stream's next frame
 process that never saw its last key frame. Senders do not restart their encoder for it, so
 those frames continue mid-GOP: they decode only with the SPS/PPS the stream was using. That
 configuration is read, in order of freshness, from a sibling worker's journal of the open
-segment (same task: `archiver.workers`), or from the init segment of the last segment the
+segment (same task: `archiver.host.workers`), or from the init segment of the last segment the
 stored manifest lists; when neither is readable yet, the archive is polled while the
 segmenter holds the frames (the previous task may still be storing that segment).
 """
@@ -23,6 +23,7 @@ from typing import Any, Literal
 from structlog.typing import FilteringBoundLogger
 
 from archiver.errors import MediaError, StoreError
+from archiver.host.workers import sibling_slots
 from archiver.layout import StreamId
 from archiver.manifests import SegmentEntry, StreamManifest, frame_interval_s, parse_document
 from archiver.recovery import JOURNAL_FOLDER
@@ -31,7 +32,6 @@ from archiver.segmenting.h264 import StreamConfig
 from archiver.settings import Settings
 from archiver.store.journal import first_config
 from archiver.store.spool import Spool
-from archiver.workers import sibling_slots
 
 _INIT_NAME = re.compile(r"init-[0-9a-f]{16}\.mp4")
 POLL_S = 0.25

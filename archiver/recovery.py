@@ -195,7 +195,7 @@ async def recover(
     spool: Spool, spool_dir: Path, target_s: float, adopted: Sequence[Path] = ()
 ) -> Recovery:
     """Replay journals and leftovers into the spool now; upload them in the background.
-    `adopted`: spool folders of dead workers this process took over (`archiver.workers`),
+    `adopted`: spool folders of dead workers this process took over (`archiver.host.workers`),
     recovered along with its own."""
     recovery = Recovery()
     leftovers = await spool.leftovers(adopted)

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from archiver.workers import available_cpus
+from archiver.host.workers import available_cpus
 
 
 class Settings(BaseSettings):

@@ -31,6 +31,7 @@ from archiver import metrics
 from archiver.continuity import Continuation, ContinuationFinder
 from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
 from archiver.events import EventArchive
+from archiver.host.memory import FreedMemory
 from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.manifests import (
     ArchiveManifest,
@@ -44,7 +45,6 @@ from archiver.manifests import (
     write_merging,
 )
 from archiver.manifests import dumps as dump_json
-from archiver.memory import FreedMemory
 from archiver.notices import ReadyNotices
 from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
 from archiver.playlists import render_playlist

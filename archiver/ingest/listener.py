@@ -58,7 +58,7 @@ def pause_before_accept(bots_held: int, fewest_held: int = 0) -> float:
 class WorkerLoads:
     """How many bots each worker holds, in memory that all the supervisor's workers share:
     made in the master before the first fork, so every worker, a replacement too, maps the
-    same page. One entry per slot (`archiver.workers`): the pid publishing there and its
+    same page. One entry per slot (`archiver.host.workers`): the pid publishing there and its
     bots; pid 0 is a vacant slot (its worker is not accepting, or died: the master vacates a
     dead worker's entry). Entries are written and read without a lock: a torn or stale read
     only makes one pause a little off."""

@@ -22,17 +22,17 @@ from aiohttp.abc import AbstractAccessLogger
 from archiver import metrics
 from archiver.errors import InputError, StoreError, TokenError
 from archiver.events import AUDIO_EVENTS
+from archiver.host.protection import TaskProtection
+from archiver.host.workers import Slot
 from archiver.ingest.bindings import TokenBindings
 from archiver.ingest.messages import parse_message
 from archiver.ingest.tokens import TokenCheck
 from archiver.layout import RecordingId, StreamId
 from archiver.notices import ReadyNotices
-from archiver.protection import TaskProtection
 from archiver.settings import Settings
 from archiver.store.spool import Spool, SpoolState
 from archiver.streams import StreamRegistry
 from archiver.values import EventMessage, Grant, MediaMessage
-from archiver.workers import Slot
 
 log = structlog.get_logger(__name__)
 

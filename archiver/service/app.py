@@ -18,11 +18,12 @@ from aiohttp import web
 from archiver import metrics
 from archiver.consumers.viewer import ViewerConfig, add_viewer, find_hls_js
 from archiver.errors import ConfigError, StoreError
+from archiver.host.protection import SharedWants, TaskProtection
+from archiver.host.workers import Slot
 from archiver.ingest.bindings import TokenBindings
 from archiver.ingest.server import STATE, ServiceState, add_routes
 from archiver.ingest.tokens import TokenCheck
 from archiver.notices import ReadyNotices
-from archiver.protection import SharedWants, TaskProtection
 from archiver.reconcile import primary_answers, reconcile
 from archiver.recovery import merge_documents, recover
 from archiver.service.shutdown import ask_bots_to_reconnect, drain
@@ -31,7 +32,6 @@ from archiver.settings import Settings
 from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_store
 from archiver.store.spool import Spool
 from archiver.streams import StreamRegistry
-from archiver.workers import Slot
 
 log = structlog.get_logger(__name__)
 

@@ -8,7 +8,7 @@ maps before the first fork), so bots spread over the workers even when they arri
 burst. A bot's connection stays with the worker that accepted it. Connections that are not
 bots are closed when their headers are late, when idle, and beyond a cap per worker.
 
-Each worker owns one slot of the spool (`archiver.workers`): its own `objects/` and
+Each worker owns one slot of the spool (`archiver.host.workers`): its own `objects/` and
 `journal/` under `spool_dir/worker-<n>/`, held by a file lock for its lifetime, and a share
 of the spool cap. If a worker dies (a crash, the kernel's OOM killer,
 SIGKILL), the master starts a new one on the same machine; the kernel released the dead
@@ -33,7 +33,8 @@ from aiohttp.worker import GunicornWebWorker
 from gunicorn import glogging
 from gunicorn.app.base import BaseApplication
 
-from archiver import logs, metrics, workers
+from archiver import logs, metrics
+from archiver.host import workers
 from archiver.ingest.listener import LoadShare, WorkerLoads
 from archiver.ingest.server import RedactingAccessLogger
 from archiver.service.app import create_app

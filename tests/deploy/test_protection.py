@@ -17,8 +17,8 @@ import structlog
 from aiohttp import web
 from structlog.testing import LogCapture
 
-from archiver import protection
-from archiver.protection import SharedWants, TaskProtection
+from archiver.host import protection
+from archiver.host.protection import SharedWants, TaskProtection
 from tests.conftest import serve_locally
 
 _PROTECTION_ANSWER = {

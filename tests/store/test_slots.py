@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from archiver.host.workers import Slot, available_cpus, try_claim
 from archiver.recovery import recover
 from archiver.store import LocalFolderStore
 from archiver.store.spool import Spool
-from archiver.workers import Slot, available_cpus, try_claim
 from tests.store.test_recovery import STREAM, segment_entry, spool_listable, stored_json
 
 

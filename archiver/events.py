@@ -49,7 +49,7 @@ from archiver.store.spool import Spool
 from archiver.values import EventMessage
 
 if TYPE_CHECKING:
-    from archiver.sessions import SessionWriter
+    from archiver.recordings.sessions import SessionWriter
 
 log = structlog.get_logger(__name__)
 

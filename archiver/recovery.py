@@ -38,11 +38,11 @@ from archiver.manifests import (
 )
 from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
 from archiver.playlists import render_playlist
+from archiver.recordings.sessions import SessionIndex
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
 from archiver.segmenting.png import PngBatch, PngBatcher
-from archiver.sessions import SessionIndex
 from archiver.store.base import sha256_digest
 from archiver.store.journal import read_segment, stream_folders
 from archiver.store.spool import Spool, SpooledObject

@@ -45,10 +45,11 @@ from archiver.manifests import (
     write_merging,
 )
 from archiver.manifests import dumps as dump_json
-from archiver.notices import ReadyNotices
 from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
 from archiver.playlists import render_playlist
 from archiver.publishing import InOrderPublisher
+from archiver.recordings.notices import ReadyNotices
+from archiver.recordings.sessions import WAITING_FOLDER, SessionWriter
 from archiver.recovery import (
     JOURNAL_FOLDER,
     Recovery,
@@ -61,7 +62,6 @@ from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
 from archiver.segmenting.png import PngBatch, PngBatcher
 from archiver.segmenting.timestamps import Timed, TimestampGuard
-from archiver.sessions import WAITING_FOLDER, SessionWriter
 from archiver.settings import Settings
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject

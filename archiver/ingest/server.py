@@ -28,7 +28,7 @@ from archiver.ingest.bindings import TokenBindings
 from archiver.ingest.messages import parse_message
 from archiver.ingest.tokens import TokenCheck
 from archiver.layout import RecordingId, StreamId
-from archiver.notices import ReadyNotices
+from archiver.recordings.notices import ReadyNotices
 from archiver.settings import Settings
 from archiver.store.spool import Spool, SpoolState
 from archiver.streams import StreamRegistry

@@ -23,11 +23,11 @@ from archiver.host.workers import Slot
 from archiver.ingest.bindings import TokenBindings
 from archiver.ingest.server import STATE, ServiceState, add_routes
 from archiver.ingest.tokens import TokenCheck
-from archiver.notices import ReadyNotices
 from archiver.reconcile import primary_answers, reconcile
+from archiver.recordings.notices import ReadyNotices
+from archiver.recordings.sessions import read_waiting
 from archiver.recovery import merge_documents, recover
 from archiver.service.shutdown import ask_bots_to_reconnect, drain
-from archiver.sessions import read_waiting
 from archiver.settings import Settings
 from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_store
 from archiver.store.spool import Spool

@@ -17,7 +17,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from archiver.ingest.listener import LoadShare, PendingConnections, accept_forever
 from archiver.ingest.server import STATE
-from archiver.notices import ReadyNotices
+from archiver.recordings.notices import ReadyNotices
 from archiver.recovery import Recovery
 from archiver.settings import Settings
 from archiver.store.spool import Spool

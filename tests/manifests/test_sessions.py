@@ -9,7 +9,7 @@ import orjson
 
 from archiver.layout import RecordingId
 from archiver.manifests import dumps
-from archiver.sessions import SessionIndex, SessionLimits
+from archiver.recordings.sessions import SessionIndex, SessionLimits
 
 RECORDING = RecordingId("bot-1", "rec-1")
 

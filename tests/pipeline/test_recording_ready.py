@@ -23,7 +23,7 @@ from archiver import logs, metrics
 from archiver.errors import ConfigError
 from archiver.ingest.server import STATE
 from archiver.layout import RecordingId
-from archiver.notices import ReadyNotice, ReadyNotices
+from archiver.recordings.notices import ReadyNotice, ReadyNotices
 from archiver.service.app import create_app
 from archiver.settings import Settings
 from archiver.simulator import Simulation as Plan

@@ -22,6 +22,7 @@ from archiver.manifests import (
     StreamManifest,
     dumps,
 )
+from archiver.recordings.sessions import SessionIndex
 from archiver.recovery import (
     JOURNAL_FOLDER,
     JSONL_TYPE,
@@ -32,7 +33,6 @@ from archiver.recovery import (
     stream_header,
 )
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
-from archiver.sessions import SessionIndex
 from archiver.simulator import SimulatedStream, encode_stream, participant
 from archiver.store import LocalFolderStore
 from archiver.store.base import md5_hex, sha256_digest

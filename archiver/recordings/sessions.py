@@ -36,12 +36,12 @@ from archiver.manifests import (
     write_merging,
 )
 from archiver.manifests import dumps as dump_json
-from archiver.notices import ReadyNotice
+from archiver.recordings.notices import ReadyNotice
 from archiver.settings import Settings
 from archiver.values import RecordingContext
 
 if TYPE_CHECKING:
-    from archiver.notices import ReadyNotices
+    from archiver.recordings.notices import ReadyNotices
     from archiver.store.spool import Spool
 
 log = structlog.get_logger(__name__)

@@ -22,10 +22,15 @@ from typing import Any, Literal
 
 from structlog.typing import FilteringBoundLogger
 
+from archiver.documents.manifests import (
+    SegmentEntry,
+    StreamManifest,
+    frame_interval_s,
+    parse_document,
+)
 from archiver.errors import MediaError, StoreError
 from archiver.host.workers import sibling_slots
 from archiver.layout import StreamId
-from archiver.manifests import SegmentEntry, StreamManifest, frame_interval_s, parse_document
 from archiver.recovery import JOURNAL_FOLDER
 from archiver.segmenting.fmp4 import MIN_GAP_TICKS, TIMESCALE, configuration_of
 from archiver.segmenting.h264 import StreamConfig

@@ -30,9 +30,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from archiver.errors import StoreError
-from archiver.layout import RecordingId, key_micros
-from archiver.manifests import (
+from archiver.documents.manifests import (
     EventBatchEntry,
     EventsManifest,
     WriteBudget,
@@ -40,6 +38,8 @@ from archiver.manifests import (
     parse_document,
     write_merging,
 )
+from archiver.errors import StoreError
+from archiver.layout import RecordingId, key_micros
 from archiver.publishing import InOrderPublisher
 from archiver.recovery import JOURNAL_FOLDER, JSONL_TYPE, Recovery, events_header
 from archiver.settings import Settings

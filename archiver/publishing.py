@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import structlog
 
-from archiver.manifests import WriteBudget
+from archiver.documents.manifests import WriteBudget
 from archiver.store.spool import Spool, SpooledObject
 
 log = structlog.get_logger(__name__)

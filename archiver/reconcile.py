@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from archiver.documents.manifests import JSON_TYPE, MERGE_ATTEMPTS, parse_document
+from archiver.documents.playlists import CONTENT_TYPE as PLAYLIST_TYPE
+from archiver.documents.playlists import render_playlist
 from archiver.errors import ObjectConflictError, StoreError
-from archiver.manifests import JSON_TYPE, MERGE_ATTEMPTS, parse_document
-from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
-from archiver.playlists import render_playlist
 from archiver.recovery import merge_documents
 from archiver.store.base import ListingStore, ObjectStore
 from archiver.store.moves import move_write_once

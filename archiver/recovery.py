@@ -23,9 +23,7 @@ import orjson
 import structlog
 
 from archiver import metrics
-from archiver.errors import InputError, SegmenterFailure, StoreError
-from archiver.layout import RecordingId, StreamId, key_micros
-from archiver.manifests import (
+from archiver.documents.manifests import (
     MANIFEST_TYPES,
     EventBatchEntry,
     EventsManifest,
@@ -36,8 +34,10 @@ from archiver.manifests import (
     parse_document,
     write_merging,
 )
-from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
-from archiver.playlists import render_playlist
+from archiver.documents.playlists import CONTENT_TYPE as PLAYLIST_TYPE
+from archiver.documents.playlists import render_playlist
+from archiver.errors import InputError, SegmenterFailure, StoreError
+from archiver.layout import RecordingId, StreamId, key_micros
 from archiver.recordings.sessions import SessionIndex
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment

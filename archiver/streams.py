@@ -29,11 +29,7 @@ import structlog
 
 from archiver import metrics
 from archiver.continuity import Continuation, ContinuationFinder
-from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
-from archiver.events import EventArchive
-from archiver.host.memory import FreedMemory
-from archiver.layout import MediaFormat, RecordingId, StreamId
-from archiver.manifests import (
+from archiver.documents.manifests import (
     ArchiveManifest,
     EntryT,
     PngBatchEntry,
@@ -44,9 +40,13 @@ from archiver.manifests import (
     parse_document,
     write_merging,
 )
-from archiver.manifests import dumps as dump_json
-from archiver.playlists import CONTENT_TYPE as PLAYLIST_TYPE
-from archiver.playlists import render_playlist
+from archiver.documents.manifests import dumps as dump_json
+from archiver.documents.playlists import CONTENT_TYPE as PLAYLIST_TYPE
+from archiver.documents.playlists import render_playlist
+from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
+from archiver.events import EventArchive
+from archiver.host.memory import FreedMemory
+from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.publishing import InOrderPublisher
 from archiver.recordings.notices import ReadyNotices
 from archiver.recordings.sessions import WAITING_FOLDER, SessionWriter

@@ -15,9 +15,9 @@ import av
 import orjson
 
 from archiver.consumers.verify import counter_problems, order_problems
+from archiver.documents.manifests import frames_after_missing_references
 from archiver.errors import MediaError
 from archiver.layout import RecordingId
-from archiver.manifests import frames_after_missing_references
 from archiver.segmenting.png import MICROS, member_name, read_header
 from archiver.store import ObjectStore
 

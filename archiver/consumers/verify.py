@@ -34,9 +34,9 @@ from typing import Any
 import av
 
 from archiver.consumers.reader import Archive, StreamInfo, parse_stream_key, recording_of
+from archiver.documents.playlists import CONTINUITY_TOLERANCE_S
 from archiver.errors import DamagedObjectError
 from archiver.layout import RecordingId
-from archiver.playlists import CONTINUITY_TOLERANCE_S
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONCURRENT_FETCHES = 8

@@ -33,10 +33,10 @@ from urllib.parse import quote
 from aiohttp import web
 
 from archiver.consumers.reader import Archive, StreamInfo, parse_stream_key
+from archiver.documents.playlists import CONTENT_TYPE as PLAYLIST_CONTENT_TYPE
+from archiver.documents.playlists import render_playlist
 from archiver.errors import ConfigError, DamagedObjectError, InvalidIdError, StoreError
 from archiver.layout import RecordingId, safe_id
-from archiver.playlists import CONTENT_TYPE as PLAYLIST_CONTENT_TYPE
-from archiver.playlists import render_playlist
 from archiver.store import ReadableStore, S3Store, store_from_url
 from archiver.values import Grant
 

@@ -25,9 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from archiver.errors import InputError, StoreError
-from archiver.layout import RecordingId, StreamId, local_name, safe_id
-from archiver.manifests import (
+from archiver.documents.manifests import (
     SCHEMA_VERSION,
     ArchiveManifest,
     EventsManifest,
@@ -35,7 +33,9 @@ from archiver.manifests import (
     parse_document,
     write_merging,
 )
-from archiver.manifests import dumps as dump_json
+from archiver.documents.manifests import dumps as dump_json
+from archiver.errors import InputError, StoreError
+from archiver.layout import RecordingId, StreamId, local_name, safe_id
 from archiver.recordings.notices import ReadyNotice
 from archiver.settings import Settings
 from archiver.values import RecordingContext

@@ -13,7 +13,7 @@ import m3u8
 import orjson
 import pytest
 
-from archiver.playlists import discontinuous, render_playlist
+from archiver.documents.playlists import discontinuous, render_playlist
 from tests.consumers.conftest import Continue, Simulate, sent_pictures
 
 WALL = "2026-11-26T10:00:00.000000+00:00"

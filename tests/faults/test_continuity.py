@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 
 from archiver.consumers.decode_check import check_stream
-from archiver.playlists import PLAYLIST_NAME
+from archiver.documents.playlists import PLAYLIST_NAME
 from archiver.simulator import (
     SimulatedStream,
     close_like_a_bot,

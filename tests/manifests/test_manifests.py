@@ -10,8 +10,8 @@ from importlib import resources
 import jsonschema
 import pytest
 
+from archiver.documents.manifests import SegmentEntry, StreamManifest, WriteBudget, dumps
 from archiver.layout import RecordingId, StreamId
-from archiver.manifests import SegmentEntry, StreamManifest, WriteBudget, dumps
 from archiver.simulator import Simulation, run_simulation
 from archiver.values import RecordingContext
 from tests.conftest import ServiceFactory

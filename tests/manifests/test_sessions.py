@@ -7,8 +7,8 @@ from typing import Any
 
 import orjson
 
+from archiver.documents.manifests import dumps
 from archiver.layout import RecordingId
-from archiver.manifests import dumps
 from archiver.recordings.sessions import SessionIndex, SessionLimits
 
 RECORDING = RecordingId("bot-1", "rec-1")

@@ -13,8 +13,7 @@ from typing import Any
 import orjson
 
 from archiver.consumers.decode_check import check_stream
-from archiver.layout import RecordingId, StreamId
-from archiver.manifests import (
+from archiver.documents.manifests import (
     JSON_TYPE,
     EventBatchEntry,
     EventsManifest,
@@ -22,6 +21,7 @@ from archiver.manifests import (
     StreamManifest,
     dumps,
 )
+from archiver.layout import RecordingId, StreamId
 from archiver.recordings.sessions import SessionIndex
 from archiver.recovery import (
     JOURNAL_FOLDER,

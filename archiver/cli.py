@@ -14,14 +14,14 @@ import structlog
 from archiver import logs
 from archiver.errors import ConfigError, InvalidIdError, StoreError
 from archiver.ingest.tokens import create_token, ingest_grant, view_grant
-from archiver.loadgen import Load, run_load
 from archiver.reconcile import reconcile
 from archiver.service.app import create_app
 from archiver.service.supervisor import Supervisor
 from archiver.settings import Settings
-from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
 from archiver.store import open_fallback_store, open_store
 from archiver.store.spool import probe_folder
+from archiver.tools.loadgen import Load, run_load
+from archiver.tools.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
 from archiver.values import Grant
 
 log = structlog.get_logger(__name__)
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(verify(args))
         if args.command == "export":
             return asyncio.run(export(args))
-        from archiver.demo import run_demo
+        from archiver.tools.demo import run_demo
 
         return asyncio.run(
             run_demo(

@@ -4,7 +4,7 @@
                              [--workers 1,2] [--half-rate] [--meeting-hours 2]
 
 Each receiver runs as its own process tree on a loopback port and gets the same load from
-`archiver.loadgen` (run in this process): bots of `--participants` webcams at `--fps`,
+`archiver.tools.loadgen` (run in this process): bots of `--participants` webcams at `--fps`,
 replaying one clip encoded before the clock starts.
 
 - real time: `--realtime-bots` bots for `--seconds`. Server CPU per message (utime + stime
@@ -62,9 +62,9 @@ import orjson
 
 from archiver.consumers.decode_check import check_stream
 from archiver.layout import RecordingId, StreamId
-from archiver.loadgen import Clip, Load, LoadReport, encode_clip, run_load
 from archiver.settings import Settings
 from archiver.store import S3Store
+from archiver.tools.loadgen import Clip, Load, LoadReport, encode_clip, run_load
 from benchmarks import procs
 
 ROOT = Path(__file__).resolve().parent.parent

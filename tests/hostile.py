@@ -9,7 +9,12 @@ from typing import Any
 
 import orjson
 
-from archiver.simulator import SimulatedStream, encode_png_stream, encode_stream, media_message
+from archiver.tools.simulator import (
+    SimulatedStream,
+    encode_png_stream,
+    encode_stream,
+    media_message,
+)
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 _DEEP = re.compile(r'"@@deep(\d+)@@"')

@@ -5,7 +5,7 @@ from __future__ import annotations
 from archiver.cli import _parser
 from archiver.consumers.decode_check import check_stream
 from archiver.layout import RecordingId, StreamId
-from archiver.loadgen import Load, encode_clip, run_load
+from archiver.tools.loadgen import Load, encode_clip, run_load
 from tests.conftest import ServiceFactory
 
 

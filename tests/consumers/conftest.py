@@ -24,8 +24,8 @@ from archiver import logs
 from archiver.ingest.server import STATE
 from archiver.service.app import create_app
 from archiver.settings import Settings
-from archiver.simulator import Simulation, encode_stream, media_message, run_simulation
 from archiver.store import LocalFolderStore
+from archiver.tools.simulator import Simulation, encode_stream, media_message, run_simulation
 from tests.conftest import TOKEN, ServiceFactory, serve_locally
 
 

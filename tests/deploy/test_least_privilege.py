@@ -35,8 +35,8 @@ import pytest
 from archiver.consumers.decode_check import check_events, check_png_stream, check_stream
 from archiver.errors import StoreError
 from archiver.layout import RecordingId
-from archiver.simulator import Simulation, run_simulation
 from archiver.store import S3Store
+from archiver.tools.simulator import Simulation, run_simulation
 from tests.conftest import ServiceFactory
 from tests.deploy.test_infra_stack import INFRA, synthesize
 

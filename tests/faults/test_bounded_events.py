@@ -15,7 +15,7 @@ import orjson
 
 from archiver.consumers.decode_check import check_events, check_stream
 from archiver.layout import RecordingId
-from archiver.simulator import envelope, media_message, participant_event
+from archiver.tools.simulator import envelope, media_message, participant_event
 from tests.faults.conftest import ServiceProcess, ServiceProcesses
 from tests.hostile import START, h264_units
 

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 
 from archiver.consumers.decode_check import check_stream
-from archiver.simulator import media_message, participant_event
+from archiver.tools.simulator import media_message, participant_event
 from tests.faults.conftest import ServiceProcess, ServiceProcesses
 from tests.faults.test_bounded_events import peak_of
 from tests.hostile import START, h264_units

@@ -16,7 +16,7 @@ import orjson
 
 from archiver.consumers.decode_check import check_stream
 from archiver.documents.playlists import PLAYLIST_NAME
-from archiver.simulator import (
+from archiver.tools.simulator import (
     SimulatedStream,
     close_like_a_bot,
     encode_stream,

@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from archiver.consumers.decode_check import check_stream
-from archiver.simulator import Simulation, run_simulation
 from archiver.store import LocalFolderStore
+from archiver.tools.simulator import Simulation, run_simulation
 from tests.faults.conftest import RestartableS3, ServiceProcess, ServiceProcesses
 
 

@@ -13,7 +13,7 @@ import orjson
 
 from archiver.consumers.decode_check import check_events, check_stream
 from archiver.layout import RecordingId
-from archiver.simulator import (
+from archiver.tools.simulator import (
     Simulation,
     encode_stream,
     media_message,

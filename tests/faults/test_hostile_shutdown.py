@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 import pytest
 
-from archiver.simulator import media_message, participant_event
+from archiver.tools.simulator import media_message, participant_event
 from tests.faults.conftest import ServiceProcess, ServiceProcesses
 from tests.faults.test_bounded_streams import _settled_rss, _streams_released
 from tests.hostile import START, h264_units

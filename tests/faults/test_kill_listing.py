@@ -20,7 +20,7 @@ import orjson
 
 from archiver.consumers.decode_check import check_events, check_png_stream, check_stream
 from archiver.layout import RecordingId, StreamId
-from archiver.simulator import (
+from archiver.tools.simulator import (
     SimulatedStream,
     encode_png_stream,
     encode_stream,

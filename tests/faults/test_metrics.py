@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
-from archiver.simulator import media_message
+from archiver.tools.simulator import media_message
 from tests.conftest import ServiceFactory
 from tests.faults.conftest import ServiceProcess, ServiceProcesses, free_port
 from tests.faults.test_faults import wait_for_manifest

@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 
 from archiver.consumers.decode_check import check_stream
-from archiver.simulator import Simulation, encode_stream, media_message
+from archiver.tools.simulator import Simulation, encode_stream, media_message
 from tests.faults.conftest import ServiceProcesses
 
 

@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 
 from archiver.consumers.decode_check import check_stream
-from archiver.simulator import SimulatedStream, encode_stream, media_message
+from archiver.tools.simulator import SimulatedStream, encode_stream, media_message
 from tests.faults.conftest import ServiceProcess, ServiceProcesses
 from tests.faults.test_faults import wait_for_manifest
 

@@ -10,7 +10,7 @@ import pytest
 from archiver.cli import main, serve
 from archiver.errors import ConfigError
 from archiver.ingest.server import STATE
-from archiver.simulator import Simulation, run_simulation
+from archiver.tools.simulator import Simulation, run_simulation
 from tests.conftest import TOKEN, ServiceFactory
 
 

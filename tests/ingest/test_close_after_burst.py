@@ -13,8 +13,8 @@ import orjson
 from archiver.consumers.decode_check import check_stream
 from archiver.ingest.server import STATE
 from archiver.layout import RecordingId, StreamId
-from archiver.loadgen import Load, encode_clip, run_load
-from archiver.simulator import (
+from archiver.tools.loadgen import Load, encode_clip, run_load
+from archiver.tools.simulator import (
     Simulation,
     close_like_a_bot,
     media_message,

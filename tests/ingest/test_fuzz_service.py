@@ -16,7 +16,7 @@ import pytest
 
 from archiver.consumers.decode_check import check_stream
 from archiver.ingest.server import STATE
-from archiver.simulator import media_message, participant_event
+from archiver.tools.simulator import media_message, participant_event
 from tests.conftest import RunningService, ServiceFactory
 from tests.hostile import START, deep, dumps, h264_units, png_images
 from tests.ingest.test_hostile_stream import (

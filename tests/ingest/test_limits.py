@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 
 from archiver.consumers.decode_check import check_stream
-from archiver.simulator import Simulation, run_simulation
+from archiver.tools.simulator import Simulation, run_simulation
 from tests.conftest import ServiceFactory
 from tests.ingest.test_drain import manifest_key, prepared
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from archiver.errors import InputError
 from archiver.ingest.messages import MAX_DEPTH, parse_message
 from archiver.layout import safe_id
-from archiver.simulator import participant_event
+from archiver.tools.simulator import participant_event
 from archiver.values import EventMessage, MediaMessage
 from tests.hostile import START, deep, dumps, h264_units, real_media
 

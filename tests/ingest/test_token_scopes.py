@@ -18,7 +18,7 @@ from archiver.cli import main
 from archiver.ingest.bindings import BINDINGS_PREFIX
 from archiver.ingest.server import STATE
 from archiver.ingest.tokens import TokenCheck, create_token, ingest_grant, key_id, view_grant
-from archiver.simulator import Simulation, run_simulation
+from archiver.tools.simulator import Simulation, run_simulation
 from tests.conftest import RunningService, ServiceFactory
 
 KEY = "k1-" + "a" * 40

@@ -15,7 +15,7 @@ from archiver.ingest.server import STATE
 from archiver.ingest.tokens import TokenCheck, create_token, ingest_grant, key_id, view_grant
 from archiver.service.app import create_app
 from archiver.settings import Settings
-from archiver.simulator import Simulation, run_simulation
+from archiver.tools.simulator import Simulation, run_simulation
 from tests.conftest import TOKEN, RunningService, ServiceFactory
 from tests.faults.conftest import free_port
 from tests.faults.test_metrics import scrape, total

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import aiohttp
 import orjson
 
-from archiver.simulator import SimulatedStream, encode_stream, media_message
+from archiver.tools.simulator import SimulatedStream, encode_stream, media_message
 from tests.conftest import RunningService, ServiceFactory
 
 BOT, RECORDING = "bot-id", "rec-1"

@@ -12,7 +12,7 @@ import pytest
 
 from archiver.documents.manifests import SegmentEntry, StreamManifest, WriteBudget, dumps
 from archiver.layout import RecordingId, StreamId
-from archiver.simulator import Simulation, run_simulation
+from archiver.tools.simulator import Simulation, run_simulation
 from archiver.values import RecordingContext
 from tests.conftest import ServiceFactory
 

@@ -18,7 +18,7 @@ import pytest
 from archiver.consumers.decode_check import check_events, check_png_stream, check_stream
 from archiver.events import WRITER
 from archiver.layout import RecordingId
-from archiver.simulator import (
+from archiver.tools.simulator import (
     SimulatedStream,
     encode_png_stream,
     encode_stream,

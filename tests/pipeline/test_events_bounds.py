@@ -10,7 +10,7 @@ import pytest
 
 from archiver.consumers.decode_check import check_events
 from archiver.ingest.server import STATE
-from archiver.simulator import participant
+from archiver.tools.simulator import participant
 from tests.conftest import ServiceFactory
 from tests.pipeline.test_events_archive import Meeting, send_all
 

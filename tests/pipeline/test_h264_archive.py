@@ -13,7 +13,7 @@ import av
 import pytest
 
 from archiver.consumers.decode_check import check_stream
-from archiver.simulator import Simulation, run_simulation
+from archiver.tools.simulator import Simulation, run_simulation
 from tests.conftest import RunningService, ServiceFactory
 
 

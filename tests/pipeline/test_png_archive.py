@@ -24,14 +24,14 @@ from archiver.errors import MediaError
 from archiver.layout import RecordingId, StreamId
 from archiver.recovery import JOURNAL_FOLDER, stream_header
 from archiver.segmenting.png import PngBatcher, read_header
-from archiver.simulator import (
+from archiver.store.journal import StreamJournal
+from archiver.tools.simulator import (
     SimulatedStream,
     Simulation,
     encode_png_stream,
     media_message,
     run_simulation,
 )
-from archiver.store.journal import StreamJournal
 from archiver.values import RecordingContext
 from tests.conftest import RunningService, ServiceFactory
 

@@ -26,9 +26,9 @@ from archiver.layout import RecordingId
 from archiver.recordings.notices import ReadyNotice, ReadyNotices
 from archiver.service.app import create_app
 from archiver.settings import Settings
-from archiver.simulator import Simulation as Plan
-from archiver.simulator import encode_stream, media_message, participant_event
 from archiver.store import LocalFolderStore
+from archiver.tools.simulator import Simulation as Plan
+from archiver.tools.simulator import encode_stream, media_message, participant_event
 from tests.conftest import TOKEN, RunningService, ServiceFactory, serve_locally
 
 SECRET = "webhook-secret-3b9d1c"

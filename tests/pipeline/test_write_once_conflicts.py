@@ -8,7 +8,7 @@ import hashlib
 
 from archiver.consumers.decode_check import check_stream
 from archiver.ingest.server import STATE
-from archiver.simulator import Simulation, run_simulation
+from archiver.tools.simulator import Simulation, run_simulation
 from tests.conftest import ServiceFactory
 
 

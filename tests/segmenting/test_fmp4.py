@@ -19,7 +19,7 @@ from archiver.segmenting.fmp4 import (
     init_segment,
 )
 from archiver.segmenting.h264 import analyse, probe_config
-from archiver.simulator import SimulatedStream, encode_stream
+from archiver.tools.simulator import SimulatedStream, encode_stream
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

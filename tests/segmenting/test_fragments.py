@@ -22,7 +22,7 @@ from archiver.segmenting import fmp4
 from archiver.segmenting.fmp4 import TIMESCALE, H264Segmenter, MediaSegment
 from archiver.segmenting.fragments import avcc
 from archiver.segmenting.h264 import analyse
-from archiver.simulator import SimulatedStream, encode_stream
+from archiver.tools.simulator import SimulatedStream, encode_stream
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 _MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof+frag_discont+skip_trailer"

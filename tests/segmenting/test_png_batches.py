@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from archiver.segmenting.png import PngBatch, PngBatcher
-from archiver.simulator import SimulatedStream, encode_png_stream
+from archiver.tools.simulator import SimulatedStream, encode_png_stream
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -33,11 +33,11 @@ from archiver.recovery import (
     stream_header,
 )
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
-from archiver.simulator import SimulatedStream, encode_stream, participant
 from archiver.store import LocalFolderStore
 from archiver.store.base import md5_hex, sha256_digest
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool
+from archiver.tools.simulator import SimulatedStream, encode_stream, participant
 from archiver.values import RecordingContext
 
 RECORDING = RecordingId("bot-1", "rec-1")

@@ -16,8 +16,8 @@ from archiver.layout import RecordingId
 from archiver.service.app import create_app
 from archiver.service.shutdown import DrainingAppRunner
 from archiver.settings import Settings
-from archiver.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
 from archiver.store import LocalFolderStore
+from archiver.tools.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation
 
 
 async def run_demo(participants: int, seconds: float, root: Path, png_participants: int = 2) -> int:

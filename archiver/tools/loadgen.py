@@ -1,7 +1,7 @@
 """Many simulated bots from one process: a load generator for the service or any receiver.
 
 The video is encoded once, before the clock starts (one x264 clip per run, WebRTC-like, see
-`archiver.simulator`), and its access units are base64-encoded once. Every bot and every
+`archiver.tools.simulator`), and its access units are base64-encoded once. Every bot and every
 participant replays that clip under its own ids: a message is a few string joins, so one
 process can drive many bots. Bots start a fraction of a frame apart, as real bots do.
 
@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from archiver.simulator import (
+from archiver.tools.simulator import (
     SimulatedStream,
     Size,
     close_like_a_bot,

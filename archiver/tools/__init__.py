@@ -1,0 +1,1 @@
+"""Tools around the service: a simulated bot, a load generator, the demo."""

@@ -31,7 +31,7 @@ from archiver.layout import RecordingId, StreamId
 from archiver.recordings.notices import ReadyNotices
 from archiver.settings import Settings
 from archiver.store.spool import Spool, SpoolState
-from archiver.streams import StreamRegistry
+from archiver.streams.registry import StreamRegistry
 from archiver.values import EventMessage, Grant, MediaMessage
 
 log = structlog.get_logger(__name__)

@@ -31,7 +31,7 @@ from archiver.service.shutdown import ask_bots_to_reconnect, drain
 from archiver.settings import Settings
 from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_store
 from archiver.store.spool import Spool
-from archiver.streams import StreamRegistry
+from archiver.streams.registry import StreamRegistry
 
 log = structlog.get_logger(__name__)
 

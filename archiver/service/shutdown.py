@@ -21,7 +21,7 @@ from archiver.recordings.notices import ReadyNotices
 from archiver.recovery import Recovery
 from archiver.settings import Settings
 from archiver.store.spool import Spool
-from archiver.streams import StreamRegistry, cancel_until_done
+from archiver.streams.registry import StreamRegistry, cancel_until_done
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,7 @@ import pytest
 from archiver.consumers.decode_check import check_events, check_stream
 from archiver.ingest.server import STATE
 from archiver.layout import RecordingId
-from archiver.streams import H264Stream
+from archiver.streams.formats.h264 import H264Stream
 from archiver.tools.simulator import Simulation, encode_stream, media_message, participant_event
 from tests.conftest import RunningService, ServiceFactory
 

@@ -4,8 +4,7 @@ The receive loop only enqueues. Each stream's worker takes its messages in order
 them in batches to a thread (base64, muxing and tar building stay off the event loop),
 uploads finished segments or batches in parallel, and publishes them to its manifest strictly
 in order, only after the store confirmed them. What differs between H.264 and PNG is the
-segmenter, the manifest, and how a finished object is spooled; the worker is shared.
-"""
+segmenter, the manifest, and how a finished object is spooled; the worker is shared."""
 
 from __future__ import annotations
 
@@ -28,61 +27,42 @@ from typing import Any, ClassVar, Generic, Literal
 import structlog
 
 from archiver import metrics
-from archiver.continuity import Continuation, ContinuationFinder
 from archiver.documents.manifests import (
     ArchiveManifest,
     EntryT,
-    PngBatchEntry,
-    PngManifest,
-    SegmentEntry,
-    StreamManifest,
     WriteBudget,
     parse_document,
     write_merging,
 )
 from archiver.documents.manifests import dumps as dump_json
-from archiver.documents.playlists import CONTENT_TYPE as PLAYLIST_TYPE
-from archiver.documents.playlists import render_playlist
 from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
-from archiver.events import EventArchive
-from archiver.host.memory import FreedMemory
-from archiver.layout import MediaFormat, RecordingId, StreamId
+from archiver.layout import StreamId
 from archiver.publishing import InOrderPublisher
-from archiver.recordings.notices import ReadyNotices
-from archiver.recordings.sessions import WAITING_FOLDER, SessionWriter
-from archiver.recovery import (
-    JOURNAL_FOLDER,
-    Recovery,
-    spool_batch,
-    spool_segment,
-    stream_header,
-)
+from archiver.recordings.sessions import SessionWriter
+from archiver.recovery import JOURNAL_FOLDER, Recovery, stream_header
 from archiver.segmenting.base import FinishedT, Segmenter
-from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
-from archiver.segmenting.h264 import StreamConfig
-from archiver.segmenting.png import PngBatch, PngBatcher
 from archiver.segmenting.timestamps import Timed, TimestampGuard
 from archiver.settings import Settings
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
+from archiver.streams.queue import QueuedBytes
 from archiver.values import MediaMessage
 
 log = structlog.get_logger(__name__)
 
 EndReason = Literal["connection_closed", "participant_left", "idle", "shutdown"]
-_BATCH_MAX = 64
-_CANCEL_ROUND_S = 0.05
+BATCH_MAX = 64
 _OUR_FAILURES = frozenset({"segmenter_error", "worker_error"})
 
 
-def _decode(buffer_b64: str) -> bytes:
+def decode(buffer_b64: str) -> bytes:
     try:
         return base64.b64decode(buffer_b64, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise MediaError("bad_base64", str(exc)) from exc
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """An exception and where it was raised, for a log line that must lead to the bug."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
@@ -90,40 +70,12 @@ def _describe(exc: BaseException) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _BatchResult(Generic[FinishedT]):
+class BatchResult(Generic[FinishedT]):
     finished: list[FinishedT]
     rejected: list[InputError]
     counters: dict[str, int]
     held_frames: int
     gaps: list[dict[str, Any]]
-
-
-class QueuedBytes:
-    """Payload bytes waiting in stream queues: one for the process (owned by the registry),
-    one per connection within it, so that no client can take the memory of the others."""
-
-    def __init__(self, limit_bytes: int, within: QueuedBytes | None = None) -> None:
-        self.limit_bytes = limit_bytes
-        self.within = within
-        self.used = 0
-        self.freed: asyncio.Event = asyncio.Event() if within is None else within.freed
-        """Set whenever bytes leave a queue, for feeders waiting for room."""
-
-    def fits(self, size: int) -> bool:
-        fits_here = self.used == 0 or self.used + size <= self.limit_bytes
-        return fits_here and (self.within is None or self.within.fits(size))
-
-    def add(self, size: int) -> None:
-        self.used += size
-        if self.within is not None:
-            self.within.add(size)
-
-    def free(self, size: int) -> None:
-        self.used -= size
-        if self.within is not None:
-            self.within.free(size)
-        else:
-            self.freed.set()
 
 
 class Stream(ABC, Generic[FinishedT, EntryT]):
@@ -281,7 +233,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.queued_bytes += size
         budget.add(size)
         self.wake.set()
-        if len(self.queue) >= _BATCH_MAX:
+        if len(self.queue) >= BATCH_MAX:
             self.hurry.set()
 
     def _room_for(self, size: int, budget: QueuedBytes) -> bool:
@@ -405,7 +357,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     def _take_queued(self) -> list[MediaMessage]:
         """Take what is already queued, up to a batch."""
         taken: list[MediaMessage] = []
-        while self.queue and len(taken) < _BATCH_MAX:
+        while self.queue and len(taken) < BATCH_MAX:
             message, budget = self.queue.popleft()
             size = len(message.buffer_b64)
             self.queued_bytes -= size
@@ -413,7 +365,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             taken.append(message)
         if taken:
             self.last_progress = self.taken_at = time.monotonic()
-        if len(self.queue) < _BATCH_MAX and self.ending is None:
+        if len(self.queue) < BATCH_MAX and self.ending is None:
             self.hurry.clear()
         self.in_hand_frames = len(taken)
         return taken
@@ -501,7 +453,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         for finished in result.finished:
             await self._hand_over(finished, publish)
 
-    def _take_result(self, result: _BatchResult[FinishedT]) -> None:
+    def _take_result(self, result: BatchResult[FinishedT]) -> None:
         """Account for a batch the thread is done with, before anything can wait."""
         assert self.manifest is not None
         self._account_journal()
@@ -526,7 +478,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.spool.account_journal(held - self.journal_accounted)
         self.journal_accounted = held
 
-    def _segment_batch(self, batch: list[MediaMessage]) -> _BatchResult[FinishedT]:
+    def _segment_batch(self, batch: list[MediaMessage]) -> BatchResult[FinishedT]:
         """Runs on a worker thread: base64, timestamp checks and segmenting for a batch of
         one stream. Nothing raised here escapes: each frame's fate is counted."""
         segmenter = self.segmenter
@@ -535,7 +487,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         rejected: list[InputError] = []
         for message in batch:
             try:
-                data = _decode(message.buffer_b64)
+                data = decode(message.buffer_b64)
                 judged = self.guard.admit(data, message.relative_s, message.absolute)
             except InputError as exc:
                 segmenter.reject(exc.reason)
@@ -543,7 +495,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
                 continue
             except Exception as exc:  # noqa: BLE001 (a bug of ours: this frame only)
                 segmenter.reject("worker_error")
-                rejected.append(InputError("worker_error", _describe(exc)))
+                rejected.append(InputError("worker_error", describe_error(exc)))
                 continue
             self._push(segmenter, judged, finished, rejected)
         if self.journal is not None:
@@ -572,9 +524,9 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
                 rejected.append(exc)
             except Exception as exc:  # noqa: BLE001 (a bug of ours: this frame only)
                 segmenter.reject("worker_error")
-                rejected.append(InputError("worker_error", _describe(exc)))
+                rejected.append(InputError("worker_error", describe_error(exc)))
 
-    def _flush_segmenter(self) -> _BatchResult[FinishedT]:
+    def _flush_segmenter(self) -> BatchResult[FinishedT]:
         """Runs on a worker thread: close what is open, at the end of a run, with the first
         frames the guard still holds (a stream that ended before its start was confirmed)."""
         segmenter = self.segmenter
@@ -592,7 +544,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         segmenter: Segmenter[FinishedT],
         finished: list[FinishedT],
         rejected: list[InputError],
-    ) -> _BatchResult[FinishedT]:
+    ) -> BatchResult[FinishedT]:
         gaps = list(segmenter.gaps)
         segmenter.gaps.clear()
         counters = {
@@ -601,7 +553,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             "timestamp_reanchors": self.guard.reanchors,
         }
         held = segmenter.held_frames + self.guard.held_frames
-        return _BatchResult(finished, rejected, counters, held, gaps)
+        return BatchResult(finished, rejected, counters, held, gaps)
 
     async def _flush(self, publish: InOrderPublisher[EntryT]) -> None:
         if self.segmenter is None:
@@ -649,7 +601,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
                 "segment_spool_failed",
                 seq=finished.seq,
                 frames=finished.frame_count,
-                error=_describe(exc),
+                error=describe_error(exc),
             )
             return
         if self.journal is not None:
@@ -677,7 +629,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.in_flight_frames -= frames
         self.counters["dropped_unstored"] += frames
         self.counters["upload_failures"] += 1
-        self.log.error("segment_upload_failed", frames=frames, error=_describe(error))
+        self.log.error("segment_upload_failed", frames=frames, error=describe_error(error))
 
     async def _manifest_body(self) -> bytes:
         """Built on the loop, which owns the manifest; serialised on a thread."""
@@ -745,359 +697,3 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             **self.counters,
             manifest_writes=self.budget.manifest_requests,
         )
-
-
-class H264Stream(Stream[MediaSegment, SegmentEntry]):
-    """H.264 access units into fMP4 segments, each behind its init segment."""
-
-    published_counter = "segments"
-    spooled_inits: set[str]
-    """Init segments this stream has spooled: each is stored once, not with every segment."""
-    awaiting: asyncio.Task[None] | None = None
-    """Polling the archive for the configuration that frames held by the segmenter need."""
-    finder: ContinuationFinder
-    continuation: tuple[StreamConfig, int | None, int] | None = None
-    """Found by that poll, for the next batch's thread to resume the segmenter with
-    (`H264Segmenter.resume`'s arguments)."""
-    continuation_abandoned = False
-    continuation_expected = False
-    """Another writer of this stream is known to exist: its configuration is worth waiting
-    for at the end, too."""
-
-    def tasks(self) -> list[asyncio.Task[Any]]:
-        found = super().tasks()
-        if self.awaiting is not None:
-            found.append(self.awaiting)
-        return found
-
-    def _begin(
-        self, first: MediaMessage, previous: dict[str, Any] | None
-    ) -> tuple[StreamManifest, H264Segmenter]:
-        manifest = StreamManifest(self.id, first.context, first.participant, previous)
-        segmenter = H264Segmenter(
-            self.settings.segment_target_s,
-            first_seq=manifest.next_seq,
-            last_ticks=manifest.last_ticks,
-            max_frames=self.settings.segment_max_frames,
-            max_bytes=self.settings.segment_max_bytes,
-            folder=self.journal_folder,
-        )
-        self.spooled_inits = set()
-        return manifest, segmenter
-
-    async def _carry_on(self, previous: dict[str, Any] | None) -> None:
-        """Frames that land where this stream has no decoder state (a reconnect to another
-        worker or task, a deploy) continue mid-GOP with the configuration the stream last
-        used: that of a sibling worker's open segment, or of the last listed segment's init
-        segment, whichever started later. When neither is readable yet (the previous task is
-        still storing the segment that began the GOP), frames before a key frame are held
-        while the archive is polled, for up to `continuation_wait_s`."""
-        assert isinstance(self.segmenter, H264Segmenter)
-        assert isinstance(self.manifest, StreamManifest)
-        self.finder = ContinuationFinder(self.id, self.settings, self.spool, self.log)
-        self.continuation = None
-        self.continuation_abandoned = False
-        found = await self.finder.find(self.manifest.entries[-1] if self.manifest.entries else None)
-        if found is not None:
-            self.segmenter.resume(*self._continue_with(found))
-            return
-        self.continuation_expected = await self.finder.another_writer_holds_it(previous)
-        self.segmenter.await_configuration()
-        self.awaiting = asyncio.create_task(self._await_continuation(), name=f"continue {self.id}")
-
-    async def _await_continuation(self) -> None:
-        """Poll while the segmenter holds frames that need a configuration; hand what is
-        found to the next batch, or give up by the deadline."""
-        assert isinstance(self.segmenter, H264Segmenter)
-        segmenter = self.segmenter
-        try:
-            found = await self.finder.poll(
-                lambda: segmenter.awaiting_configuration, self.settings.continuation_wait_s
-            )
-        except Exception:
-            self.log.exception("continuation_lookup_failed")
-            found = None
-        if found is not None:
-            self.continuation = self._continue_with(found)
-            return
-        if segmenter.awaiting_configuration:
-            self.log.warning("stream_not_continued", held=segmenter.held_frames)
-        self.continuation_abandoned = True
-
-    def _continue_with(self, found: Continuation) -> tuple[StreamConfig, int | None, int]:
-        self.counters["continuations"] += 1
-        self.log.info("stream_continued", source=found.source, codec=found.config.codec)
-        return found.config, found.continues_at, found.gap_ticks
-
-    def _take_continuation(self, segmenter: H264Segmenter) -> list[MediaSegment]:
-        """On the batch's thread, before its frames: what the poll found, or that it gave up.
-        A key frame that came first made either moot."""
-        found, self.continuation = self.continuation, None
-        if found is not None and segmenter.awaiting_configuration:
-            try:
-                return segmenter.resume(*found)
-            except Exception as exc:  # noqa: BLE001 (the held frames only, counted)
-                self.log.error("stream_not_continued", error=_describe(exc))
-                segmenter.stop_awaiting()
-                return []
-        if self.continuation_abandoned:
-            self.continuation_abandoned = False
-            segmenter.stop_awaiting()
-        return []
-
-    def _segment_batch(self, batch: list[MediaMessage]) -> _BatchResult[MediaSegment]:
-        assert isinstance(self.segmenter, H264Segmenter)
-        continued = self._take_continuation(self.segmenter)
-        result = super()._segment_batch(batch)
-        result.finished[:0] = continued
-        return result
-
-    def _flush_segmenter(self) -> _BatchResult[MediaSegment]:
-        assert isinstance(self.segmenter, H264Segmenter)
-        continued = self._take_continuation(self.segmenter)
-        result = super()._flush_segmenter()
-        result.finished[:0] = continued
-        return result
-
-    async def _flush(self, publish: InOrderPublisher[SegmentEntry]) -> None:
-        """Frames still held for a configuration at the end: where another writer is known
-        (a stored manifest, a sibling's journal), wait for the poll, which is bounded;
-        otherwise look once more, and let them go."""
-        assert isinstance(self.segmenter, H264Segmenter)
-        if self.awaiting is not None:
-            if self.segmenter.awaiting_configuration and not self.continuation_expected:
-                self.awaiting.cancel()
-                with contextlib.suppress(Exception):
-                    found = await self.finder.find(await self.finder.latest_listed())
-                    if found is not None:
-                        self.continuation = self._continue_with(found)
-            elif not self.segmenter.awaiting_configuration:
-                self.awaiting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.awaiting
-            self.awaiting = None
-        await super()._flush(publish)
-
-    async def _finish(self, reason: EndReason) -> None:
-        if self.awaiting is not None:
-            self.awaiting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.awaiting
-            self.awaiting = None
-        await super()._finish(reason)
-
-    async def _spool(self, finished: MediaSegment) -> tuple[SegmentEntry, list[SpooledObject]]:
-        init_key = self.id.init_key(finished.init_sha256)
-        stored = await spool_segment(
-            self.spool,
-            self.id,
-            finished,
-            self.header,
-            with_init=init_key not in self.spooled_inits,
-        )
-        self.spooled_inits.add(init_key)
-        return stored
-
-    async def _write_manifest(self) -> bool:
-        written = await super()._write_manifest()
-        if written:
-            await self._write_playlist()
-        return written
-
-    async def _write_playlist(self) -> None:
-        """The HLS playlist follows every manifest write, on the manifest's budget; it names
-        only what that manifest lists."""
-        assert self.manifest is not None
-        document = {"status": self.manifest.status, "segments": list(self.manifest.entry_documents)}
-        body = (await asyncio.to_thread(render_playlist, document)).encode()
-        try:
-            await self.spool.put(self.id.playlist_key, body, PLAYLIST_TYPE)
-        except StoreError as exc:
-            self.counters["manifest_failures"] += 1
-            self.log.error("playlist_write_failed", error=str(exc))
-            return
-        self.budget.count_companion(len(body))
-
-
-class PngStream(Stream[PngBatch, PngBatchEntry]):
-    """PNG frames into tar batches."""
-
-    published_counter = "batches"
-
-    def _begin(
-        self, first: MediaMessage, previous: dict[str, Any] | None
-    ) -> tuple[PngManifest, PngBatcher]:
-        manifest = PngManifest(self.id, first.context, first.participant, previous)
-        batcher = PngBatcher(
-            self.settings.png_batch_frames,
-            self.settings.png_batch_s,
-            first_seq=manifest.next_seq,
-            last_micros=manifest.last_micros,
-            max_bytes=self.settings.png_batch_bytes,
-        )
-        return manifest, batcher
-
-    async def _spool(self, finished: PngBatch) -> tuple[PngBatchEntry, list[SpooledObject]]:
-        return await spool_batch(self.spool, self.id, finished, self.header)
-
-
-_STREAM_TYPES: dict[MediaFormat, type[Stream[Any, Any]]] = {
-    "h264": H264Stream,
-    "png": PngStream,
-}
-
-
-async def cancel_until_done(
-    tasks_of: Callable[[], list[asyncio.Task[Any]]], patience_s: float
-) -> list[str]:
-    """Cancel the tasks `tasks_of` lists until it lists none or `patience_s` has passed;
-    the names of those left. Each one's failure, other than its cancellation, is logged:
-    nothing ends unobserved."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + patience_s
-    seen: set[asyncio.Task[Any]] = set()
-    while (tasks := tasks_of()) and loop.time() < give_up:
-        seen.update(tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks, timeout=_CANCEL_ROUND_S)
-    for task in seen:
-        if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("task_failed_while_stopping", task=task.get_name(), error=repr(exc))
-    return sorted(task.get_name() for task in tasks_of())
-
-
-class StreamRegistry:
-    """Every stream of this process, by id, and every recording's events; routes messages
-    and ends streams."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        spool: Spool,
-        executor: Executor,
-        recovery: Recovery,
-        notices: ReadyNotices | None = None,
-    ) -> None:
-        self.settings = settings
-        self.spool = spool
-        self.executor = executor
-        self.recovery = recovery
-        waiting = Path(settings.spool_dir) / WAITING_FOLDER if notices is not None else None
-        self.sessions = SessionWriter(spool, settings, notices, waiting)
-        self.events = EventArchive(settings, spool, self.sessions, recovery)
-        self.streams: dict[StreamId, Stream[Any, Any]] = {}
-        self.queued = QueuedBytes(settings.queued_bytes_total)
-        self.freed_memory = FreedMemory()
-
-    def connection_budget(self) -> QueuedBytes:
-        """The queue budget of one more connection, within the process's."""
-        return QueuedBytes(self.settings.connection_queued_bytes, within=self.queued)
-
-    async def dispatch(self, message: MediaMessage, budget: QueuedBytes) -> None:
-        stream = self._stream(message.stream)
-        if not stream.running:
-            stream.start()
-        await stream.feed(message, budget)
-
-    def _stream(self, stream_id: StreamId) -> Stream[Any, Any]:
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            stream_type = _STREAM_TYPES[stream_id.media_format]
-            stream = self.streams[stream_id] = stream_type(
-                stream_id,
-                self.settings,
-                self.spool,
-                self.executor,
-                self.sessions,
-                self.recovery,
-            )
-            stream.on_ended = self._forget_if_done
-        return stream
-
-    def is_running(self, stream_id: StreamId) -> bool:
-        stream = self.streams.get(stream_id)
-        return stream is not None and stream.running
-
-    def is_open(self, stream_id: StreamId) -> bool:
-        """Whether the stream is running and not ending (a leave, an idle end)."""
-        stream = self.streams.get(stream_id)
-        return stream is not None and stream.open
-
-    def attach(self, stream_id: StreamId) -> None:
-        """A connection feeds this stream; it ends when the last such connection closes."""
-        self._stream(stream_id).users += 1
-
-    def detach(self, stream_ids: set[StreamId], reason: EndReason | None) -> None:
-        """Connections no longer feed these streams; with a reason, streams no connection
-        feeds any more end."""
-        for stream_id in stream_ids:
-            stream = self.streams.get(stream_id)
-            if stream is None:
-                continue
-            stream.users = max(0, stream.users - 1)
-            if reason is not None and not stream.users:
-                stream.end(reason)
-            if not stream.running:
-                self._forget_if_done(stream)
-
-    def _forget_if_done(self, stream: Stream[Any, Any]) -> None:
-        """Let an ended stream go once its final manifest is stored and no connection holds
-        it: a later frame starts a new worker that continues the stored manifest. Memory
-        follows the live streams, not every stream the process ever saw."""
-        if stream.users or stream.queue or not stream.final_written:
-            return
-        if self.streams.get(stream.id) is stream:
-            del self.streams[stream.id]
-            self.freed_memory.release_soon()
-
-    def end(self, stream_ids: set[StreamId], reason: EndReason) -> None:
-        for stream_id in stream_ids:
-            stream = self.streams.get(stream_id)
-            if stream is not None:
-                stream.end(reason)
-
-    def end_participant(self, recording: RecordingId, participant_id: str) -> None:
-        ids = {
-            s
-            for s in self.streams
-            if s.recording == recording and s.participant_id == participant_id
-        }
-        self.end(ids, "participant_left")
-
-    async def wait_idle(self) -> None:
-        """Wait until every stream's worker and every events log has finished and every
-        index is written. Cancelling the wait cancels none of them (`abort` does)."""
-        while tasks := [s.task for s in self.streams.values() if s.running and s.task]:
-            await asyncio.wait(tasks)
-        await self.events.wait_idle()
-        await self.sessions.flush()
-
-    async def close(self) -> None:
-        self.end(set(self.streams), "shutdown")
-        self.events.end_all()
-        await self.wait_idle()
-        self.freed_memory.close()
-
-    def tasks(self) -> list[asyncio.Task[Any]]:
-        """Every task of the pipeline behind this registry that has not finished: streams'
-        workers and uploads, events logs' writers, index writes."""
-        found = [t for stream in self.streams.values() for t in stream.tasks()]
-        found.extend(self.events.tasks())
-        found.extend(self.sessions.tasks())
-        found.extend(self.freed_memory.tasks())
-        return [t for t in found if not t.done()]
-
-    async def abort(self, patience_s: float) -> list[str]:
-        """Stop the pipeline now (a drain past its deadline): no timer starts new work, and
-        every task is cancelled, again each time one catches it to clean up (a stream
-        storing its last manifest), until all have ended or `patience_s` has passed. What
-        they leave in the spool stays there. Returns the names of those still running."""
-        self.sessions.stop()
-        self.events.stop()
-        return await cancel_until_done(self.tasks, patience_s)
-
-    def unfinished(self) -> list[str]:
-        """Manifest keys of streams and events logs still being written out."""
-        streams = [s.id.manifest_key for s in self.streams.values() if s.running]
-        return sorted([*streams, *self.events.unfinished()])

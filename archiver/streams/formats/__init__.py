@@ -1,0 +1,1 @@
+"""One stream worker per media kind."""

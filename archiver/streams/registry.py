@@ -1,0 +1,191 @@
+"""Every stream of a process, by id: routes messages to their streams and ends them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from archiver.events import EventArchive
+from archiver.host.memory import FreedMemory
+from archiver.layout import MediaFormat, RecordingId, StreamId
+from archiver.recordings.notices import ReadyNotices
+from archiver.recordings.sessions import WAITING_FOLDER, SessionWriter
+from archiver.recovery import Recovery
+from archiver.settings import Settings
+from archiver.store.spool import Spool
+from archiver.streams.formats.h264 import H264Stream
+from archiver.streams.formats.png import PngStream
+from archiver.streams.queue import QueuedBytes
+from archiver.streams.worker import EndReason, Stream
+from archiver.values import MediaMessage
+
+log = structlog.get_logger(__name__)
+
+_CANCEL_ROUND_S = 0.05
+
+
+_STREAM_TYPES: dict[MediaFormat, type[Stream[Any, Any]]] = {
+    "h264": H264Stream,
+    "png": PngStream,
+}
+
+
+async def cancel_until_done(
+    tasks_of: Callable[[], list[asyncio.Task[Any]]], patience_s: float
+) -> list[str]:
+    """Cancel the tasks `tasks_of` lists until it lists none or `patience_s` has passed;
+    the names of those left. Each one's failure, other than its cancellation, is logged:
+    nothing ends unobserved."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + patience_s
+    seen: set[asyncio.Task[Any]] = set()
+    while (tasks := tasks_of()) and loop.time() < give_up:
+        seen.update(tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=_CANCEL_ROUND_S)
+    for task in seen:
+        if task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("task_failed_while_stopping", task=task.get_name(), error=repr(exc))
+    return sorted(task.get_name() for task in tasks_of())
+
+
+class StreamRegistry:
+    """Every stream of this process, by id, and every recording's events; routes messages
+    and ends streams."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        executor: Executor,
+        recovery: Recovery,
+        notices: ReadyNotices | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.executor = executor
+        self.recovery = recovery
+        waiting = Path(settings.spool_dir) / WAITING_FOLDER if notices is not None else None
+        self.sessions = SessionWriter(spool, settings, notices, waiting)
+        self.events = EventArchive(settings, spool, self.sessions, recovery)
+        self.streams: dict[StreamId, Stream[Any, Any]] = {}
+        self.queued = QueuedBytes(settings.queued_bytes_total)
+        self.freed_memory = FreedMemory()
+
+    def connection_budget(self) -> QueuedBytes:
+        """The queue budget of one more connection, within the process's."""
+        return QueuedBytes(self.settings.connection_queued_bytes, within=self.queued)
+
+    async def dispatch(self, message: MediaMessage, budget: QueuedBytes) -> None:
+        stream = self._stream(message.stream)
+        if not stream.running:
+            stream.start()
+        await stream.feed(message, budget)
+
+    def _stream(self, stream_id: StreamId) -> Stream[Any, Any]:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            stream_type = _STREAM_TYPES[stream_id.media_format]
+            stream = self.streams[stream_id] = stream_type(
+                stream_id,
+                self.settings,
+                self.spool,
+                self.executor,
+                self.sessions,
+                self.recovery,
+            )
+            stream.on_ended = self._forget_if_done
+        return stream
+
+    def is_running(self, stream_id: StreamId) -> bool:
+        stream = self.streams.get(stream_id)
+        return stream is not None and stream.running
+
+    def is_open(self, stream_id: StreamId) -> bool:
+        """Whether the stream is running and not ending (a leave, an idle end)."""
+        stream = self.streams.get(stream_id)
+        return stream is not None and stream.open
+
+    def attach(self, stream_id: StreamId) -> None:
+        """A connection feeds this stream; it ends when the last such connection closes."""
+        self._stream(stream_id).users += 1
+
+    def detach(self, stream_ids: set[StreamId], reason: EndReason | None) -> None:
+        """Connections no longer feed these streams; with a reason, streams no connection
+        feeds any more end."""
+        for stream_id in stream_ids:
+            stream = self.streams.get(stream_id)
+            if stream is None:
+                continue
+            stream.users = max(0, stream.users - 1)
+            if reason is not None and not stream.users:
+                stream.end(reason)
+            if not stream.running:
+                self._forget_if_done(stream)
+
+    def _forget_if_done(self, stream: Stream[Any, Any]) -> None:
+        """Let an ended stream go once its final manifest is stored and no connection holds
+        it: a later frame starts a new worker that continues the stored manifest. Memory
+        follows the live streams, not every stream the process ever saw."""
+        if stream.users or stream.queue or not stream.final_written:
+            return
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+            self.freed_memory.release_soon()
+
+    def end(self, stream_ids: set[StreamId], reason: EndReason) -> None:
+        for stream_id in stream_ids:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.end(reason)
+
+    def end_participant(self, recording: RecordingId, participant_id: str) -> None:
+        ids = {
+            s
+            for s in self.streams
+            if s.recording == recording and s.participant_id == participant_id
+        }
+        self.end(ids, "participant_left")
+
+    async def wait_idle(self) -> None:
+        """Wait until every stream's worker and every events log has finished and every
+        index is written. Cancelling the wait cancels none of them (`abort` does)."""
+        while tasks := [s.task for s in self.streams.values() if s.running and s.task]:
+            await asyncio.wait(tasks)
+        await self.events.wait_idle()
+        await self.sessions.flush()
+
+    async def close(self) -> None:
+        self.end(set(self.streams), "shutdown")
+        self.events.end_all()
+        await self.wait_idle()
+        self.freed_memory.close()
+
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        """Every task of the pipeline behind this registry that has not finished: streams'
+        workers and uploads, events logs' writers, index writes."""
+        found = [t for stream in self.streams.values() for t in stream.tasks()]
+        found.extend(self.events.tasks())
+        found.extend(self.sessions.tasks())
+        found.extend(self.freed_memory.tasks())
+        return [t for t in found if not t.done()]
+
+    async def abort(self, patience_s: float) -> list[str]:
+        """Stop the pipeline now (a drain past its deadline): no timer starts new work, and
+        every task is cancelled, again each time one catches it to clean up (a stream
+        storing its last manifest), until all have ended or `patience_s` has passed. What
+        they leave in the spool stays there. Returns the names of those still running."""
+        self.sessions.stop()
+        self.events.stop()
+        return await cancel_until_done(self.tasks, patience_s)
+
+    def unfinished(self) -> list[str]:
+        """Manifest keys of streams and events logs still being written out."""
+        streams = [s.id.manifest_key for s in self.streams.values() if s.running]
+        return sorted([*streams, *self.events.unfinished()])

@@ -21,7 +21,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from archiver import metrics
 from archiver.errors import InputError, StoreError, TokenError
-from archiver.events import AUDIO_EVENTS
+from archiver.events.log import AUDIO_EVENTS
 from archiver.host.protection import TaskProtection
 from archiver.host.workers import Slot
 from archiver.ingest.bindings import TokenBindings

@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from archiver.events import EventArchive
+from archiver.events.archive import EventArchive
 from archiver.host.memory import FreedMemory
 from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.recordings.notices import ReadyNotices

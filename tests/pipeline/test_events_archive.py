@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from archiver.consumers.decode_check import check_events, check_png_stream, check_stream
-from archiver.events import WRITER
+from archiver.events.log import WRITER
 from archiver.layout import RecordingId
 from archiver.tools.simulator import (
     SimulatedStream,

@@ -1,0 +1,1 @@
+"""The events archive: one log per recording (`log`), and the archive of them (`archive`)."""

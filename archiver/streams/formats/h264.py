@@ -144,10 +144,15 @@ class H264Stream(Stream[MediaSegment, SegmentEntry]):
         if self.awaiting is not None:
             if self.segmenter.awaiting_configuration and not self.continuation_expected:
                 self.awaiting.cancel()
-                with contextlib.suppress(Exception):
+                try:
                     found = await self.finder.find(await self.finder.latest_listed())
-                    if found is not None:
-                        self.continuation = self._continue_with(found)
+                except Exception:
+                    # The held frames go as frames before a key frame, counted; the lookup's
+                    # failure is logged like the poll's.
+                    self.log.exception("continuation_lookup_failed")
+                    found = None
+                if found is not None:
+                    self.continuation = self._continue_with(found)
             elif not self.segmenter.awaiting_configuration:
                 self.awaiting.cancel()
             with contextlib.suppress(asyncio.CancelledError):

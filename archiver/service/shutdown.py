@@ -124,7 +124,9 @@ async def ask_bots_to_reconnect(app: web.Application) -> None:
 
 _ABORT_PATIENCE_S = 2.0
 """How long a drain past its deadline waits for the pipeline's tasks to unwind once
-cancelled (the supervisor's grace beyond the deadline is 5 s)."""
+cancelled (the supervisor's grace beyond the deadline is 10 s)."""
+_EVACUATION_PATIENCE_S = 1.5
+"""Then, with a fallback store, how long what is left in the spool has to get there."""
 
 
 async def drain(
@@ -163,6 +165,7 @@ async def drain(
         outlived += await cancel_until_done(
             lambda: [t for t in tasks if not t.done()], _ABORT_PATIENCE_S
         )
+        evacuated = await spool.evacuate(_EVACUATION_PATIENCE_S)
         left = spool.waiting_keys()
         log.error(
             "drain_deadline_passed",
@@ -170,6 +173,7 @@ async def drain(
             left_in_spool=len(left),
             left_in_spool_keys=left,
             fallback_in_use=spool.using_fallback,
+            evacuated_to_fallback=evacuated,
             tasks_outlived=outlived,
         )
         return

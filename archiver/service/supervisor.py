@@ -41,7 +41,7 @@ from archiver.service.app import create_app
 from archiver.service.shutdown import DrainingAppRunner
 from archiver.settings import Settings
 
-_GRACE_MARGIN_S = 5.0
+_GRACE_MARGIN_S = 10.0
 
 
 class Worker(GunicornWebWorker):

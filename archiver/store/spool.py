@@ -56,6 +56,7 @@ log = structlog.get_logger(__name__)
 
 _FALLBACK_MERGE_ATTEMPTS = 5
 _DATA = ".data"
+_EVACUATION_CONCURRENCY = 16
 _META = ".meta"
 
 
@@ -517,6 +518,43 @@ class Spool:
             )
             self._wake_waiting()
         return True
+
+    async def evacuate(self, patience_s: float) -> int:
+        """A drain past its deadline, with a fallback: send what the spool still holds
+        unconfirmed, as it is on disk, straight to the fallback, for at most `patience_s`;
+        how many objects went. Documents merge there as any upload to it does; a segment or
+        batch arrives without the manifest entry it was waiting for (the manifest could not
+        be written in time), which beats its loss with the task's disk."""
+        fallback = self.fallback
+        if fallback is None:
+            return 0
+        records = await asyncio.to_thread(_scan, self.folder)
+        waiting = [r for r in records if not r.uploaded and self._latest.get(r.key) == r.seq]
+        gate = asyncio.Semaphore(_EVACUATION_CONCURRENCY)
+        moved = 0
+
+        async def send(spooled: SpooledObject) -> None:
+            nonlocal moved
+            async with gate:
+                body = await asyncio.to_thread(spooled.path.with_suffix(_DATA).read_bytes)
+                await self._put_in_fallback(fallback, spooled, body)
+                await self._forget(spooled)
+                moved += 1
+
+        sending = [asyncio.create_task(send(spooled)) for spooled in waiting]
+        if sending:
+            _, late = await asyncio.wait(sending, timeout=patience_s)
+            for task in late:
+                task.cancel()
+            await asyncio.wait(sending)
+            failed = [t for t in sending if not t.cancelled() and t.exception() is not None]
+            if failed:
+                log.error(
+                    "evacuation_failed",
+                    objects=len(failed),
+                    error=str(failed[0].exception()),
+                )
+        return moved
 
     def primary_reachable(self) -> None:
         """The primary answered (the reconciler's probe): uploads go there again."""

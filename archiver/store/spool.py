@@ -524,12 +524,13 @@ class Spool:
         unconfirmed, as it is on disk, straight to the fallback, for at most `patience_s`;
         how many objects went. Documents merge there as any upload to it does; a segment or
         batch arrives without the manifest entry it was waiting for (the manifest could not
-        be written in time), which beats its loss with the task's disk."""
+        be written in time), which beats its loss with the task's disk. A second look takes
+        what writes cut short by the stop put on disk during the first."""
         fallback = self.fallback
         if fallback is None:
             return 0
-        records = await asyncio.to_thread(_scan, self.folder)
-        waiting = [r for r in records if not r.uploaded and self._latest.get(r.key) == r.seq]
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + patience_s
         gate = asyncio.Semaphore(_EVACUATION_CONCURRENCY)
         moved = 0
 
@@ -541,18 +542,20 @@ class Spool:
                 await self._forget(spooled)
                 moved += 1
 
-        sending = [asyncio.create_task(send(spooled)) for spooled in waiting]
-        if sending:
-            _, late = await asyncio.wait(sending, timeout=patience_s)
+        for _ in range(2):
+            records = await asyncio.to_thread(_scan, self.folder)
+            waiting = [r for r in records if not r.uploaded and self._latest.get(r.key) == r.seq]
+            if not waiting or loop.time() >= give_up:
+                break
+            sending = [asyncio.create_task(send(spooled)) for spooled in waiting]
+            _, late = await asyncio.wait(sending, timeout=give_up - loop.time())
             for task in late:
                 task.cancel()
             await asyncio.wait(sending)
             failed = [t for t in sending if not t.cancelled() and t.exception() is not None]
             if failed:
                 log.error(
-                    "evacuation_failed",
-                    objects=len(failed),
-                    error=str(failed[0].exception()),
+                    "evacuation_failed", objects=len(failed), error=str(failed[0].exception())
                 )
         return moved
 

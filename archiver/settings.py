@@ -321,6 +321,13 @@ class Settings(BaseSettings):
         description="A stream whose worker takes nothing from its full queue for this long "
         "sheds new frames (counted) instead of stalling the connection's other streams.",
     )
+    malloc_arenas: int = Field(
+        default=2,
+        ge=0,
+        description="Most glibc heaps (arenas) a worker's threads share: with glibc's own "
+        "default (8 per CPU), memory grows a few MB with each burst of streams until every "
+        "arena is warm. 0 leaves glibc's default (and `MALLOC_ARENA_MAX`).",
+    )
     batch_window_s: float = Field(
         default=0.5,
         ge=0,

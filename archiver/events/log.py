@@ -346,6 +346,7 @@ class EventLog:
                 await self._hand_over(batch, publish)
         finally:
             await publish.close()
+            self.publisher = None  # it refers back to this log: let go, both are freed now
             self.manifest.status = "complete"
             # Events that came while this run was ending are the next run's to complete:
             # a connection ending then must still find them unwritten.

@@ -4,6 +4,12 @@ A stream's muxers and decoders allocate their buffers in C; when a burst of stre
 the C library keeps what they freed for reuse, so a worker that once held 200 streams
 would keep their memory for good. `malloc_trim` returns it (glibc only; elsewhere this
 does nothing). Called when streams are let go, at most once per interval, on a thread.
+
+glibc also gives each thread that allocates a heap ("arena") of its own, up to eight per
+CPU; a worker's thread pools touch many, each keeps some of a burst's memory that no trim
+returns whole, and the worker grows a few MB with every burst of streams until every arena
+is warm. `share_arenas` caps their number, as `MALLOC_ARENA_MAX` would: with two, memory
+after a second burst of 1,280 streams is where the first left it.
 """
 
 from __future__ import annotations
@@ -15,17 +21,33 @@ import time
 from collections.abc import Callable
 
 _TRIM_INTERVAL_S = 5.0
+_M_ARENA_MAX = -8
+"""glibc's `mallopt` parameter for the most arenas (malloc.h)."""
+
+
+def _libc_function(name: str) -> Callable[..., int] | None:
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
+    try:
+        function: Callable[..., int] = getattr(ctypes.CDLL(library), name)
+    except (OSError, AttributeError):
+        return None
+    return function
 
 
 def _load_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    return trim
+    return _libc_function("malloc_trim")
+
+
+def share_arenas(count: int) -> bool:
+    """Let the process's threads share at most `count` glibc arenas (0 leaves glibc's
+    default); call before the thread pools start. Whether it took effect (False without
+    glibc)."""
+    if count <= 0:
+        return False
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and mallopt(_M_ARENA_MAX, count) == 1
 
 
 class FreedMemory:

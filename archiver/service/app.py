@@ -18,6 +18,7 @@ from aiohttp import web
 from archiver import metrics
 from archiver.consumers.viewer import ViewerConfig, add_viewer, find_hls_js
 from archiver.errors import ConfigError, StoreError
+from archiver.host.memory import share_arenas
 from archiver.host.protection import SharedWants, TaskProtection
 from archiver.host.workers import Slot
 from archiver.ingest.bindings import TokenBindings
@@ -67,6 +68,7 @@ def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
+        share_arenas(settings.malloc_arenas)  # before the thread pools start
         active_store = store if store is not None else open_store(settings)
         fallback = open_fallback_store(settings)
         spool = Spool(

@@ -340,6 +340,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             self.finishing = True
             self.ending = None
             await publish.close()
+            self.publisher = None  # it refers back to this stream: let go, both are freed now
             if self.manifest is not None:
                 await self._finish(reason)
 

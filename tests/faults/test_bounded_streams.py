@@ -31,7 +31,8 @@ async def _streams_released(process: ServiceProcess, timeout_s: float = 60) -> d
     async with asyncio.timeout(timeout_s):
         while True:
             _, body = await process.readiness()
-            if not (body["streams"] or body["queued_bytes"] or body["session_indexes"]):
+            held = ("streams", "queued_bytes", "session_indexes", "recordings_waiting")
+            if not any(body[name] for name in held):
                 return body
             await asyncio.sleep(0.05)
 

@@ -1,6 +1,6 @@
 """One client opening recordings and short streams by the thousand, against the real process
-tree: a drain the load pushes past its deadline still ends in order, with nothing left
-running and no traceback."""
+tree: memory settles round after round, and a drain the load pushes past its deadline still
+ends in order, with nothing left running and no traceback."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 from archiver.tools.simulator import media_message, participant_event
 from tests.faults.conftest import ServiceProcess, ServiceProcesses
+from tests.faults.test_bounded_streams import _settled_rss, _streams_released
 from tests.hostile import START, h264_units
 
 CONNECTIONS = 20
@@ -56,6 +57,26 @@ async def _short_streams(url: str, connections: int, recordings: int = 0) -> Non
 def _disorder(process: ServiceProcess) -> dict[str, int]:
     text = process.log_path.read_text()
     return {needle: text.count(needle) for needle in DISORDER if needle in text}
+
+
+async def test_a_second_round_of_short_streams_costs_no_memory(
+    services: ServiceProcesses,
+) -> None:
+    """Two rounds of 1,280 short streams, each in a recording of its own: once a round is
+    over the worker holds nothing of it, and the memory the second round used goes back."""
+    process = await services.start(
+        store=f"file://{services.workdir / 'archive'}", recording_ready_grace_s=0.5
+    )
+    settled = []
+    for _ in range(2):
+        await _short_streams(process.url, CONNECTIONS)
+        await _streams_released(process, timeout_s=120)
+        settled.append(await _settled_rss(process, within_s=6))
+    mib = [round(rss / 1024**2, 1) for rss in settled]
+    print(f"\nsettled RSS after each round of 1,280 short streams: {mib} MiB")
+    assert settled[1] - settled[0] < 10 * 1024**2, mib
+    assert await process.stop() == 0
+    assert not _disorder(process)
 
 
 @pytest.mark.parametrize("fallback", [False, True], ids=["alone", "with_fallback"])

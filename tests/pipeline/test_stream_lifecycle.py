@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from datetime import UTC, datetime
 
 import aiohttp
@@ -469,3 +471,33 @@ async def test_a_connection_that_fills_its_queue_budget_is_slowed_alone(
     await running.settle()
     assert held <= 1024**2 + 64 * 1024, held
     assert sum(s["frames"] for s in manifest["segments"]) == len(good.units)
+
+
+async def test_a_stream_and_an_events_log_that_end_are_freed_at_once(
+    service: ServiceFactory,
+) -> None:
+    """Streams come and go by the thousand: each must be freed, with its muxer's C buffers,
+    as soon as it is let go, not whenever the cycle collector next runs (memory that a burst
+    of streams left for it came back only at random)."""
+    running = await service()
+    registry = running.app[STATE].registry
+    bot = Bot(running)
+    gc.disable()
+    try:
+        async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+            await bot.send(ws, 0, 15)
+            join = participant_event("join", 100, 0.0, bot.start, **bot.ids)
+            await ws.send_str(orjson.dumps(join).decode())
+            async with asyncio.timeout(10):
+                while not (registry.streams and registry.events.logs):  # noqa: ASYNC110 (dicts)
+                    await asyncio.sleep(0.02)
+            held = [
+                weakref.ref(s) for s in [*registry.streams.values(), *registry.events.logs.values()]
+            ]
+        await running.settle()
+        async with asyncio.timeout(10):
+            while registry.streams or registry.events.logs:  # noqa: ASYNC110 (dicts)
+                await asyncio.sleep(0.02)
+        assert [ref() for ref in held] == [None, None]
+    finally:
+        gc.enable()

@@ -1,11 +1,12 @@
-"""Upload in parallel, publish in order: the one loop that every writer of a manifest uses.
+"""Upload in parallel, publish in order; then write the manifest that lists what was published.
 
 A stream (its segments or PNG batches) and a recording's events log (its batches) hand over
 each spooled object with the entry that lists it. Uploads run at once, as many as the spool
 allows; entries are listed strictly in the order they were handed over, and each only once
 the store confirmed every object behind it, so a manifest never names what is not stored.
 An upload that fails for a reason of ours costs that object only: the writer is told what
-was lost, the publisher goes on.
+was lost, the publisher goes on. `ManifestWriter` is how each of them writes its manifest:
+over the version it last read, within its write budget, and telling the spool what it lists.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import structlog
 
-from archiver.documents.manifests import WriteBudget
+from archiver.documents.manifests import WriteBudget, parse_document
+from archiver.store.documents import write_merging
 from archiver.store.spool import Spool, SpooledObject
 
 log = structlog.get_logger(__name__)
@@ -110,3 +112,52 @@ class InOrderPublisher(Generic[EntryT]):
                 await self._listed(entry, weight)
             except Exception:
                 log.exception("listing_failed")  # A bug of ours: logged, the loop goes on.
+
+
+class Listing(Protocol):
+    """What a manifest tells its writer: how many entries it lists, and their objects."""
+
+    @property
+    def listed(self) -> int: ...
+
+    def listed_keys(self) -> set[str]: ...
+
+
+class ManifestWriter:
+    """The manifest of one stream or events log: read once, then written over the version
+    last read or written (merging what another writer listed meanwhile), live writes within
+    the budget; after each write the spool lets go of every object it lists."""
+
+    def __init__(self, spool: Spool, key: str, budget: WriteBudget) -> None:
+        self.spool = spool
+        self.key = key
+        self.budget = budget
+        self.version = ""
+        """The ETag of the version last read or written ("" for none yet)."""
+
+    async def load(self) -> dict[str, Any] | None:
+        """The stored manifest (None for none or a corrupt one), whose version the next
+        write replaces; raise `StoreError`."""
+        fetched = await self.spool.fetch(self.key)
+        if fetched is None:
+            return None
+        body, self.version = fetched
+        return parse_document(body, self.key)
+
+    def due(self, manifest: Listing) -> bool:
+        """Whether a live write now keeps within the budget."""
+        return self.budget.allows(manifest.listed)
+
+    async def write(
+        self,
+        manifest: Listing,
+        render: Callable[[], bytes | Awaitable[bytes]],
+        take_in: Callable[[dict[str, Any]], object],
+    ) -> bytes:
+        """Write what `render` gives (see `write_merging`); return the bytes written. Raise
+        `StoreError`."""
+        stored, body = await write_merging(self.spool, self.key, self.version, render, take_in)
+        self.version = stored.etag
+        self.budget.count_manifest(len(body), manifest.listed)
+        await self.spool.listed(self.key, manifest.listed_keys())
+        return body

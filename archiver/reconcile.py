@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from archiver.documents.manifests import JSON_TYPE, MERGE_ATTEMPTS, parse_document
-from archiver.documents.playlists import CONTENT_TYPE as PLAYLIST_TYPE
-from archiver.documents.playlists import render_playlist
 from archiver.errors import ObjectConflictError, StoreError
 from archiver.recovery import merge_documents
 from archiver.store.base import ListingStore, ObjectStore
+from archiver.store.documents import write_playlist
 from archiver.store.moves import move_write_once
 
 log = structlog.get_logger(__name__)
@@ -153,8 +152,7 @@ async def _rebuild_playlist(
     if manifest is None:
         report.left.append(key)  # Its manifest is not in the primary yet: the next pass.
         return
-    body = (await asyncio.to_thread(render_playlist, manifest)).encode()
-    await primary.put(key, body, PLAYLIST_TYPE)
+    await write_playlist(primary, key, manifest)
     await fallback.delete(key)
     report.merged_documents += 1
 

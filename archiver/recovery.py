@@ -32,10 +32,7 @@ from archiver.documents.manifests import (
     StreamStatus,
     dumps,
     parse_document,
-    write_merging,
 )
-from archiver.documents.playlists import CONTENT_TYPE as PLAYLIST_TYPE
-from archiver.documents.playlists import render_playlist
 from archiver.errors import InputError, SegmenterFailure, StoreError
 from archiver.layout import RecordingId, StreamId, key_micros
 from archiver.recordings.sessions import SessionIndex
@@ -44,6 +41,7 @@ from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
 from archiver.segmenting.png import PngBatch, PngBatcher
 from archiver.store.base import sha256_digest
+from archiver.store.documents import write_merging, write_playlist
 from archiver.store.journal import read_segment, stream_folders
 from archiver.store.spool import Spool, SpooledObject
 from archiver.values import RecordingContext
@@ -51,11 +49,11 @@ from archiver.values import RecordingContext
 log = structlog.get_logger(__name__)
 
 MP4_TYPE = "video/mp4"
+JOURNAL_FOLDER = "journal"
+UNRECOVERABLE_FOLDER = "journal-unrecoverable"
 SEGMENT_TYPE = "video/iso.segment"
 TAR_TYPE = "application/x-tar"
 JSONL_TYPE = "application/x-ndjson"
-JOURNAL_FOLDER = "journal"
-UNRECOVERABLE_FOLDER = "journal-unrecoverable"
 
 
 def events_header(recording: RecordingId) -> dict[str, Any]:
@@ -446,8 +444,7 @@ async def _write_playlist(spool: Spool, stream: StreamId, manifest: dict[str, An
     its last one, if at all, before the segments recovery added."""
     if stream.media_format != "h264":
         return
-    body = (await asyncio.to_thread(render_playlist, manifest)).encode()
-    await spool.put(stream.playlist_key, body, PLAYLIST_TYPE)
+    await write_playlist(spool, stream.playlist_key, manifest)
 
 
 async def _take_in_document(

@@ -10,24 +10,17 @@ live reader sees each segment listed within a bounded number of later ones.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
 from dataclasses import Field, asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import orjson
 import structlog
 
-from archiver import metrics
-from archiver.errors import ObjectConflictError, StoreError
 from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.segmenting.fmp4 import MIN_GAP_TICKS, TIMESCALE, MediaSegment
 from archiver.segmenting.png import MICROS, PngBatch
 from archiver.values import RecordingContext
-
-if TYPE_CHECKING:
-    from archiver.store.base import StoredObject
-    from archiver.store.spool import Spool
 
 log = structlog.get_logger(__name__)
 
@@ -91,38 +84,6 @@ def _micros_to_seconds(micros: int) -> float:
 
 def dumps(document: dict[str, Any]) -> bytes:
     return orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-
-
-async def write_merging(
-    spool: Spool,
-    key: str,
-    version: str,
-    render: Callable[[], bytes | Awaitable[bytes]],
-    take_in: Callable[[dict[str, Any]], object],
-) -> tuple[StoredObject, bytes]:
-    """Write a document over `version` (the ETag last read; "" for none yet). When another
-    writer changed it meanwhile (a bot reconnected to another machine while this one still
-    held it), `take_in` their document and write again: neither side's listing is lost.
-    `render` may be a coroutine (one that serialises on a thread). Return what was stored
-    and its bytes; raise `StoreError`. Writers of one document in this process (a stream
-    and the recovery of its manifest) take turns."""
-    async with spool.document_lock(key):
-        for _ in range(MERGE_ATTEMPTS):
-            rendered = render()
-            body = rendered if isinstance(rendered, bytes) else await rendered
-            try:
-                stored = await spool.put(key, body, JSON_TYPE, replaces=version)
-            except ObjectConflictError:
-                fetched = await spool.fetch(key)
-                version = "" if fetched is None else fetched[1]
-                theirs = None if fetched is None else parse_document(fetched[0], key)
-                if theirs is not None:
-                    take_in(theirs)
-                    log.info("document_merged", key=key)
-                continue
-            metrics.document_written(key)
-            return stored, body
-    raise StoreError(key, "the document kept changing under other writers")
 
 
 def parse_document(raw: bytes, key: str) -> dict[str, Any] | None:
@@ -495,6 +456,10 @@ class ArchiveManifest(ABC, Generic[EntryT]):
     def next_seq(self) -> int:
         return self.entries[-1].seq + 1 if self.entries else 0
 
+    @property
+    def listed(self) -> int:
+        return len(self.entries)
+
     def listed_keys(self) -> set[str]:
         """The keys of every listed object (as `Spool.listed` takes them)."""
         return {entry.key for entry in self.entries}
@@ -676,6 +641,10 @@ class EventsManifest:
     @property
     def next_seq(self) -> int:
         return self.batches[-1].seq + 1 if self.batches else 0
+
+    @property
+    def listed(self) -> int:
+        return len(self.batches)
 
     def listed_keys(self) -> set[str]:
         """The keys of every listed batch (as `Spool.listed` takes them)."""

@@ -35,12 +35,10 @@ from archiver.documents.manifests import (
     EventsManifest,
     WriteBudget,
     dumps,
-    parse_document,
-    write_merging,
 )
 from archiver.errors import StoreError
 from archiver.layout import RecordingId, key_micros
-from archiver.publishing import InOrderPublisher
+from archiver.publishing import InOrderPublisher, ManifestWriter
 from archiver.recovery import JOURNAL_FOLDER, JSONL_TYPE, Recovery, events_header
 from archiver.settings import Settings
 from archiver.store.base import sha256_digest
@@ -174,6 +172,7 @@ class EventLog:
         self.manifest: EventsManifest | None = None
         self.next_seq = 0
         self.budget = WriteBudget(settings.manifest_overhead_ratio)
+        self.manifest_writer = ManifestWriter(spool, recording.events_manifest_key, self.budget)
         self.counters = {
             "events": 0,
             "batches": 0,
@@ -185,8 +184,6 @@ class EventLog:
         self.task: asyncio.Task[None] | None = None
         self.publisher: InOrderPublisher[EventBatchEntry] | None = None
         self.journal: StreamJournal | None = None
-        self.manifest_etag = ""
-        """The stored events manifest version this log writes over ("": none yet)."""
 
     @property
     def running(self) -> bool:
@@ -362,16 +359,11 @@ class EventLog:
     async def _load_previous(self) -> dict[str, Any] | None:
         """The manifest an earlier connection or process wrote, continued rather than
         replaced."""
-        key = self.recording.events_manifest_key
         try:
-            fetched = await self.spool.fetch(key)
+            previous = await self.manifest_writer.load()
         except StoreError as exc:
             self.log.warning("previous_events_manifest_unreadable", error=str(exc))
             return None
-        if fetched is None:
-            return None
-        self.manifest_etag = fetched[1]
-        previous = parse_document(fetched[0], key)
         if previous is not None and self.latest_relative is None:
             self.latest_relative = _last_relative(previous)
         return previous
@@ -423,7 +415,7 @@ class EventLog:
         self.manifest.add(entry)
         self.counters["batches"] += 1
         # A log that is ending writes its complete manifest next: no live one first.
-        if not self.ending and self.budget.allows(len(self.manifest.batches)):
+        if not self.ending and self.manifest_writer.due(self.manifest):
             await self._write_manifest()
 
     def _lost_upload(self, events: int, error: BaseException) -> None:
@@ -438,10 +430,8 @@ class EventLog:
             manifest.bot = self.refs.get("bot", manifest.bot)
             manifest.recording_ref = self.refs.get("recording", manifest.recording_ref)
         try:
-            stored, body = await write_merging(
-                self.spool,
-                self.recording.events_manifest_key,
-                self.manifest_etag,
+            await self.manifest_writer.write(
+                manifest,
                 lambda: asyncio.to_thread(dumps, manifest.document(dict(self.counters))),
                 lambda theirs: manifest.merge(
                     [EventBatchEntry(**batch) for batch in theirs.get("batches", [])]
@@ -451,9 +441,6 @@ class EventLog:
             self.counters["manifest_failures"] += 1
             self.log.error("events_manifest_write_failed", error=str(exc))
             return
-        self.manifest_etag = stored.etag
-        self.budget.count_manifest(len(body), len(manifest.batches))
-        await self.spool.listed(self.recording.events_manifest_key, manifest.listed_keys())
         # session.json names the events manifest only once it is stored, and says as much.
         self.sessions.record_events(self.recording, manifest, manifest.status)
 

@@ -31,13 +31,13 @@ from archiver.documents.manifests import (
     EventsManifest,
     StreamStatus,
     parse_document,
-    write_merging,
 )
 from archiver.documents.manifests import dumps as dump_json
 from archiver.errors import InputError, StoreError
 from archiver.layout import RecordingId, StreamId, local_name, safe_id
 from archiver.recordings.notices import ReadyNotice
 from archiver.settings import Settings
+from archiver.store.documents import write_merging
 from archiver.values import RecordingContext
 
 if TYPE_CHECKING:

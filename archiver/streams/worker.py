@@ -31,13 +31,11 @@ from archiver.documents.manifests import (
     ArchiveManifest,
     EntryT,
     WriteBudget,
-    parse_document,
-    write_merging,
 )
 from archiver.documents.manifests import dumps as dump_json
 from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
 from archiver.layout import StreamId
-from archiver.publishing import InOrderPublisher
+from archiver.publishing import InOrderPublisher, ManifestWriter
 from archiver.recordings.sessions import SessionWriter
 from archiver.recovery import JOURNAL_FOLDER, Recovery, stream_header
 from archiver.segmenting.base import FinishedT, Segmenter
@@ -116,8 +114,6 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.sessions = sessions
         self.recovery = recovery
         self.journal: StreamJournal | None = None
-        self.manifest_etag = ""
-        """The stored manifest version this stream writes over ("": none stored yet)."""
         self.header: dict[str, Any] = {}
         self.log = log.bind(
             bot=stream_id.recording.bot_id,
@@ -148,6 +144,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             settings.timestamp_tolerance_s, settings.timestamp_max_relative_s
         )
         self.budget = WriteBudget(settings.manifest_overhead_ratio)
+        self.manifest_writer = ManifestWriter(spool, stream_id.manifest_key, self.budget)
         self.received = 0
         self.in_hand_frames = 0
         """Taken from the queue, on a thread being segmented."""
@@ -434,14 +431,10 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     async def _load_previous(self) -> dict[str, Any] | None:
         """The stored manifest, and its version, which this stream's writes then replace."""
         try:
-            fetched = await self.spool.fetch(self.id.manifest_key)
+            return await self.manifest_writer.load()
         except StoreError as exc:
             self.log.warning("previous_manifest_unreadable", error=str(exc))
             return None
-        if fetched is None:
-            return None
-        body, self.manifest_etag = fetched
-        return parse_document(body, self.id.manifest_key)
 
     async def _segment(self, batch: list[MediaMessage], publish: InOrderPublisher[EntryT]) -> None:
         assert self.manifest is not None
@@ -623,7 +616,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.manifest.add(entry)
         metrics.frames_archived(self.id.media_format, frames)
         self.counters[self.published_counter] += 1
-        if self.budget.allows(len(self.manifest.entries)):
+        if self.manifest_writer.due(self.manifest):
             await self._write_manifest()
 
     def _lost_upload(self, frames: int, error: BaseException) -> None:
@@ -647,13 +640,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     async def _write_manifest(self) -> bool:
         assert self.manifest is not None
         try:
-            stored, body = await write_merging(
-                self.spool,
-                self.id.manifest_key,
-                self.manifest_etag,
-                self._manifest_body,
-                self._take_in,
-            )
+            await self.manifest_writer.write(self.manifest, self._manifest_body, self._take_in)
         except StoreError as exc:
             self.counters["manifest_failures"] += 1
             self.log.error("manifest_write_failed", error=str(exc))
@@ -662,9 +649,6 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             self.counters["manifest_failures"] += 1
             self.log.exception("manifest_write_failed")
             return False
-        self.manifest_etag = stored.etag
-        self.budget.count_manifest(len(body), len(self.manifest.entries))
-        await self.spool.listed(self.id.manifest_key, self.manifest.listed_keys())
         return True
 
     def _take_in(self, theirs: dict[str, Any]) -> None:

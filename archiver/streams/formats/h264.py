@@ -9,13 +9,12 @@ from typing import Any
 import structlog
 
 from archiver.documents.manifests import SegmentEntry, StreamManifest
-from archiver.documents.playlists import CONTENT_TYPE as PLAYLIST_TYPE
-from archiver.documents.playlists import render_playlist
 from archiver.errors import StoreError
 from archiver.publishing import InOrderPublisher
 from archiver.recovery import spool_segment
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
+from archiver.store.documents import write_playlist
 from archiver.store.spool import SpooledObject
 from archiver.streams.continuity import Continuation, ContinuationFinder
 from archiver.streams.worker import BatchResult, EndReason, Stream, describe_error
@@ -191,11 +190,10 @@ class H264Stream(Stream[MediaSegment, SegmentEntry]):
         only what that manifest lists."""
         assert self.manifest is not None
         document = {"status": self.manifest.status, "segments": list(self.manifest.entry_documents)}
-        body = (await asyncio.to_thread(render_playlist, document)).encode()
         try:
-            await self.spool.put(self.id.playlist_key, body, PLAYLIST_TYPE)
+            size = await write_playlist(self.spool, self.id.playlist_key, document)
         except StoreError as exc:
             self.counters["manifest_failures"] += 1
             self.log.error("playlist_write_failed", error=str(exc))
             return
-        self.budget.count_companion(len(body))
+        self.budget.count_companion(size)

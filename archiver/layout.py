@@ -2,6 +2,9 @@
 
 Keys are built from ids only, never from names or other free text, and every id is checked
 against a strict character set first, so no message can steer a write outside its prefix.
+Keys are read back here too (`stream_of`, `recording_of`): whoever lists the archive learns
+what a key is from the module that names it. So is the spool folder on the local disk laid
+out here (`SpoolFolders`), for every part of the service that keeps something there.
 """
 
 from __future__ import annotations
@@ -9,12 +12,20 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from archiver.errors import InvalidIdError
 
 VideoType = Literal["webcam", "screenshare"]
 MediaFormat = Literal["h264", "png"]
+_VIDEO_TYPES: dict[str, VideoType] = {"webcam": "webcam", "screenshare": "screenshare"}
+_MEDIA_FORMATS: dict[str, MediaFormat] = {"h264": "h264", "png": "png"}
+MANIFEST_NAME = "manifest.json"
+PLAYLIST_NAME = "playlist.m3u8"
+SESSION_NAME = "session.json"
+INIT_NAME = re.compile(r"init-[0-9a-f]{16}\.mp4")
+"""An init segment's name, as `init_name` gives it."""
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _MAX_LOCAL_NAME = 200
@@ -81,11 +92,11 @@ class RecordingId:
 
     @property
     def session_key(self) -> str:
-        return f"{self.prefix}/session.json"
+        return f"{self.prefix}/{SESSION_NAME}"
 
     @property
     def events_manifest_key(self) -> str:
-        return f"{self.prefix}/events/manifest.json"
+        return f"{self.prefix}/events/{MANIFEST_NAME}"
 
     def ready_key(self, seq: int) -> str:
         """The marker of the recording's `seq`-th completion: created once (a conditional
@@ -130,16 +141,16 @@ class StreamId:
 
     @property
     def manifest_key(self) -> str:
-        return f"{self.prefix}/manifest.json"
+        return f"{self.prefix}/{MANIFEST_NAME}"
 
     @property
     def playlist_key(self) -> str:
         """The HLS playlist of an H.264 stream, beside its manifest."""
-        return f"{self.prefix}/playlist.m3u8"
+        return f"{self.prefix}/{PLAYLIST_NAME}"
 
     def init_key(self, content_sha256: str) -> str:
         """Init segments are named by content: one object per SPS/PPS configuration."""
-        return f"{self.prefix}/init-{content_sha256[:16]}.mp4"
+        return f"{self.prefix}/{init_name(content_sha256)}"
 
     def segment_key(self, start_ticks: int) -> str:
         """Segments are named by start time (90 kHz ticks), unique across reconnects."""
@@ -157,3 +168,104 @@ class StreamId:
 
     def __str__(self) -> str:
         return self.prefix
+
+
+def init_name(content_sha256: str) -> str:
+    """The name of the init segment whose SHA-256 (hex) is `content_sha256`."""
+    return f"init-{content_sha256[:16]}.mp4"
+
+
+def object_name(key: str) -> str:
+    """The last part of a key: what kind of object it is (`manifest.json`, a segment)."""
+    return key.rpartition("/")[2]
+
+
+def beside(key: str, name: str) -> str:
+    """The key of the object called `name` in the folder of `key`."""
+    return f"{key.rpartition('/')[0]}/{name}"
+
+
+def _ids(parts: list[str]) -> RecordingId | None:
+    try:
+        return RecordingId(safe_id("bot_id", parts[0]), safe_id("recording_id", parts[1]))
+    except InvalidIdError:
+        return None
+
+
+def recording_of(key: str) -> RecordingId | None:
+    """The recording whose `session.json`, events or stream a key belongs to; None for any
+    other key."""
+    parts = key.split("/")
+    if len(parts) == 3 and parts[2] == SESSION_NAME:
+        return _ids(parts)
+    if len(parts) >= 4 and parts[2] in ("participants", "events"):
+        return _ids(parts)
+    return None
+
+
+def stream_of(manifest_key: str) -> StreamId | None:
+    """The stream whose manifest this is (`{bot}/{recording}/participants/{participant}/
+    {type}/{format}/manifest.json`); None for any other key."""
+    parts = manifest_key.split("/")
+    if len(parts) != 7 or parts[2] != "participants" or parts[6] != MANIFEST_NAME:
+        return None
+    recording = _ids(parts)
+    video_type = _VIDEO_TYPES.get(parts[4])
+    media_format = _MEDIA_FORMATS.get(parts[5])
+    if recording is None or video_type is None or media_format is None:
+        return None
+    try:
+        participant = safe_id("participant_id", parts[3])
+    except InvalidIdError:
+        return None
+    return StreamId(recording, participant, video_type, media_format)
+
+
+SLOT_NAME = re.compile(r"worker-(\d+)")
+"""A worker's own part of the spool: `worker-{number}`, with `worker-{number}.lock` beside it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolFolders:
+    """What the service keeps where in a spool folder (a worker's slot, or the whole spool
+    of a process that has no slots): spooled objects, journals, and the recordings waiting
+    out their grace."""
+
+    root: Path
+
+    @property
+    def objects(self) -> Path:
+        """Spooled objects and their records, until the store confirms them."""
+        return self.root / "objects"
+
+    @property
+    def journals(self) -> Path:
+        """One folder per stream or events log: what it received but has not spooled yet."""
+        return self.root / "journal"
+
+    def journal(self, name: str) -> Path:
+        """The journal of one stream or events log (`StreamId.journal_name`)."""
+        return self.journals / name
+
+    @property
+    def unrecoverable(self) -> Path:
+        """Journals that recovery could not read, set aside for a person to look at."""
+        return self.root / "journal-unrecoverable"
+
+    @property
+    def waiting(self) -> Path:
+        """One small file per recording waiting out its grace before it completes."""
+        return self.root / "waiting"
+
+    @property
+    def in_use(self) -> bool:
+        """Whether anything was ever spooled or journaled here."""
+        return self.objects.is_dir() or self.journals.is_dir()
+
+    def slot(self, number: int) -> SpoolFolders:
+        """Worker `number`'s part of this spool."""
+        return SpoolFolders(self.root / f"worker-{number}")
+
+    def lock_of(self, folder: Path) -> Path:
+        """The lock file a worker holds while it owns `folder` (a slot, or this root)."""
+        return self.root / ("legacy.lock" if folder == self.root else f"{folder.name}.lock")

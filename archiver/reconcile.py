@@ -21,6 +21,7 @@ import structlog
 
 from archiver.documents.manifests import JSON_TYPE, MERGE_ATTEMPTS, parse_document
 from archiver.errors import ObjectConflictError, StoreError
+from archiver.layout import MANIFEST_NAME, PLAYLIST_NAME, SESSION_NAME, beside, object_name
 from archiver.recovery import merge_documents
 from archiver.store.base import ListingStore, ObjectStore
 from archiver.store.documents import write_playlist
@@ -30,8 +31,7 @@ log = structlog.get_logger(__name__)
 
 PROBE_KEY = ".reachable"
 """A key the service never writes: reading it tells whether the primary answers."""
-_DOCUMENT_NAMES = ("manifest.json", "session.json")
-_PLAYLIST_NAME = "playlist.m3u8"
+_DOCUMENT_NAMES = (MANIFEST_NAME, SESSION_NAME)
 """Derived from its stream's manifest: rebuilt from the merged one, never merged itself."""
 
 
@@ -52,11 +52,11 @@ class ReconcileReport:
 
 
 def is_document(key: str) -> bool:
-    return key.rsplit("/", 1)[-1] in _DOCUMENT_NAMES
+    return object_name(key) in _DOCUMENT_NAMES
 
 
 def is_playlist(key: str) -> bool:
-    return key.rsplit("/", 1)[-1] == _PLAYLIST_NAME
+    return object_name(key) == PLAYLIST_NAME
 
 
 def _document_order(keys: Iterable[str]) -> list[str]:
@@ -146,7 +146,7 @@ async def _rebuild_playlist(
 ) -> None:
     """A playlist in the fallback only says its manifest changed: write the one the merged
     manifest in the primary gives, then let the fallback's copy go."""
-    manifest_key = key.rsplit("/", 1)[0] + "/manifest.json"
+    manifest_key = beside(key, MANIFEST_NAME)
     fetched = await primary.fetch(manifest_key)
     manifest = None if fetched is None else parse_document(fetched[0], manifest_key)
     if manifest is None:

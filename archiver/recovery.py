@@ -34,7 +34,7 @@ from archiver.documents.manifests import (
     parse_document,
 )
 from archiver.errors import InputError, SegmenterFailure, StoreError
-from archiver.layout import RecordingId, StreamId, key_micros
+from archiver.layout import RecordingId, SpoolFolders, StreamId, key_micros, recording_of
 from archiver.recordings.sessions import SessionIndex
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
@@ -49,8 +49,6 @@ from archiver.values import RecordingContext
 log = structlog.get_logger(__name__)
 
 MP4_TYPE = "video/mp4"
-JOURNAL_FOLDER = "journal"
-UNRECOVERABLE_FOLDER = "journal-unrecoverable"
 SEGMENT_TYPE = "video/iso.segment"
 TAR_TYPE = "application/x-tar"
 JSONL_TYPE = "application/x-ndjson"
@@ -213,7 +211,7 @@ async def recover(
             )
 
     replayed: list[SpooledObject] = []
-    roots = [spool_dir / JOURNAL_FOLDER, *(folder / JOURNAL_FOLDER for folder in adopted)]
+    roots = [SpoolFolders(folder).journals for folder in [spool_dir, *adopted]]
     journals = await asyncio.to_thread(
         lambda: [found for root in roots for found in stream_folders(root)]
     )
@@ -224,7 +222,7 @@ async def recover(
             # One stream's journal must not keep the service from starting, every time:
             # it is set aside for a person to look at, and the rest is recovered.
             log.exception("journal_unrecoverable", folder=folder.name)
-            await asyncio.to_thread(_set_aside, folder, spool_dir / UNRECOVERABLE_FOLDER)
+            await asyncio.to_thread(_set_aside, folder, SpoolFolders(spool_dir).unrecoverable)
 
     listings = {
         key: listing for key, listing in listings.items() if listing.entries or listing.spooled
@@ -467,10 +465,9 @@ async def _take_in_document(
 def document_header(key: str, document: dict[str, Any] | None) -> dict[str, Any]:
     """What recovery (and merging) needs to know about a stored document: its kind and ids;
     empty when it is none the service writes."""
-    parts = key.split("/")
-    if document is None or len(parts) < 3:
+    recording = recording_of(key)
+    if document is None or recording is None:
         return {}
-    recording = RecordingId(parts[0], parts[1])
     if key == recording.session_key:
         return {**events_header(recording), "kind": "session"}
     if key == recording.events_manifest_key:

@@ -27,9 +27,9 @@ from typing import Any
 import av
 from tqdm import tqdm
 
-from archiver.consumers.reader import TIMESCALE, Archive, StreamInfo, VideoType
+from archiver.consumers.reader import TIMESCALE, Archive, StreamInfo
 from archiver.errors import DamagedObjectError
-from archiver.layout import RecordingId
+from archiver.layout import RecordingId, VideoType
 
 Size = tuple[int, int]
 

@@ -17,13 +17,13 @@ from bisect import bisect_right
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import av
 import orjson
 
 from archiver.errors import DamagedObjectError
-from archiver.layout import RecordingId
+from archiver.layout import MediaFormat, RecordingId, VideoType, recording_of, stream_of
 from archiver.store import ReadableStore, store_from_url
 
 if TYPE_CHECKING:
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-VideoType = Literal["webcam", "screenshare"]
-MediaFormat = Literal["h264", "png"]
 TIMESCALE = 90_000
 
 
@@ -88,30 +86,13 @@ class Frame:
 
 
 def parse_stream_key(key: str) -> StreamInfo | None:
-    """A stream from its manifest's key: `{bot}/{recording}/participants/{participant}/
-    {type}/{format}/manifest.json`; None for any other key."""
-    parts = key.split("/")
-    if (
-        len(parts) != 7
-        or parts[2] != "participants"
-        or parts[4] not in ("webcam", "screenshare")
-        or parts[5] not in ("h264", "png")
-        or parts[6] != "manifest.json"
-    ):
+    """A stream from its manifest's key; None for any other key."""
+    stream = stream_of(key)
+    if stream is None:
         return None
-    video_type: VideoType = "webcam" if parts[4] == "webcam" else "screenshare"
-    media_format: MediaFormat = "h264" if parts[5] == "h264" else "png"
-    return StreamInfo(RecordingId(parts[0], parts[1]), parts[3], video_type, media_format, key)
-
-
-def recording_of(key: str) -> RecordingId | None:
-    """The recording whose `session.json`, events or stream a key belongs to."""
-    parts = key.split("/")
-    if len(parts) == 3 and parts[2] == "session.json":
-        return RecordingId(parts[0], parts[1])
-    if len(parts) >= 4 and parts[2] in ("participants", "events"):
-        return RecordingId(parts[0], parts[1])
-    return None
+    return StreamInfo(
+        stream.recording, stream.participant_id, stream.video_type, stream.media_format, key
+    )
 
 
 def check_object(key: str, data: bytes | None, entry: dict[str, Any]) -> bytes:

@@ -33,10 +33,10 @@ from typing import Any
 
 import av
 
-from archiver.consumers.reader import Archive, StreamInfo, parse_stream_key, recording_of
+from archiver.consumers.reader import Archive, StreamInfo, parse_stream_key
 from archiver.documents.playlists import CONTINUITY_TOLERANCE_S
 from archiver.errors import DamagedObjectError
-from archiver.layout import RecordingId
+from archiver.layout import RecordingId, init_name, object_name, recording_of
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONCURRENT_FETCHES = 8
@@ -288,8 +288,7 @@ class _Fetcher:
             self.report.problems.append(Problem("missing", f"missing init segment {key}", key))
             return None
         self.report.bytes += len(data)
-        name = key.rpartition("/")[2]
-        if name != f"init-{hashlib.sha256(data).hexdigest()[:16]}.mp4":
+        if object_name(key) != init_name(hashlib.sha256(data).hexdigest()):
             self.report.problems.append(
                 Problem("damaged", f"{key}: content does not match its name", key)
             )

@@ -37,9 +37,9 @@ from archiver.documents.manifests import (
     dumps,
 )
 from archiver.errors import StoreError
-from archiver.layout import RecordingId, key_micros
+from archiver.layout import RecordingId, SpoolFolders, key_micros
 from archiver.publishing import InOrderPublisher, ManifestWriter
-from archiver.recovery import JOURNAL_FOLDER, JSONL_TYPE, Recovery, events_header
+from archiver.recovery import JSONL_TYPE, Recovery, events_header
 from archiver.settings import Settings
 from archiver.store.base import sha256_digest
 from archiver.store.journal import StreamJournal
@@ -241,7 +241,9 @@ class EventLog:
 
     def _journal(self) -> StreamJournal:
         if self.journal is None:
-            folder = Path(self.settings.spool_dir) / JOURNAL_FOLDER / self.recording.journal_name
+            folder = SpoolFolders(Path(self.settings.spool_dir)).journal(
+                self.recording.journal_name
+            )
             self.journal = StreamJournal(folder, events_header(self.recording))
         return self.journal
 

@@ -22,17 +22,16 @@ import contextlib
 import fcntl
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
+from archiver.layout import SLOT_NAME, SpoolFolders
+
 log = structlog.get_logger(__name__)
 
 CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-_SLOT = re.compile(r"worker-(\d+)")
-_LEGACY_LOCK = "legacy.lock"
 _CLAIM_RETRY_S = 0.2
 
 
@@ -76,13 +75,14 @@ def _try_lock(path: Path) -> int | None:
 def try_claim(spool_dir: Path, workers: int) -> Slot | None:
     """Lock the lowest free slot and every free orphan; None when all slots are held."""
     spool_dir.mkdir(parents=True, exist_ok=True)
+    spool = SpoolFolders(spool_dir)
     for number in range(workers):
-        fd = _try_lock(spool_dir / f"worker-{number}.lock")
+        fd = _try_lock(spool.lock_of(spool.slot(number).root))
         if fd is not None:
             break
     else:
         return None
-    slot = Slot(number, spool_dir / f"worker-{number}", _locks=[fd])
+    slot = Slot(number, spool.slot(number).root, _locks=[fd])
     slot.folder.mkdir(exist_ok=True)
     for folder, lock in _orphans(spool_dir, workers):
         fd = _try_lock(lock)
@@ -110,22 +110,23 @@ async def claim(spool_dir: Path, workers: int) -> Slot:
 
 def sibling_slots(own: Path) -> list[Path]:
     """The other slot folders beside this worker's own (none when `own` is not a slot)."""
-    if not _SLOT.fullmatch(own.name):
+    if not SLOT_NAME.fullmatch(own.name):
         return []
     return [
         path
         for path in sorted(own.parent.iterdir())
-        if path != own and _SLOT.fullmatch(path.name) and path.is_dir()
+        if path != own and SLOT_NAME.fullmatch(path.name) and path.is_dir()
     ]
 
 
 def _orphans(spool_dir: Path, workers: int) -> list[tuple[Path, Path]]:
     """(folder, lock) of every slot beyond the worker count, and of the pre-slot layout."""
+    spool = SpoolFolders(spool_dir)
     found = []
     for path in sorted(spool_dir.iterdir()):
-        match = _SLOT.fullmatch(path.name)
+        match = SLOT_NAME.fullmatch(path.name)
         if match and path.is_dir() and int(match.group(1)) >= workers:
-            found.append((path, spool_dir / f"{path.name}.lock"))
-    if (spool_dir / "objects").is_dir() or (spool_dir / "journal").is_dir():
-        found.append((spool_dir, spool_dir / _LEGACY_LOCK))
+            found.append((path, spool.lock_of(path)))
+    if spool.in_use:
+        found.append((spool_dir, spool.lock_of(spool_dir)))
     return found

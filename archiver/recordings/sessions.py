@@ -34,7 +34,7 @@ from archiver.documents.manifests import (
 )
 from archiver.documents.manifests import dumps as dump_json
 from archiver.errors import InputError, StoreError
-from archiver.layout import RecordingId, StreamId, local_name, safe_id
+from archiver.layout import RecordingId, SpoolFolders, StreamId, local_name, safe_id
 from archiver.recordings.notices import ReadyNotice
 from archiver.settings import Settings
 from archiver.store.documents import write_merging
@@ -392,14 +392,10 @@ class _ReopenedElsewhere(Exception):
     """The stored document lists something live another task writes: not complete."""
 
 
-WAITING_FOLDER = "waiting"
-"""In a spool folder: one file per recording waiting out its grace."""
-
-
 def read_waiting(spool_dir: Path, take: bool = False) -> list[RecordingId]:
     """The recordings a process on this spool folder left waiting out their grace; `take`
     removes them (a dead worker's folder, whose recordings another one adopts)."""
-    folder = spool_dir / WAITING_FOLDER
+    folder = SpoolFolders(spool_dir).waiting
     found = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:

@@ -48,7 +48,7 @@ import structlog
 
 from archiver import metrics
 from archiver.errors import ConfigError, ObjectConflictError, StoreError
-from archiver.layout import conflict_key
+from archiver.layout import SpoolFolders, conflict_key
 from archiver.store.base import ListingStore, ObjectStore, StoredObject, sha256_digest
 from archiver.store.moves import move_write_once
 
@@ -113,7 +113,7 @@ class Spool:
         merge_documents: Callable[[str, bytes, bytes], bytes] | None = None,
         upload_read_bytes: int = 8 * 1024**2,
     ) -> None:
-        self.folder = Path(directory) / "objects"
+        self.folder = SpoolFolders(Path(directory)).objects
         self.fallback = fallback
         self.fallback_after_s = fallback_after_s
         self.merge_documents = merge_documents
@@ -626,7 +626,7 @@ class Spool:
         versions of a key are dropped. `adopted`: other spool folders (their `objects/`)
         this process took over; their objects stay where they are until confirmed."""
         found: list[SpooledObject] = []
-        for folder in [self.folder, *(Path(a) / "objects" for a in adopted)]:
+        for folder in [self.folder, *(SpoolFolders(Path(a)).objects for a in adopted)]:
             found.extend(await asyncio.to_thread(_scan, folder))
         found.sort(key=lambda s: s.seq)
         newest: dict[str, SpooledObject] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import binascii
 import hashlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +29,13 @@ from archiver.documents.manifests import (
 )
 from archiver.errors import MediaError, StoreError
 from archiver.host.workers import sibling_slots
-from archiver.layout import StreamId
-from archiver.recovery import JOURNAL_FOLDER
+from archiver.layout import INIT_NAME, SpoolFolders, StreamId, object_name
 from archiver.segmenting.fmp4 import MIN_GAP_TICKS, TIMESCALE, configuration_of
 from archiver.segmenting.h264 import StreamConfig
 from archiver.settings import Settings
 from archiver.store.journal import first_config
 from archiver.store.spool import Spool
 
-_INIT_NAME = re.compile(r"init-[0-9a-f]{16}\.mp4")
 POLL_S = 0.25
 """The first wait before the archive is read again; it doubles up to `POLL_MAX_S`."""
 POLL_MAX_S = 2.0
@@ -136,7 +133,7 @@ class ContinuationFinder:
         )
 
     def _journal_folders(self) -> list[Path]:
-        return [slot / JOURNAL_FOLDER / self.stream.journal_name for slot in self.siblings]
+        return [SpoolFolders(slot).journal(self.stream.journal_name) for slot in self.siblings]
 
     def _held_by_a_sibling(self) -> bool:
         return any(folder.is_dir() for folder in self._journal_folders())
@@ -160,8 +157,8 @@ class ContinuationFinder:
     async def _stored_configuration(self, entry: SegmentEntry) -> StreamConfig | None:
         """The configuration of a listed segment, from its init segment; None when that
         cannot be trusted to describe it (then the stream waits for a key frame)."""
-        name = entry.init_key.rpartition("/")[2]
-        if not _INIT_NAME.fullmatch(name):
+        name = object_name(entry.init_key)
+        if not INIT_NAME.fullmatch(name):
             self.log.warning("init_segment_unusable", init_key=entry.init_key)
             return None
         try:

@@ -12,9 +12,9 @@ import structlog
 
 from archiver.events.archive import EventArchive
 from archiver.host.memory import FreedMemory
-from archiver.layout import MediaFormat, RecordingId, StreamId
+from archiver.layout import MediaFormat, RecordingId, SpoolFolders, StreamId
 from archiver.recordings.notices import ReadyNotices
-from archiver.recordings.sessions import WAITING_FOLDER, SessionWriter
+from archiver.recordings.sessions import SessionWriter
 from archiver.recovery import Recovery
 from archiver.settings import Settings
 from archiver.store.spool import Spool
@@ -71,7 +71,7 @@ class StreamRegistry:
         self.spool = spool
         self.executor = executor
         self.recovery = recovery
-        waiting = Path(settings.spool_dir) / WAITING_FOLDER if notices is not None else None
+        waiting = SpoolFolders(Path(settings.spool_dir)).waiting if notices is not None else None
         self.sessions = SessionWriter(spool, settings, notices, waiting)
         self.events = EventArchive(settings, spool, self.sessions, recovery)
         self.streams: dict[StreamId, Stream[Any, Any]] = {}

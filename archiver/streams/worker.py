@@ -34,10 +34,10 @@ from archiver.documents.manifests import (
 )
 from archiver.documents.manifests import dumps as dump_json
 from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
-from archiver.layout import StreamId
+from archiver.layout import SpoolFolders, StreamId
 from archiver.publishing import InOrderPublisher, ManifestWriter
 from archiver.recordings.sessions import SessionWriter
-from archiver.recovery import JOURNAL_FOLDER, Recovery, stream_header
+from archiver.recovery import Recovery, stream_header
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.timestamps import Timed, TimestampGuard
 from archiver.settings import Settings
@@ -179,7 +179,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     @property
     def journal_folder(self) -> Path:
         """This stream's journal, and the files of its open segments."""
-        return Path(self.settings.spool_dir) / JOURNAL_FOLDER / self.id.journal_name
+        return SpoolFolders(Path(self.settings.spool_dir)).journal(self.id.journal_name)
 
     @property
     def running(self) -> bool:

@@ -21,8 +21,8 @@ import pytest
 
 from archiver.consumers.decode_check import PngStreamCheck, check_png_stream
 from archiver.errors import MediaError
-from archiver.layout import RecordingId, StreamId
-from archiver.recovery import JOURNAL_FOLDER, stream_header
+from archiver.layout import RecordingId, SpoolFolders, StreamId
+from archiver.recovery import stream_header
 from archiver.segmenting.png import PngBatcher, read_header
 from archiver.store.journal import StreamJournal
 from archiver.tools.simulator import (
@@ -274,7 +274,7 @@ async def test_a_batch_left_open_by_a_crashed_process_is_recovered_from_its_jour
     context = RecordingContext({"id": "bot-1", "metadata": {}}, {"id": "rec-1"}, None, None)
     header = stream_header(stream, context, {"id": 100, "name": "Ada"})
     spool_dir = tmp_path / "spool"
-    journal = StreamJournal(spool_dir / JOURNAL_FOLDER / stream.journal_name, header)
+    journal = StreamJournal(SpoolFolders(spool_dir).journal(stream.journal_name), header)
     batcher = PngBatcher(max_frames=60, max_s=30.0, journal=journal)
     images = pngs(3)
     for n, image in enumerate(images):

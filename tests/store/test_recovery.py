@@ -21,10 +21,9 @@ from archiver.documents.manifests import (
     StreamManifest,
     dumps,
 )
-from archiver.layout import RecordingId, StreamId
+from archiver.layout import RecordingId, SpoolFolders, StreamId
 from archiver.recordings.sessions import SessionIndex
 from archiver.recovery import (
-    JOURNAL_FOLDER,
     JSONL_TYPE,
     SEGMENT_TYPE,
     events_header,
@@ -247,7 +246,7 @@ def two_segments_journaled(tmp_path: Path) -> list[MediaSegment]:
     """Segment a stream with its journal, as a worker does; the journal files stay."""
     plan = SimulatedStream(100, "webcam", [(0.0, (320, 240))])
     units = list(encode_stream(plan, 2.5, 10, keyframe_interval_s=1))
-    folder = tmp_path / "spool" / JOURNAL_FOLDER / STREAM.journal_name
+    folder = SpoolFolders(tmp_path / "spool").journal(STREAM.journal_name)
     journal = StreamJournal(folder, HEADER)
     segmenter = H264Segmenter(1.0, journal=journal)
     start = datetime.now(UTC)
@@ -290,7 +289,7 @@ async def test_events_journal_of_a_batch_already_spooled_is_not_listed_twice(
     store = LocalFolderStore(tmp_path / "archive")
     spool = Spool(tmp_path / "spool", store, cap_bytes=1024**2)
     lines = [orjson.dumps({"event": "transcript.data", "n": n}) for n in range(3)]
-    folder = tmp_path / "spool" / JOURNAL_FOLDER / RECORDING.journal_name
+    folder = SpoolFolders(tmp_path / "spool").journal(RECORDING.journal_name)
     journal = StreamJournal(folder, events_header(RECORDING))
     journal.begin("00000000000000000001", None)
     for line in lines:
@@ -327,7 +326,7 @@ async def test_a_journal_that_breaks_recovery_is_set_aside_and_the_rest_recovere
     of the service; it is kept aside for a person, the healthy journals are recovered."""
     store = LocalFolderStore(tmp_path / "archive")
     finished = await asyncio.to_thread(two_segments_journaled, tmp_path)
-    broken = tmp_path / "spool" / JOURNAL_FOLDER / "broken-stream"
+    broken = SpoolFolders(tmp_path / "spool").journal("broken-stream")
     broken.mkdir(parents=True)
     (broken / "stream.json").write_bytes(orjson.dumps({"bot_id": "bot-1"}))
     (broken / "0000000000000.jnl").write_bytes(b"\x00" * 40)

@@ -149,7 +149,8 @@ async def service(s3_endpoint: str, bucket: str) -> AsyncIterator[ServiceFactory
     """Start the real service against the S3 server; settings may be overridden per test."""
     runners: list[web.AppRunner] = []
 
-    async def start(**overrides: Any) -> RunningService:
+    async def start(store_class: type[S3Store] = S3Store, **overrides: Any) -> RunningService:
+        """`store_class`: the seam for a store that misbehaves (an `S3Store` subclass)."""
         values: dict[str, Any] = {
             "auth_tokens": TOKEN,
             "store": f"s3://{bucket}/archive",
@@ -163,7 +164,7 @@ async def service(s3_endpoint: str, bucket: str) -> AsyncIterator[ServiceFactory
         settings = Settings(_env_file=None, **values)
         logs.configure(settings.log_level, settings.log_format)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        store = S3Store(bucket, "archive", endpoint_url=s3_endpoint, attempts=2)
+        store = store_class(bucket, "archive", endpoint_url=s3_endpoint, attempts=2)
         app = create_app(settings, store)
         runner = DrainingAppRunner(app, access_log_class=RedactingAccessLogger)
         await serve_locally(runner)

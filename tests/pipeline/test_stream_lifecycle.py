@@ -16,6 +16,7 @@ import pytest
 from archiver.consumers.decode_check import check_events, check_stream
 from archiver.ingest.server import STATE
 from archiver.layout import RecordingId
+from archiver.store.s3 import S3Store
 from archiver.streams.formats.h264 import H264Stream
 from archiver.tools.simulator import Simulation, encode_stream, media_message, participant_event
 from tests.conftest import RunningService, ServiceFactory
@@ -423,21 +424,22 @@ async def test_a_leave_after_every_frame_does_not_close_and_reopen_the_stream(
 
 
 async def test_a_connection_that_fills_its_queue_budget_is_slowed_alone(
-    service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+    service: ServiceFactory,
 ) -> None:
     """A client whose streams do not drain (here: still opening, which is waited for, not
     shed) may hold its own budget of queued bytes, not the process's: another bot goes on
     being read and archived."""
-    running = await service(connection_queued_bytes=1024**2)
     release = asyncio.Event()
-    load_or_resume = H264Stream._load_or_resume
 
-    async def store_never_answers_the_hostile_streams(self: H264Stream, first: object) -> None:
-        if int(self.id.participant_id) >= 500:  # as if their manifests took forever to load
-            await release.wait()
-        await load_or_resume(self, first)  # type: ignore[arg-type]
+    class ManifestsOfTheHostileStreamsTakeForever(S3Store):
+        async def fetch(self, key: str) -> tuple[bytes, str] | None:
+            if "/participants/50" in key and key.endswith("/manifest.json"):
+                await release.wait()
+            return await super().fetch(key)
 
-    monkeypatch.setattr(H264Stream, "_load_or_resume", store_never_answers_the_hostile_streams)
+    running = await service(
+        store_class=ManifestsOfTheHostileStreamsTakeForever, connection_queued_bytes=1024**2
+    )
     hostile_bot, good = Bot(running, seconds=4), Bot(running, seconds=4)
     registry = running.app[STATE].registry
     async with aiohttp.ClientSession() as session:

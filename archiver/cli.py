@@ -14,11 +14,11 @@ import structlog
 from archiver import logs
 from archiver.errors import ConfigError, InvalidIdError, StoreError
 from archiver.ingest.tokens import create_token, ingest_grant, view_grant
-from archiver.reconcile import reconcile
 from archiver.service.app import create_app
 from archiver.service.supervisor import Supervisor
 from archiver.settings import Settings
 from archiver.store import open_fallback_store, open_store
+from archiver.store.reconcile import reconcile
 from archiver.store.spool import probe_folder
 from archiver.tools.loadgen import Load, run_load
 from archiver.tools.simulator import PNG_FPS, PNG_SIZE, Simulation, run_simulation

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from archiver.events.log import EventLog, QueueBudget
 from archiver.layout import RecordingId
-from archiver.recovery import Recovery
+from archiver.recovery.spooling import Recovery
 from archiver.settings import Settings
 from archiver.store.spool import Spool
 from archiver.values import EventMessage

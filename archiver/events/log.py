@@ -36,10 +36,11 @@ from archiver.documents.manifests import (
     WriteBudget,
     dumps,
 )
+from archiver.documents.merging import events_header
 from archiver.errors import StoreError
 from archiver.layout import RecordingId, SpoolFolders, key_micros
 from archiver.publishing import InOrderPublisher, ManifestWriter
-from archiver.recovery import JSONL_TYPE, Recovery, events_header
+from archiver.recovery.spooling import JSONL_TYPE, Recovery
 from archiver.settings import Settings
 from archiver.store.base import sha256_digest
 from archiver.store.journal import StreamJournal

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from archiver import metrics
 from archiver.consumers.viewer import ViewerConfig, add_viewer, find_hls_js
+from archiver.documents.merging import merge_documents
 from archiver.errors import ConfigError, StoreError
 from archiver.host.memory import share_arenas
 from archiver.host.protection import SharedWants, TaskProtection
@@ -24,13 +25,13 @@ from archiver.host.workers import Slot
 from archiver.ingest.bindings import TokenBindings
 from archiver.ingest.server import STATE, ServiceState, add_routes
 from archiver.ingest.tokens import TokenCheck
-from archiver.reconcile import primary_answers, reconcile
 from archiver.recordings.notices import ReadyNotices
 from archiver.recordings.sessions import read_waiting
-from archiver.recovery import merge_documents, recover
+from archiver.recovery.replay import recover
 from archiver.service.shutdown import ask_bots_to_reconnect, drain
 from archiver.settings import Settings
 from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_store
+from archiver.store.reconcile import primary_answers, reconcile
 from archiver.store.spool import Spool
 from archiver.streams.registry import StreamRegistry
 

@@ -18,7 +18,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from archiver.ingest.listener import LoadShare, PendingConnections, accept_forever
 from archiver.ingest.server import STATE
 from archiver.recordings.notices import ReadyNotices
-from archiver.recovery import Recovery
+from archiver.recovery.spooling import Recovery
 from archiver.settings import Settings
 from archiver.store.spool import Spool
 from archiver.streams.registry import StreamRegistry, cancel_until_done

@@ -19,7 +19,7 @@ the disk when the fallback confirmed it. A document (written with `replaces`) is
 with what the fallback already holds (`merge_documents`), since its version was the
 primary's. Write-once objects this process sent to the fallback are moved back to the primary
 before a document that may list them goes there: a manifest never names what the primary
-lacks. The reconciler (`archiver.reconcile`) moves everything else back.
+lacks. The reconciler (`archiver.store.reconcile`) moves everything else back.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from archiver.host.memory import FreedMemory
 from archiver.layout import MediaFormat, RecordingId, SpoolFolders, StreamId
 from archiver.recordings.notices import ReadyNotices
 from archiver.recordings.sessions import SessionWriter
-from archiver.recovery import Recovery
+from archiver.recovery.spooling import Recovery
 from archiver.settings import Settings
 from archiver.store.spool import Spool
 from archiver.streams.formats.h264 import H264Stream

@@ -33,11 +33,12 @@ from archiver.documents.manifests import (
     WriteBudget,
 )
 from archiver.documents.manifests import dumps as dump_json
+from archiver.documents.merging import stream_header
 from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
 from archiver.layout import SpoolFolders, StreamId
 from archiver.publishing import InOrderPublisher, ManifestWriter
 from archiver.recordings.sessions import SessionWriter
-from archiver.recovery import Recovery, stream_header
+from archiver.recovery.spooling import Recovery
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.timestamps import Timed, TimestampGuard
 from archiver.settings import Settings

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 
 from archiver.documents.manifests import dumps
+from archiver.documents.sessions import SessionIndex, SessionLimits
 from archiver.layout import RecordingId
-from archiver.recordings.sessions import SessionIndex, SessionLimits
 
 RECORDING = RecordingId("bot-1", "rec-1")
 

@@ -20,9 +20,9 @@ import orjson
 import pytest
 
 from archiver.consumers.decode_check import PngStreamCheck, check_png_stream
+from archiver.documents.merging import stream_header
 from archiver.errors import MediaError
 from archiver.layout import RecordingId, SpoolFolders, StreamId
-from archiver.recovery import stream_header
 from archiver.segmenting.png import PngBatcher, read_header
 from archiver.store.journal import StreamJournal
 from archiver.tools.simulator import (

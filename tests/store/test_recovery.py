@@ -21,16 +21,11 @@ from archiver.documents.manifests import (
     StreamManifest,
     dumps,
 )
+from archiver.documents.merging import events_header, stream_header
+from archiver.documents.sessions import SessionIndex
 from archiver.layout import RecordingId, SpoolFolders, StreamId
-from archiver.recordings.sessions import SessionIndex
-from archiver.recovery import (
-    JSONL_TYPE,
-    SEGMENT_TYPE,
-    events_header,
-    recover,
-    spool_segment,
-    stream_header,
-)
+from archiver.recovery.replay import recover
+from archiver.recovery.spooling import JSONL_TYPE, SEGMENT_TYPE, spool_segment
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.store import LocalFolderStore
 from archiver.store.base import md5_hex, sha256_digest

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from archiver.host.workers import Slot, available_cpus, try_claim
-from archiver.recovery import recover
+from archiver.recovery.replay import recover
 from archiver.store import LocalFolderStore
 from archiver.store.spool import Spool
 from tests.store.test_recovery import STREAM, segment_entry, spool_listable, stored_json

@@ -11,7 +11,7 @@ import structlog
 from archiver.documents.manifests import SegmentEntry, StreamManifest
 from archiver.errors import StoreError
 from archiver.publishing import InOrderPublisher
-from archiver.recovery import spool_segment
+from archiver.recovery.spooling import spool_segment
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
 from archiver.store.documents import write_playlist

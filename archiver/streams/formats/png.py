@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from archiver.documents.manifests import PngBatchEntry, PngManifest
-from archiver.recovery import spool_batch
+from archiver.recovery.spooling import spool_batch
 from archiver.segmenting.png import PngBatch, PngBatcher
 from archiver.store.spool import SpooledObject
 from archiver.streams.worker import Stream

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import structlog
 
 from archiver.documents.manifests import JSON_TYPE, MERGE_ATTEMPTS, parse_document
+from archiver.documents.merging import merge_documents
 from archiver.errors import ObjectConflictError, StoreError
 from archiver.layout import MANIFEST_NAME, PLAYLIST_NAME, SESSION_NAME, beside, object_name
-from archiver.recovery import merge_documents
 from archiver.store.base import ListingStore, ObjectStore
 from archiver.store.documents import write_playlist
 from archiver.store.moves import move_write_once

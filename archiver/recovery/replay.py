@@ -33,141 +33,24 @@ from archiver.documents.manifests import (
     dumps,
     parse_document,
 )
+from archiver.documents.merging import (
+    document_header,
+    stream_from_header,
+)
+from archiver.documents.sessions import SessionIndex
 from archiver.errors import InputError, SegmenterFailure, StoreError
-from archiver.layout import RecordingId, SpoolFolders, StreamId, key_micros, recording_of
-from archiver.recordings.sessions import SessionIndex
+from archiver.layout import RecordingId, SpoolFolders, StreamId, key_micros
+from archiver.recovery.spooling import JSONL_TYPE, Recovery, spool_batch, spool_segment
 from archiver.segmenting.base import FinishedT, Segmenter
-from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
+from archiver.segmenting.fmp4 import H264Segmenter
 from archiver.segmenting.h264 import StreamConfig
-from archiver.segmenting.png import PngBatch, PngBatcher
+from archiver.segmenting.png import PngBatcher
 from archiver.store.base import sha256_digest
 from archiver.store.documents import write_merging, write_playlist
 from archiver.store.journal import read_segment, stream_folders
 from archiver.store.spool import Spool, SpooledObject
-from archiver.values import RecordingContext
 
 log = structlog.get_logger(__name__)
-
-MP4_TYPE = "video/mp4"
-SEGMENT_TYPE = "video/iso.segment"
-TAR_TYPE = "application/x-tar"
-JSONL_TYPE = "application/x-ndjson"
-
-
-def events_header(recording: RecordingId) -> dict[str, Any]:
-    """What recovery needs to know about a recording's events journal."""
-    return {"kind": "events", "bot_id": recording.bot_id, "recording_id": recording.recording_id}
-
-
-def stream_header(
-    stream: StreamId, context: RecordingContext, participant: dict[str, Any]
-) -> dict[str, Any]:
-    """What recovery needs to know about a stream without its manifest."""
-    return {
-        "bot_id": stream.recording.bot_id,
-        "recording_id": stream.recording.recording_id,
-        "participant_id": stream.participant_id,
-        "video_type": stream.video_type,
-        "media_format": stream.media_format,
-        "context": {
-            "bot": context.bot,
-            "recording": context.recording,
-            "realtime_endpoint": context.realtime_endpoint,
-            "video_separate": context.video_separate,
-        },
-        "participant": participant,
-    }
-
-
-def _from_header(header: dict[str, Any]) -> tuple[StreamId, RecordingContext, dict[str, Any]]:
-    stream = StreamId(
-        RecordingId(header["bot_id"], header["recording_id"]),
-        header["participant_id"],
-        header["video_type"],
-        header["media_format"],
-    )
-    return stream, RecordingContext(**header["context"]), header["participant"]
-
-
-async def spool_segment(
-    spool: Spool,
-    stream: StreamId,
-    segment: MediaSegment,
-    header: dict[str, Any],
-    recovered: bool = False,
-    with_init: bool = True,
-) -> tuple[SegmentEntry, list[SpooledObject]]:
-    """Put a segment and its init segment in the spool; the returned entry goes into the
-    manifest once both are confirmed. The spooled copy carries the entry, so a crash
-    before the manifest is written cannot orphan the segment."""
-    init_key = stream.init_key(segment.init_sha256)
-    key = stream.segment_key(segment.start_ticks)
-    entry = SegmentEntry.stored(
-        segment,
-        key=spool.location(key),
-        init_key=spool.location(init_key),
-        size=segment.size,
-        sha256=segment.sha256,
-        recovered=recovered,
-    )
-    extra = {"manifest_key": stream.manifest_key, "entry": asdict(entry), **header}
-    spooled = []
-    if with_init:
-        spooled.append(
-            await spool.write(
-                init_key, segment.init, MP4_TYPE, write_once=True, sha256=segment.init_sha256
-            )
-        )
-    if segment.body_path is not None:
-        body = await spool.adopt(
-            key, segment.body_path, segment.size, segment.sha256, SEGMENT_TYPE, extra, True
-        )
-    else:
-        body = await spool.write(
-            key, segment.body, SEGMENT_TYPE, extra, write_once=True, sha256=segment.sha256
-        )
-    spooled.append(body)
-    return entry, spooled
-
-
-async def spool_batch(
-    spool: Spool,
-    stream: StreamId,
-    batch: PngBatch,
-    header: dict[str, Any],
-    recovered: bool = False,
-) -> tuple[PngBatchEntry, list[SpooledObject]]:
-    """Put a PNG tar batch in the spool; like a segment, the spooled copy carries the entry
-    its manifest will list."""
-    key = stream.batch_key(batch.start_micros)
-    entry = PngBatchEntry.stored(
-        batch,
-        key=spool.location(key),
-        size=len(batch.body),
-        sha256=sha256_digest(batch.body)[0],
-        recovered=recovered,
-    )
-    extra = {"manifest_key": stream.manifest_key, "entry": asdict(entry), **header}
-    return entry, [await spool.write(key, batch.body, TAR_TYPE, extra, write_once=True)]
-
-
-@dataclass(slots=True)
-class Recovery:
-    """What start-up found, and the upload of it still under way."""
-
-    replayed_frames: int = 0
-    replayed_segments: int = 0
-    replayed_event_batches: int = 0
-    leftover_objects: int = 0
-    unlisted_objects: int = 0
-    """Objects the store already held that no confirmed manifest listed."""
-    manifests: set[str] = field(default_factory=set)
-    uploads: asyncio.Task[None] | None = None
-
-    async def wait_for(self, manifest_key: str) -> None:
-        """Hold a resuming stream until the manifest recovery wrote for it is uploaded."""
-        if manifest_key in self.manifests and self.uploads is not None:
-            await asyncio.shield(self.uploads)
 
 
 @dataclass(slots=True)
@@ -266,7 +149,7 @@ async def _recover_journal(
             recovery.replayed_event_batches += 1
         await asyncio.to_thread(shutil.rmtree, folder, True)
         return
-    stream, _, _ = _from_header(header)
+    stream, _, _ = stream_from_header(header)
     listing = listings.setdefault(stream.manifest_key, _Listing(header))
     stored: list[tuple[SegmentEntry | PngBatchEntry, list[SpooledObject]]] = []
     if stream.media_format == "png":
@@ -405,7 +288,7 @@ async def _list_stream(
     """Merge recovered entries into the stored manifest (or into the newer version this
     machine spooled), written over the version read: a stream continuing on another machine
     may be writing it too. Returns the keys listed and the status written."""
-    stream, context, participant = _from_header(listing.header)
+    stream, context, participant = stream_from_header(listing.header)
     stored, etag = await _read_when_reachable(spool, manifest_key)
     manifest = MANIFEST_TYPES[stream.media_format](
         stream, context, participant, listing.document or stored
@@ -460,66 +343,6 @@ async def _take_in_document(
     listing = listings.setdefault(spooled.key, _Listing(header))
     listing.document = document
     listing.spooled.append(spooled)
-
-
-def document_header(key: str, document: dict[str, Any] | None) -> dict[str, Any]:
-    """What recovery (and merging) needs to know about a stored document: its kind and ids;
-    empty when it is none the service writes."""
-    recording = recording_of(key)
-    if document is None or recording is None:
-        return {}
-    if key == recording.session_key:
-        return {**events_header(recording), "kind": "session"}
-    if key == recording.events_manifest_key:
-        return events_header(recording)
-    if document.get("format") in MANIFEST_TYPES:
-        return {
-            "bot_id": document["bot"]["id"],
-            "recording_id": document["recording"]["id"],
-            "participant_id": str(document["participant"]["id"]),
-            "video_type": document["type"],
-            "media_format": document["format"],
-            "context": {
-                "bot": document["bot"],
-                "recording": document["recording"],
-                "realtime_endpoint": document.get("realtime_endpoint"),
-                "video_separate": document.get("video_separate"),
-            },
-            "participant": document["participant"],
-        }
-    return {}
-
-
-def merge_documents(key: str, ours: bytes, theirs: bytes) -> bytes:
-    """One document from two versions of it (a stream manifest, an events manifest or a
-    session index): everything either lists, the way a conditional write that lost takes
-    in the winner's. The status and counters are those of the newer version. A version
-    that does not parse counts as absent."""
-    mine, other = parse_document(ours, key), parse_document(theirs, key)
-    if mine is None or other is None:
-        return ours if other is None else theirs
-    if str(other.get("updated_at", "")) > str(mine.get("updated_at", "")):
-        mine, other = other, mine
-    header = document_header(key, mine)
-    kind = header.get("kind")
-    if not header:
-        return dumps(mine)
-    recording = RecordingId(header["bot_id"], header["recording_id"])
-    if kind == "session":
-        index = SessionIndex(recording)
-        index.resume(mine)  # The first version taken in wins where both name a stream.
-        index.resume(other)
-        return dumps(index.document())
-    if kind == "events":
-        events = EventsManifest(recording, mine)
-        events.merge([EventBatchEntry(**batch) for batch in other.get("batches", [])])
-        events.status = mine.get("status", "interrupted")
-        return dumps(events.document({}))
-    stream, context, participant = _from_header(header)
-    manifest = MANIFEST_TYPES[stream.media_format](stream, context, participant, mine)
-    manifest.merge([manifest.entry_from(d) for d in other.get(manifest.entries_name, [])])
-    manifest.status = mine.get("status", "interrupted")
-    return dumps(manifest.document({}))
 
 
 async def _merge_session(

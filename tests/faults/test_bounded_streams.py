@@ -27,11 +27,17 @@ def _frame(data: bytes, relative: float, pid: int, ids: dict[str, str]) -> str:
     return orjson.dumps(media_message(data, relative, START, "webcam", pid, **ids)).decode()
 
 
-async def _streams_released(process: ServiceProcess, timeout_s: float = 60) -> dict:
+async def _streams_released(
+    process: ServiceProcess, timeout_s: float = 60, graces_over: bool = False
+) -> dict:
+    """Until the worker holds no stream, queued frame or session index; with `graces_over`,
+    no recording waiting out its grace either (for a service started with a short one)."""
+    held = ["streams", "queued_bytes", "session_indexes"]
+    if graces_over:
+        held.append("recordings_waiting")
     async with asyncio.timeout(timeout_s):
         while True:
             _, body = await process.readiness()
-            held = ("streams", "queued_bytes", "session_indexes", "recordings_waiting")
             if not any(body[name] for name in held):
                 return body
             await asyncio.sleep(0.05)

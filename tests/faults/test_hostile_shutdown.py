@@ -70,7 +70,7 @@ async def test_a_second_round_of_short_streams_costs_no_memory(
     settled = []
     for _ in range(2):
         await _short_streams(process.url, CONNECTIONS)
-        await _streams_released(process, timeout_s=120)
+        await _streams_released(process, timeout_s=120, graces_over=True)
         settled.append(await _settled_rss(process, within_s=6))
     mib = [round(rss / 1024**2, 1) for rss in settled]
     print(f"\nsettled RSS after each round of 1,280 short streams: {mib} MiB")

@@ -21,7 +21,7 @@ from archiver.store.spool import Spool
 from archiver.streams.formats.h264 import H264Stream
 from archiver.streams.formats.png import PngStream
 from archiver.streams.queue import QueuedBytes
-from archiver.streams.worker import EndReason, Stream
+from archiver.streams.worker import EndReason, Phase, Stream
 from archiver.values import MediaMessage
 
 log = structlog.get_logger(__name__)
@@ -133,7 +133,7 @@ class StreamRegistry:
         """Let an ended stream go once its final manifest is stored and no connection holds
         it: a later frame starts a new worker that continues the stored manifest. Memory
         follows the live streams, not every stream the process ever saw."""
-        if stream.users or stream.queue or not stream.final_written:
+        if stream.users or stream.queue or stream.phase is not Phase.ENDED:
             return
         if self.streams.get(stream.id) is stream:
             del self.streams[stream.id]

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import enum
 import time
 import traceback
 from abc import ABC, abstractmethod
@@ -50,6 +51,25 @@ from archiver.values import MediaMessage
 log = structlog.get_logger(__name__)
 
 EndReason = Literal["connection_closed", "participant_left", "idle", "shutdown"]
+
+
+class Phase(enum.Enum):
+    """Where a stream's worker is; what it was asked to end for is `Stream.ending`."""
+
+    IDLE = "idle"
+    """No run yet, or the last one ended without its final manifest stored."""
+    OPENING = "opening"
+    """Waiting for recovery or the store before the first frame: frames wait, not a stall."""
+    TAKING = "taking"
+    """Taking frames from the queue and segmenting them."""
+    FINISHING = "finishing"
+    """Flushing and writing the final manifest; frames queued now start the next run."""
+    ENDED = "ended"
+    """The last run's final manifest is stored: the registry may let the stream go."""
+
+
+_UNDER_WAY = (Phase.OPENING, Phase.TAKING)
+"""A run in these phases takes an end for itself; in any other, for the run after it."""
 BATCH_MAX = 64
 _OUR_FAILURES = frozenset({"segmenter_error", "worker_error"})
 
@@ -129,16 +149,16 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         """Set when a frame is queued or the stream is asked to end."""
         self.hurry = asyncio.Event()
         """Set when waiting for frames to gather would hold up a sender or the end."""
+        self.phase = Phase.IDLE
         self.ending: EndReason | None = None
+        """Why the current run was asked to end, if it was."""
         self.next_ending: EndReason | None = None
-        self.finishing = False
+        """An end asked for while the run was finishing: the next run's."""
         self.users = 0
         """Connections feeding this stream; the last one to close ends it."""
         self.last_progress = time.monotonic()
         self.taken_at = self.last_progress
         """When the latest batch was taken from the queue: what closes a segment arrived."""
-        self.opening = False
-        """Waiting for recovery or the store before its first frame: not a stall."""
         self.segmenter: Segmenter[FinishedT] | None = None
         self.manifest: ArchiveManifest[EntryT] | None = None
         self.guard: TimestampGuard[bytes] = TimestampGuard(
@@ -170,7 +190,6 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.journal_accounted = 0
         """Journal bytes this stream has counted in the spool's state."""
         self.task: asyncio.Task[None] | None = None
-        self.final_written = False
         """The last run's final manifest is stored: nothing of this stream is only here."""
         self.on_ended: Callable[[Stream[Any, Any]], None] | None = None
         """Called when the worker has finished with nothing queued."""
@@ -189,10 +208,11 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
     @property
     def open(self) -> bool:
         """Running and not asked to end: what counts against a connection's stream limit."""
-        return self.running and self.ending is None and not self.finishing
+        return self.running and self.ending is None and self.phase in _UNDER_WAY
 
     def start(self) -> None:
         self.last_progress = time.monotonic()
+        self.phase = Phase.TAKING  # counts as open from now on, before its task first runs
         self.task = asyncio.create_task(self._supervise(), name=f"stream {self.id}")
         metrics.stream_running(self.id.media_format, self.task)
 
@@ -208,7 +228,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         while not self._room_for(size, budget):
             self.hurry.set()
             now = time.monotonic()
-            legitimate_wait = self.spool.backpressure or self.opening
+            legitimate_wait = self.spool.backpressure or self.phase is Phase.OPENING
             stalled = bool(self.queue) and now - self.last_progress >= stall_s
             if not legitimate_wait and (stalled or now - waiting_since >= stall_s):
                 self.counters["dropped_backlog"] += 1
@@ -251,7 +271,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         start; frames that arrive after the end start a new run of their own."""
         if not self.running:
             return
-        if self.finishing:
+        if self.phase not in _UNDER_WAY:
             self.next_ending = self.next_ending or reason
         elif self.ending is None or reason == "shutdown":
             self.ending = reason
@@ -290,8 +310,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.in_hand_frames = 0
 
     async def _run(self) -> None:
-        self.finishing = False
-        self.final_written = False
+        self.phase = Phase.TAKING
         if self.next_ending is not None:
             self.ending, self.next_ending = self.next_ending, None
         pending = self._take_queued()
@@ -329,18 +348,20 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
                 if pending and leaving and self.ending == "participant_left":
                     self.ending = None
                     self.counters["continued_after_leave"] += 1
-            self.finishing = True
+            self.phase = Phase.FINISHING
             await self._flush(publish)
         except Exception:
             self._count_lost_in_hand()
             raise
         finally:
-            self.finishing = True
+            self.phase = Phase.FINISHING
             self.ending = None
             await publish.close()
             self.publisher = None  # it refers back to this stream: let go, both are freed now
             if self.manifest is not None:
                 await self._finish(reason)
+            if self.phase is Phase.FINISHING:
+                self.phase = Phase.IDLE  # no final manifest stored: the stream is kept
 
     async def _let_frames_gather(self) -> None:
         """Wait until `batch_window_s` after the last batch was taken (fewer wake-ups, thread
@@ -373,11 +394,11 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         """Start or resume the stream: a manifest already in the store is continued. While
         it waits for recovery or for the store to answer, its frames wait (backpressure),
         they are not shed: the worker is not stalled, the store is slow."""
-        self.opening = True
+        self.phase = Phase.OPENING
         try:
             await self._load_or_resume(first)
         finally:
-            self.opening = False
+            self.phase = Phase.TAKING
             self.last_progress = time.monotonic()
         assert self.manifest is not None
         assert self.segmenter is not None
@@ -668,7 +689,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.manifest.status = "complete" if not unlisted else "interrupted"
         if unlisted:
             self.log.error("stream_ended_with_unlisted_frames", frames=unlisted)
-        self.final_written = await self._write_manifest()
+        if await self._write_manifest():
+            self.phase = Phase.ENDED
         if self.journal is not None:
             await asyncio.to_thread(self.journal.close, True)
             self._account_journal()

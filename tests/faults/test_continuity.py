@@ -149,7 +149,9 @@ async def test_a_deploy_mid_gop_loses_no_frame(services: ServiceProcesses) -> No
     serving: list[ServiceProcess] = [old]
     bot = ReconnectingBot(senders, lambda: serving[-1].url)
     sending = asyncio.create_task(bot.run())
-    await asyncio.sleep(6)
+    async with asyncio.timeout(30):  # six seconds of the meeting on the old task
+        while any(bot.sent[s.participant_id] < 6 * s.fps for s in senders):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
     serving.append(await services.start(task="task-b"))
     assert await old.stop() == 0
     async with asyncio.timeout(60):

@@ -459,7 +459,9 @@ async def test_a_connection_that_fills_its_queue_budget_is_slowed_alone(
                     await hostile.send_str(orjson.dumps(message).decode())
 
         flooding = asyncio.create_task(flood())
-        await asyncio.sleep(0.5)
+        async with asyncio.timeout(10):  # until the hostile streams hold their budget
+            while registry.queued.used < 1024**2 // 2:  # noqa: ASYNC110 (a counter)
+                await asyncio.sleep(0.02)
         async with session.ws_connect(running.url) as ws:
             await good.send(ws, 0, len(good.units))
             leave = participant_event("leave", 100, 4.0, good.start, **good.ids)

@@ -1,7 +1,8 @@
 """Demultiplexed streams: one worker per (bot, recording, participant, type, format).
 
 The receive loop only enqueues. Each stream's worker takes its messages in order, hands
-them in batches to a thread (base64, muxing and tar building stay off the event loop),
+them in batches to a thread (`archiver.streams.batch`: base64, muxing and tar building stay
+off the event loop),
 uploads finished segments or batches in parallel, and publishes them to its manifest strictly
 in order, only after the store confirmed them. What differs between H.264 and PNG is the
 segmenter, the manifest, and how a finished object is spooled; the worker is shared."""
@@ -9,17 +10,13 @@ segmenter, the manifest, and how a finished object is spooled; the worker is sha
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import enum
 import time
-import traceback
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -35,16 +32,17 @@ from archiver.documents.manifests import (
 )
 from archiver.documents.manifests import dumps as dump_json
 from archiver.documents.merging import stream_header
-from archiver.errors import InputError, MediaError, SegmenterFailure, StoreError
+from archiver.errors import InputError, StoreError
 from archiver.layout import SpoolFolders, StreamId
 from archiver.publishing import InOrderPublisher, ManifestWriter
 from archiver.recordings.sessions import SessionWriter
 from archiver.recovery.spooling import Recovery
 from archiver.segmenting.base import FinishedT, Segmenter
-from archiver.segmenting.timestamps import Timed, TimestampGuard
+from archiver.segmenting.timestamps import TimestampGuard
 from archiver.settings import Settings
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
+from archiver.streams.batch import BatchResult, describe_error, flush, segment
 from archiver.streams.queue import QueuedBytes
 from archiver.values import MediaMessage
 
@@ -72,29 +70,6 @@ _UNDER_WAY = (Phase.OPENING, Phase.TAKING)
 """A run in these phases takes an end for itself; in any other, for the run after it."""
 BATCH_MAX = 64
 _OUR_FAILURES = frozenset({"segmenter_error", "worker_error"})
-
-
-def decode(buffer_b64: str) -> bytes:
-    try:
-        return base64.b64decode(buffer_b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise MediaError("bad_base64", str(exc)) from exc
-
-
-def describe_error(exc: BaseException) -> str:
-    """An exception and where it was raised, for a log line that must lead to the bug."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-    return f"{exc!r}{where}"
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult(Generic[FinishedT]):
-    finished: list[FinishedT]
-    rejected: list[InputError]
-    counters: dict[str, int]
-    held_frames: int
-    gaps: list[dict[str, Any]]
 
 
 class Stream(ABC, Generic[FinishedT, EntryT]):
@@ -495,81 +470,14 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
         self.journal_accounted = held
 
     def _segment_batch(self, batch: list[MediaMessage]) -> BatchResult[FinishedT]:
-        """Runs on a worker thread: base64, timestamp checks and segmenting for a batch of
-        one stream. Nothing raised here escapes: each frame's fate is counted."""
-        segmenter = self.segmenter
-        assert segmenter is not None
-        finished: list[FinishedT] = []
-        rejected: list[InputError] = []
-        for message in batch:
-            try:
-                data = decode(message.buffer_b64)
-                judged = self.guard.admit(data, message.relative_s, message.absolute)
-            except InputError as exc:
-                segmenter.reject(exc.reason)
-                rejected.append(exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 (a bug of ours: this frame only)
-                segmenter.reject("worker_error")
-                rejected.append(InputError("worker_error", describe_error(exc)))
-                continue
-            self._push(segmenter, judged, finished, rejected)
-        if self.journal is not None:
-            self.journal.flush()
-        return self._result(segmenter, finished, rejected)
-
-    @staticmethod
-    def _push(
-        segmenter: Segmenter[FinishedT],
-        judged: list[Timed[bytes]],
-        finished: list[FinishedT],
-        rejected: list[InputError],
-    ) -> None:
-        """Frames the guard has judged into the segmenter; those it refused are counted."""
-        for frame in judged:
-            if frame.error is not None:
-                segmenter.reject(frame.error.reason)
-                rejected.append(frame.error)
-                continue
-            try:
-                finished.extend(segmenter.push(frame.item, frame.relative_s, frame.absolute))
-            except SegmenterFailure as exc:
-                finished.extend(exc.salvaged)
-                rejected.append(exc)
-            except InputError as exc:  # counted by the segmenter
-                rejected.append(exc)
-            except Exception as exc:  # noqa: BLE001 (a bug of ours: this frame only)
-                segmenter.reject("worker_error")
-                rejected.append(InputError("worker_error", describe_error(exc)))
+        """Runs on a worker thread: see `batch.segment`."""
+        assert self.segmenter is not None
+        return segment(self.segmenter, self.guard, self.journal, batch)
 
     def _flush_segmenter(self) -> BatchResult[FinishedT]:
-        """Runs on a worker thread: close what is open, at the end of a run, with the first
-        frames the guard still holds (a stream that ended before its start was confirmed)."""
-        segmenter = self.segmenter
-        assert segmenter is not None
-        finished: list[FinishedT] = []
-        rejected: list[InputError] = []
-        self._push(segmenter, self.guard.release(), finished, rejected)
-        if self.journal is not None:
-            self.journal.flush()
-        finished.extend(segmenter.flush())
-        return self._result(segmenter, finished, rejected)
-
-    def _result(
-        self,
-        segmenter: Segmenter[FinishedT],
-        finished: list[FinishedT],
-        rejected: list[InputError],
-    ) -> BatchResult[FinishedT]:
-        gaps = list(segmenter.gaps)
-        segmenter.gaps.clear()
-        counters = {
-            **segmenter.snapshot(),
-            "absolute_repaired": self.guard.absolute_repaired,
-            "timestamp_reanchors": self.guard.reanchors,
-        }
-        held = segmenter.held_frames + self.guard.held_frames
-        return BatchResult(finished, rejected, counters, held, gaps)
+        """Runs on a worker thread: see `batch.flush`."""
+        assert self.segmenter is not None
+        return flush(self.segmenter, self.guard, self.journal)
 
     async def _flush(self, publish: InOrderPublisher[EntryT]) -> None:
         if self.segmenter is None:

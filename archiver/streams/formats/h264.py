@@ -16,8 +16,9 @@ from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
 from archiver.store.documents import write_playlist
 from archiver.store.spool import SpooledObject
+from archiver.streams.batch import BatchResult, describe_error
 from archiver.streams.continuity import Continuation, ContinuationFinder
-from archiver.streams.worker import BatchResult, EndReason, Stream, describe_error
+from archiver.streams.worker import EndReason, Stream
 from archiver.values import MediaMessage
 
 log = structlog.get_logger(__name__)

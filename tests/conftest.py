@@ -37,6 +37,11 @@ SLOW_FAMILIES = {
 one of them is also marked `slow`, which plain `pytest` leaves out."""
 
 
+SERVICE_FIXTURES = {"service", "s3_endpoint"}
+"""Fixtures that start the service in this process or the S3 server: a test that uses one is
+marked `service`, which plain `pytest` leaves out too (`-m "not slow"` runs it)."""
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     tests = Path(__file__).parent
     for item in items:
@@ -45,6 +50,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if family is not None:
             item.add_marker(family)
             item.add_marker("slow")
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker("service")
 
 
 async def serve_locally(runner: web.AppRunner) -> str:

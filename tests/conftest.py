@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,7 @@ class RunningService:
         deadline = time.monotonic() + timeout_s
         while state.connections and time.monotonic() < deadline:  # noqa: ASYNC110 (a counter)
             await asyncio.sleep(0.02)
-        await asyncio.wait_for(state.registry.wait_idle(), deadline - time.monotonic())
+        await asyncio.wait_for(state.writers.wait_idle(), deadline - time.monotonic())
 
     def object_keys(self) -> list[str]:
         """Every object key in the bucket, read straight from the S3 server."""
@@ -156,8 +157,13 @@ async def service(s3_endpoint: str, bucket: str) -> AsyncIterator[ServiceFactory
     """Start the real service against the S3 server; settings may be overridden per test."""
     runners: list[web.AppRunner] = []
 
-    async def start(store_class: type[S3Store] = S3Store, **overrides: Any) -> RunningService:
-        """`store_class`: the seam for a store that misbehaves (an `S3Store` subclass)."""
+    async def start(
+        store_class: type[S3Store] = S3Store,
+        segmenting: ThreadPoolExecutor | None = None,
+        **overrides: Any,
+    ) -> RunningService:
+        """Seams: `store_class`, a store that misbehaves (an `S3Store` subclass);
+        `segmenting`, the threads the streams' batches run on."""
         values: dict[str, Any] = {
             "auth_tokens": TOKEN,
             "store": f"s3://{bucket}/archive",
@@ -172,7 +178,7 @@ async def service(s3_endpoint: str, bucket: str) -> AsyncIterator[ServiceFactory
         logs.configure(settings.log_level, settings.log_format)
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         store = store_class(bucket, "archive", endpoint_url=s3_endpoint, attempts=2)
-        app = create_app(settings, store)
+        app = create_app(settings, store, segmenting=segmenting)
         runner = DrainingAppRunner(app, access_log_class=RedactingAccessLogger)
         await serve_locally(runner)
         runners.append(runner)

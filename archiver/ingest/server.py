@@ -31,8 +31,8 @@ from archiver.layout import RecordingId, StreamId
 from archiver.recordings.notices import ReadyNotices
 from archiver.settings import Settings
 from archiver.store.spool import Spool, SpoolState
-from archiver.streams.registry import StreamRegistry
 from archiver.values import EventMessage, Grant, MediaMessage
+from archiver.writers import Writers
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +45,7 @@ class ServiceState:
 
     settings: Settings
     spool: Spool
-    registry: StreamRegistry
+    writers: Writers
     protection: TaskProtection
     tokens: TokenCheck
     notices: ReadyNotices
@@ -112,16 +112,16 @@ async def readyz(request: web.Request) -> web.Response:
         "connections": state.connections,
         "spool": state.spool.state.value,
         "spool_pending_bytes": state.spool.pending_bytes,
-        "streams": len(state.registry.streams),
-        "queued_bytes": state.registry.queued.used,
-        "events_logs": len(state.registry.events.logs),
-        "events_queued_bytes": state.registry.events.budget.total,
-        "session_indexes": len(state.registry.sessions.sessions),
+        "streams": len(state.writers.streams.streams),
+        "queued_bytes": state.writers.streams.queued.used,
+        "events_logs": len(state.writers.events.logs),
+        "events_queued_bytes": state.writers.events.budget.total,
+        "session_indexes": len(state.writers.sessions.sessions),
         "store_reachable": state.spool.store_reachable,
         "using_fallback": state.spool.using_fallback,
         "spool_writable": state.spool.writable,
         **state.spool.counters,
-        "recordings_waiting": len(state.registry.sessions.waiting),
+        "recordings_waiting": len(state.writers.sessions.waiting),
         "notices": dict(state.notices.counters),
     }
     if reasons:
@@ -192,7 +192,7 @@ class Connection:
         known until an unbound token's first message binds it)."""
         self.counts: Counter[str] = Counter()
         self.streams: set[StreamId] = set()
-        self.queued = state.registry.connection_budget()
+        self.queued = state.writers.streams.connection_budget()
         self.event_recordings: set[RecordingId] = set()
         self.opened = time.monotonic()
         self.log = log.bind(connection=number)
@@ -235,7 +235,7 @@ class Connection:
 
     async def route_media(self, message: MediaMessage) -> None:
         stream = message.stream
-        registry = self.state.registry
+        registry = self.state.writers.streams
         if stream not in self.streams:
             if self._open_streams() >= self.state.settings.max_streams_per_connection:
                 # Beyond any meeting platform's limit at once: refuse this stream's frames,
@@ -268,7 +268,7 @@ class Connection:
         """Streams of this connection still open: ended ones (a leave, idle) stop counting.
         Streams no longer running are let go; one still finishing stays attached, since
         frames queued meanwhile continue it and this connection's close must end it."""
-        registry = self.state.registry
+        registry = self.state.writers.streams
         gone = {stream for stream in self.streams if not registry.is_running(stream)}
         registry.detach(gone, reason=None)
         self.streams -= gone
@@ -283,7 +283,7 @@ class Connection:
             # No safe ids: nowhere to archive it without trusting the message's text.
             self.refuse(InputError("event_without_recording", message.event))
             return
-        events = self.state.registry.events
+        events = self.state.writers.events
         if recording not in self.event_recordings:
             limit = self.state.settings.max_event_recordings_per_connection
             if len(self.event_recordings) >= limit and self._let_go_of_quiet() >= limit:
@@ -298,7 +298,7 @@ class Connection:
             return
         events.append(recording, message)
         if message.event == _LEAVE_EVENT and message.participant_id is not None:
-            self.state.registry.end_participant(recording, message.participant_id)
+            self.state.writers.streams.end_participant(recording, message.participant_id)
         if await events.room(recording):
             # Its closed batches are over their budget: this socket was not read until the
             # spool took them (backpressure, nothing dropped).
@@ -307,7 +307,7 @@ class Connection:
     def _let_go_of_quiet(self) -> int:
         """Let go of the recordings with nothing open or waiting for the spool (they come
         back if more of their events arrive); return how many this connection still holds."""
-        events = self.state.registry.events
+        events = self.state.writers.events
         quiet = {recording for recording in self.event_recordings if events.quiet(recording)}
         if quiet:
             events.release(quiet)
@@ -324,8 +324,8 @@ class Connection:
             self.log.warning("message_refused", reason=error.reason, detail=error.detail, seen=seen)
 
     async def close(self) -> None:
-        self.state.registry.detach(self.streams, "connection_closed")
-        self.state.registry.events.release(self.event_recordings)
+        self.state.writers.streams.detach(self.streams, "connection_closed")
+        self.state.writers.events.release(self.event_recordings)
         self.log.info(
             "connection_closed",
             close_code=self.ws.close_code,

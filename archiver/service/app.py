@@ -1,7 +1,7 @@
 """The composition root: builds the service from its settings (stores, spool, recovery,
-the stream registry, notices, task protection, the viewer), runs its background loops, and
-takes it apart again through the drain (`archiver.service.shutdown`). Nothing else knows
-how the whole is wired.
+the writers behind the websocket, notices, task protection, the viewer), runs its
+background loops, and takes it apart again through the drain (`archiver.service.shutdown`).
+Nothing else knows how the whole is wired.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from archiver import metrics
 from archiver.consumers.viewer import ViewerConfig, add_viewer, find_hls_js
 from archiver.documents.merging import merge_documents
 from archiver.errors import ConfigError, StoreError
+from archiver.events.archive import EventArchive
 from archiver.host.memory import share_arenas
 from archiver.host.protection import SharedWants, TaskProtection
 from archiver.host.workers import Slot
 from archiver.ingest.bindings import TokenBindings
 from archiver.ingest.server import STATE, ServiceState, add_routes
 from archiver.ingest.tokens import TokenCheck
+from archiver.layout import SpoolFolders
 from archiver.recordings.notices import ReadyNotices
-from archiver.recordings.sessions import read_waiting
+from archiver.recordings.sessions import SessionWriter, read_waiting
 from archiver.recovery.replay import recover
 from archiver.service.shutdown import ask_bots_to_reconnect, drain
 from archiver.settings import Settings
@@ -34,6 +36,7 @@ from archiver.store import ListingStore, ObjectStore, open_fallback_store, open_
 from archiver.store.reconcile import primary_answers, reconcile
 from archiver.store.spool import Spool
 from archiver.streams.registry import StreamRegistry
+from archiver.writers import Writers
 
 log = structlog.get_logger(__name__)
 
@@ -42,11 +45,16 @@ _EMPTY_CHECKS_BEFORE_RELEASE = 3
 
 
 def create_app(
-    settings: Settings, store: ObjectStore | None = None, slot: Slot | None = None
+    settings: Settings,
+    store: ObjectStore | None = None,
+    slot: Slot | None = None,
+    segmenting: ThreadPoolExecutor | None = None,
 ) -> web.Application:
     """The service as an aiohttp app; it opens the store and worker threads on start-up.
     Under the supervisor, `slot` is the worker's claim on its part of the spool
-    (`settings.spool_dir` is then the slot's folder) and the orphaned parts it adopted."""
+    (`settings.spool_dir` is then the slot's folder) and the orphaned parts it adopted.
+    `segmenting`: the threads the streams' batches run on (by default, one per CPU and
+    four more); the app shuts it down when it stops."""
     tokens = _token_check(settings)
     if settings.webhook_url and settings.webhook_secret is None:
         raise ConfigError(
@@ -93,12 +101,18 @@ def create_app(
         recovery = await recover(
             spool, Path(settings.spool_dir), settings.segment_target_s, adopted
         )
-        executor = ThreadPoolExecutor(
+        executor = segmenting or ThreadPoolExecutor(
             max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="segment"
         )
         notices = ReadyNotices(settings, active_store)
-        registry = StreamRegistry(settings, spool, executor, recovery, notices)
-        registry.sessions.wait_again(left_waiting)
+        waiting = SpoolFolders(Path(settings.spool_dir)).waiting if notices is not None else None
+        sessions = SessionWriter(spool, settings, notices, waiting)
+        sessions.wait_again(left_waiting)
+        writers = Writers(
+            StreamRegistry(settings, spool, executor, recovery, sessions),
+            EventArchive(settings, spool, sessions, recovery),
+            sessions,
+        )
         shared = (
             SharedWants(slot.folder.parent / "protection", str(slot.number))
             if slot is not None and settings.ecs_agent_uri
@@ -112,7 +126,7 @@ def create_app(
             exporter.start()
         bindings = TokenBindings(spool)
         app[STATE] = ServiceState(
-            settings, spool, registry, protection, tokens, notices, bindings, slot
+            settings, spool, writers, protection, tokens, notices, bindings, slot
         )
         if settings.auth_tokens:
             log.warning(
@@ -137,7 +151,7 @@ def create_app(
         state = app[STATE]
         state.ready = False
         deadline = state.drain_deadline or loop.time() + settings.drain_deadline_s
-        await drain(settings, spool, registry, recovery, notices, deadline)
+        await drain(settings, spool, writers, recovery, notices, deadline)
         for task in background:
             task.cancel()
         await asyncio.wait(background)

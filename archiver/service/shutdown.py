@@ -21,7 +21,8 @@ from archiver.recordings.notices import ReadyNotices
 from archiver.recovery.spooling import Recovery
 from archiver.settings import Settings
 from archiver.store.spool import Spool
-from archiver.streams.registry import StreamRegistry, cancel_until_done
+from archiver.streams.registry import cancel_until_done
+from archiver.writers import Writers
 
 log = structlog.get_logger(__name__)
 
@@ -98,7 +99,7 @@ async def ask_bots_to_reconnect(app: web.Application) -> None:
         state.drain_deadline = asyncio.get_running_loop().time() + state.settings.drain_deadline_s
     # Before the bots leave: recordings their reconnects continue elsewhere must not be
     # completed here.
-    state.registry.sessions.drain()
+    state.writers.sessions.drain()
     if state.bots_asked_to_reconnect:
         return
     state.bots_asked_to_reconnect = True
@@ -132,7 +133,7 @@ _EVACUATION_PATIENCE_S = 1.5
 async def drain(
     settings: Settings,
     spool: Spool,
-    registry: StreamRegistry,
+    writers: Writers,
     recovery: Recovery,
     notices: ReadyNotices,
     deadline: float,
@@ -151,7 +152,7 @@ async def drain(
     passed = False
     try:
         async with asyncio.timeout_at(deadline):
-            await registry.close()
+            await writers.close()
             if recovery.uploads is not None:
                 await asyncio.wait([recovery.uploads])
     except TimeoutError:
@@ -159,9 +160,9 @@ async def drain(
     finally:
         evacuate.cancel()
     if passed:
-        unfinished = registry.unfinished()
+        unfinished = writers.unfinished()
         tasks = [recovery.uploads] if recovery.uploads is not None else []
-        outlived = await registry.abort(_ABORT_PATIENCE_S)
+        outlived = await writers.abort(_ABORT_PATIENCE_S)
         outlived += await cancel_until_done(
             lambda: [t for t in tasks if not t.done()], _ABORT_PATIENCE_S
         )

@@ -5,15 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
-from pathlib import Path
 from typing import Any
 
 import structlog
 
-from archiver.events.archive import EventArchive
 from archiver.host.memory import FreedMemory
-from archiver.layout import MediaFormat, RecordingId, SpoolFolders, StreamId
-from archiver.recordings.notices import ReadyNotices
+from archiver.layout import MediaFormat, RecordingId, StreamId
 from archiver.recordings.sessions import SessionWriter
 from archiver.recovery.spooling import Recovery
 from archiver.settings import Settings
@@ -56,8 +53,8 @@ async def cancel_until_done(
 
 
 class StreamRegistry:
-    """Every stream of this process, by id, and every recording's events; routes messages
-    and ends streams."""
+    """Every stream of this process, by id; routes frames to them and ends them. Streams
+    report to `sessions`, which the registry uses and does not own."""
 
     def __init__(
         self,
@@ -65,15 +62,13 @@ class StreamRegistry:
         spool: Spool,
         executor: Executor,
         recovery: Recovery,
-        notices: ReadyNotices | None = None,
+        sessions: SessionWriter,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.executor = executor
         self.recovery = recovery
-        waiting = SpoolFolders(Path(settings.spool_dir)).waiting if notices is not None else None
-        self.sessions = SessionWriter(spool, settings, notices, waiting)
-        self.events = EventArchive(settings, spool, self.sessions, recovery)
+        self.sessions = sessions
         self.streams: dict[StreamId, Stream[Any, Any]] = {}
         self.queued = QueuedBytes(settings.queued_bytes_total)
         self.freed_memory = FreedMemory()
@@ -154,38 +149,24 @@ class StreamRegistry:
         self.end(ids, "participant_left")
 
     async def wait_idle(self) -> None:
-        """Wait until every stream's worker and every events log has finished and every
-        index is written. Cancelling the wait cancels none of them (`abort` does)."""
+        """Wait until every stream's worker has finished. Cancelling the wait cancels none
+        of them."""
         while tasks := [s.task for s in self.streams.values() if s.running and s.task]:
             await asyncio.wait(tasks)
-        await self.events.wait_idle()
-        await self.sessions.flush()
 
-    async def close(self) -> None:
+    def end_all(self) -> None:
         self.end(set(self.streams), "shutdown")
-        self.events.end_all()
-        await self.wait_idle()
+
+    def close(self) -> None:
+        """Once every stream has finished: no more trimming of freed memory."""
         self.freed_memory.close()
 
     def tasks(self) -> list[asyncio.Task[Any]]:
-        """Every task of the pipeline behind this registry that has not finished: streams'
-        workers and uploads, events logs' writers, index writes."""
+        """The streams' tasks that have not finished: workers and uploads."""
         found = [t for stream in self.streams.values() for t in stream.tasks()]
-        found.extend(self.events.tasks())
-        found.extend(self.sessions.tasks())
         found.extend(self.freed_memory.tasks())
         return [t for t in found if not t.done()]
 
-    async def abort(self, patience_s: float) -> list[str]:
-        """Stop the pipeline now (a drain past its deadline): no timer starts new work, and
-        every task is cancelled, again each time one catches it to clean up (a stream
-        storing its last manifest), until all have ended or `patience_s` has passed. What
-        they leave in the spool stays there. Returns the names of those still running."""
-        self.sessions.stop()
-        self.events.stop()
-        return await cancel_until_done(self.tasks, patience_s)
-
     def unfinished(self) -> list[str]:
-        """Manifest keys of streams and events logs still being written out."""
-        streams = [s.id.manifest_key for s in self.streams.values() if s.running]
-        return sorted([*streams, *self.events.unfinished()])
+        """Manifest keys of streams still being written out."""
+        return sorted(s.id.manifest_key for s in self.streams.values() if s.running)

@@ -69,7 +69,7 @@ async def _settle(app: web.Application) -> None:
     deadline = time.monotonic() + 30
     while state.connections and time.monotonic() < deadline:  # noqa: ASYNC110 (a counter)
         await asyncio.sleep(0.02)
-    await asyncio.wait_for(state.registry.wait_idle(), deadline - time.monotonic())
+    await asyncio.wait_for(state.writers.wait_idle(), deadline - time.monotonic())
 
 
 async def _simulate(url: str, app: web.Application, archived: Archived, **options: Any) -> None:

@@ -74,7 +74,7 @@ async def test_close_arriving_while_reading_is_slowed_loses_nothing(
         for replay in range(25)
         for relative, buffer, _ in clip.units
     ]
-    registry = running.app[STATE].registry
+    registry = running.app[STATE].writers.streams
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(running.url, max_msg_size=0) as ws,

@@ -201,7 +201,7 @@ async def assert_every_stream_ends(running: RunningService, within_s: float) -> 
     state = running.app[STATE]
     deadline = asyncio.get_running_loop().time() + within_s
     while asyncio.get_running_loop().time() < deadline:
-        running_streams = [str(s.id) for s in state.registry.streams.values() if s.running]
+        running_streams = [str(s.id) for s in state.writers.streams.streams.values() if s.running]
         if not state.connections and not running_streams:
             break
         await asyncio.sleep(0.1)

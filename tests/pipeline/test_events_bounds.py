@@ -74,9 +74,9 @@ async def test_one_connection_past_its_recordings_limit_has_the_extras_refused_a
     assert second.ok, second.problems
     for refused in meetings[2:]:
         assert await running.store.get(refused.recording.events_manifest_key) is None
-    registry = running.app[STATE].registry
-    assert not registry.events.logs
-    assert not registry.sessions.sessions
+    writers = running.app[STATE].writers
+    assert not writers.events.logs
+    assert not writers.sessions.sessions
 
 
 async def test_a_quiet_recording_stops_counting_against_the_limit(
@@ -91,7 +91,7 @@ async def test_a_quiet_recording_stops_counting_against_the_limit(
     sent_second = second.event("participant_events.chat_message", chat)
     async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
         await ws.send_str(orjson.dumps(sent_first).decode())
-        logs = running.app[STATE].registry.events.logs
+        logs = running.app[STATE].writers.events.logs
         async with asyncio.timeout(10):
             # Until its one-event batch is in the spool.
             while first.recording not in logs or not logs[first.recording].quiet:  # noqa: ASYNC110

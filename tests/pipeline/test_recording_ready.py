@@ -144,7 +144,7 @@ async def wait_until_notices_settle(
     while True:
         claimed = sum(s.app[STATE].notices.counters["notices_claimed"] for s in services)
         busy = any(
-            s.app[STATE].notices.tasks or recording in s.app[STATE].registry.sessions.sessions
+            s.app[STATE].notices.tasks or recording in s.app[STATE].writers.sessions.sessions
             for s in services
         )
         if claimed >= claims and not busy:
@@ -377,7 +377,7 @@ async def test_a_drain_completes_recordings_in_their_grace_but_not_those_it_ends
     running = await service(webhook_url=receiver.url, **{**FAST, "recording_ready_grace_s": 600})
     ended, cut = Meeting(), Meeting()
     await ended.connect_and_send(running)
-    waiting = running.app[STATE].registry.sessions.waiting
+    waiting = running.app[STATE].writers.sessions.waiting
     deadline = time.monotonic() + 30
     while ended.recording not in waiting:
         assert time.monotonic() < deadline, "the ended recording never began its grace"

@@ -7,7 +7,9 @@ import gc
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import orjson
@@ -17,8 +19,8 @@ from archiver.consumers.decode_check import check_events, check_stream
 from archiver.ingest.server import STATE
 from archiver.layout import RecordingId
 from archiver.store.s3 import S3Store
-from archiver.streams.formats.h264 import H264Stream
 from archiver.tools.simulator import Simulation, encode_stream, media_message, participant_event
+from archiver.values import MediaMessage
 from tests.conftest import RunningService, ServiceFactory
 
 
@@ -334,21 +336,29 @@ async def test_too_many_streams_at_once_refuses_only_the_extra_stream(
 
 
 async def test_a_stalled_stream_sheds_its_own_frames_and_never_blocks_its_neighbour(
-    service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+    service: ServiceFactory,
 ) -> None:
     """One stream's worker hangs on a thread (as a bug or a stuck disk would make it); the
     other participant on the same connection goes on being read and archived."""
-    running = await service(stream_queue_messages=4, stream_stall_s=1.0)
-    bot = Bot(running)
     stuck, release = 100, threading.Event()
-    segment_batch = H264Stream._segment_batch
 
-    def hang_for_the_stuck_stream(self: H264Stream, batch: list) -> object:
-        if self.id.participant_id == str(stuck):
-            release.wait(timeout=30)
-        return segment_batch(self, batch)
+    class OneStreamHangs(ThreadPoolExecutor):
+        """The segmenting threads, on which every batch of participant 100 hangs."""
 
-    monkeypatch.setattr(H264Stream, "_segment_batch", hang_for_the_stuck_stream)
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            batch = args[0] if args and isinstance(args[0], list) else []
+            if (
+                batch
+                and isinstance(batch[0], MediaMessage)
+                and str(batch[0].participant.get("id")) == str(stuck)
+            ):
+                return super().submit(_after, release, fn, *args)
+            return super().submit(fn, *args, **kwargs)
+
+    running = await service(
+        segmenting=OneStreamHangs(max_workers=4), stream_queue_messages=4, stream_stall_s=1.0
+    )
+    bot = Bot(running)
     sending_started = time.monotonic()
     async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
         for relative, data, _ in bot.units:
@@ -374,6 +384,11 @@ async def test_a_stalled_stream_sheds_its_own_frames_and_never_blocks_its_neighb
     shed = stuck_check.manifest["counters"]["dropped_backlog"]
     assert shed > 0
     assert len(stuck_check.frames) + shed == len(bot.units)
+
+
+def _after(release: threading.Event, fn: Any, *args: Any) -> Any:
+    release.wait(timeout=30)
+    return fn(*args)
 
 
 async def test_the_longest_ids_accepted_still_fit_local_file_names(
@@ -441,7 +456,7 @@ async def test_a_connection_that_fills_its_queue_budget_is_slowed_alone(
         store_class=ManifestsOfTheHostileStreamsTakeForever, connection_queued_bytes=1024**2
     )
     hostile_bot, good = Bot(running, seconds=4), Bot(running, seconds=4)
-    registry = running.app[STATE].registry
+    registry = running.app[STATE].writers.streams
     async with aiohttp.ClientSession() as session:
         hostile = await session.ws_connect(running.url)
 
@@ -484,7 +499,7 @@ async def test_a_stream_and_an_events_log_that_end_are_freed_at_once(
     as soon as it is let go, not whenever the cycle collector next runs (memory that a burst
     of streams left for it came back only at random)."""
     running = await service()
-    registry = running.app[STATE].registry
+    writers = running.app[STATE].writers
     bot = Bot(running)
     gc.disable()
     try:
@@ -493,14 +508,15 @@ async def test_a_stream_and_an_events_log_that_end_are_freed_at_once(
             join = participant_event("join", 100, 0.0, bot.start, **bot.ids)
             await ws.send_str(orjson.dumps(join).decode())
             async with asyncio.timeout(10):
-                while not (registry.streams and registry.events.logs):  # noqa: ASYNC110 (dicts)
+                while not (writers.streams.streams and writers.events.logs):  # noqa: ASYNC110 (dicts)
                     await asyncio.sleep(0.02)
             held = [
-                weakref.ref(s) for s in [*registry.streams.values(), *registry.events.logs.values()]
+                weakref.ref(s)
+                for s in [*writers.streams.streams.values(), *writers.events.logs.values()]
             ]
         await running.settle()
         async with asyncio.timeout(10):
-            while registry.streams or registry.events.logs:  # noqa: ASYNC110 (dicts)
+            while writers.streams.streams or writers.events.logs:  # noqa: ASYNC110 (dicts)
                 await asyncio.sleep(0.02)
         assert [ref() for ref in held] == [None, None]
     finally:

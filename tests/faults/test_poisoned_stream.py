@@ -35,7 +35,9 @@ async def test_an_absurd_timestamp_costs_one_frame_and_sigterm_still_drains_at_o
                 skewed = media_message(data, relative + 0.01, start, "webcam", 100, **ids)
                 skewed["data"]["data"]["timestamp"]["relative"] = 1e12
                 await ws.send_str(orjson.dumps(skewed).decode())
-        await asyncio.sleep(0.5)
+        async with asyncio.timeout(10):  # until both streams are under way
+            while (await service.readiness())[1]["streams"] < 2:  # noqa: ASYNC110 (a count)
+                await asyncio.sleep(0.02)
         stopping = time.monotonic()
         assert await service.stop() == 0
         stopped_s = time.monotonic() - stopping

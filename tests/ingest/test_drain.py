@@ -13,6 +13,7 @@ import aiohttp
 import orjson
 
 from archiver.consumers.decode_check import check_stream
+from archiver.ingest.server import STATE
 from archiver.tools.simulator import Simulation, encode_stream, media_message
 from tests.conftest import TOKEN, ServiceFactory
 
@@ -42,7 +43,10 @@ async def test_shutdown_closes_websockets_with_1012_and_writes_every_frame(
     async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
         for text in texts[:20]:
             await ws.send_str(text)
-        await asyncio.sleep(0.2)
+        streams = running.app[STATE].writers.streams.streams
+        async with asyncio.timeout(10):  # until the service has read all 20
+            while sum(stream.received for stream in streams.values()) < 20:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         shutdown = asyncio.create_task(running.runner.cleanup())
         closing = await ws.receive()
         assert closing.type is aiohttp.WSMsgType.CLOSE
@@ -85,7 +89,7 @@ async def test_sigterm_mid_stream_loses_nothing_and_exits_before_the_deadline(
             async with session.ws_connect(url) as ws:
                 for text in texts[:25]:
                     await ws.send_str(text)
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # mid-stream; /readyz answers from either worker
                 signalled = time.monotonic()
                 process.send_signal(signal.SIGTERM)
                 closing = await ws.receive()

@@ -18,9 +18,18 @@ from typing import Literal
 from archiver.errors import InvalidIdError
 
 VideoType = Literal["webcam", "screenshare"]
-MediaFormat = Literal["h264", "png"]
-_VIDEO_TYPES: dict[str, VideoType] = {"webcam": "webcam", "screenshare": "screenshare"}
-_MEDIA_FORMATS: dict[str, MediaFormat] = {"h264": "h264", "png": "png"}
+Source = Literal["webcam", "screenshare", "audio"]
+"""What a stream carries of its participant: a camera, a shared screen, or their voice."""
+MediaFormat = Literal["h264", "png", "flac", "opus"]
+AudioFormat = Literal["flac", "opus"]
+AUDIO_FORMATS: frozenset[MediaFormat] = frozenset({"flac", "opus"})
+_SOURCES: dict[str, Source] = {"webcam": "webcam", "screenshare": "screenshare", "audio": "audio"}
+_MEDIA_FORMATS: dict[str, MediaFormat] = {
+    "h264": "h264",
+    "png": "png",
+    "flac": "flac",
+    "opus": "opus",
+}
 MANIFEST_NAME = "manifest.json"
 PLAYLIST_NAME = "playlist.m3u8"
 SESSION_NAME = "session.json"
@@ -125,18 +134,18 @@ class RecordingId:
 
 @dataclass(frozen=True, slots=True)
 class StreamId:
-    """One participant's webcam or screenshare in one format: the unit of a manifest."""
+    """One participant's webcam, screenshare or audio in one format: the unit of a manifest."""
 
     recording: RecordingId
     participant_id: str
-    video_type: VideoType
+    source: Source
     media_format: MediaFormat
 
     @property
     def prefix(self) -> str:
         return (
             f"{self.recording.prefix}/participants/{self.participant_id}"
-            f"/{self.video_type}/{self.media_format}"
+            f"/{self.source}/{self.media_format}"
         )
 
     @property
@@ -145,7 +154,7 @@ class StreamId:
 
     @property
     def playlist_key(self) -> str:
-        """The HLS playlist of an H.264 stream, beside its manifest."""
+        """The HLS playlist of an H.264 or audio stream, beside its manifest."""
         return f"{self.prefix}/{PLAYLIST_NAME}"
 
     def init_key(self, content_sha256: str) -> str:
@@ -153,7 +162,8 @@ class StreamId:
         return f"{self.prefix}/{init_name(content_sha256)}"
 
     def segment_key(self, start_ticks: int) -> str:
-        """Segments are named by start time (90 kHz ticks), unique across reconnects."""
+        """Segments are named by start time (90 kHz ticks for video, samples for audio),
+        unique across reconnects."""
         return f"{self.prefix}/segments/{start_ticks:013d}.m4s"
 
     def batch_key(self, start_micros: int) -> str:
@@ -205,20 +215,22 @@ def recording_of(key: str) -> RecordingId | None:
 
 def stream_of(manifest_key: str) -> StreamId | None:
     """The stream whose manifest this is (`{bot}/{recording}/participants/{participant}/
-    {type}/{format}/manifest.json`); None for any other key."""
+    {source}/{format}/manifest.json`); None for any other key."""
     parts = manifest_key.split("/")
     if len(parts) != 7 or parts[2] != "participants" or parts[6] != MANIFEST_NAME:
         return None
     recording = _ids(parts)
-    video_type = _VIDEO_TYPES.get(parts[4])
+    source = _SOURCES.get(parts[4])
     media_format = _MEDIA_FORMATS.get(parts[5])
-    if recording is None or video_type is None or media_format is None:
+    if recording is None or source is None or media_format is None:
+        return None
+    if (source == "audio") != (media_format in AUDIO_FORMATS):
         return None
     try:
         participant = safe_id("participant_id", parts[3])
     except InvalidIdError:
         return None
-    return StreamId(recording, participant, video_type, media_format)
+    return StreamId(recording, participant, source, media_format)
 
 
 SLOT_NAME = re.compile(r"worker-(\d+)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -174,6 +174,41 @@ class Settings(BaseSettings):
         gt=0,
         description="A PNG tar batch closes before a frame this many seconds (relative "
         "timestamp) after its first.",
+    )
+    audio_codec: Literal["flac", "opus"] = Field(
+        default="flac",
+        description="How each participant's audio is stored: flac (lossless, about half the "
+        "bytes of the PCM received) or opus (lossy, about a tenth); both in fragmented MP4.",
+    )
+    audio_segment_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="An audio segment closes at the first chunk this many seconds after its "
+        "start: at 60 s a participant-hour costs 60 PUTs (10 s would cost 360).",
+    )
+    audio_jitter_s: float = Field(
+        default=0.06,
+        gt=0,
+        description="A chunk whose timestamp is within this of the running sample clock is "
+        "joined to the chunk before it sample for sample; further off is a gap or an overlap.",
+    )
+    audio_drift_s: float = Field(
+        default=0.01,
+        gt=0,
+        description="When the smoothed difference between chunks' timestamps and the sample "
+        "clock passes this (a sender clock that runs fast or slow), the clock is adjusted by "
+        "it, and the adjustment listed.",
+    )
+    audio_gap_fill_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="A gap in a participant's audio up to this long is stored as silence "
+        "inside its segment; a longer one closes the segment (nothing stored for the gap).",
+    )
+    audio_chunk_max_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Longest audio chunk accepted; Recall sends chunks of tens of milliseconds.",
     )
     events_batch_count: int = Field(
         default=1000, ge=1, description="An events batch closes once it holds this many events."

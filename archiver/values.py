@@ -20,11 +20,12 @@ class RecordingContext:
     recording: dict[str, Any]
     realtime_endpoint: dict[str, Any] | None
     video_separate: dict[str, Any] | None
+    audio_separate: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class MediaMessage:
-    """One access unit or PNG for one stream, its payload still base64."""
+    """One access unit, PNG or audio chunk for one stream, its payload still base64."""
 
     stream: StreamId
     buffer_b64: str

@@ -6,7 +6,8 @@ segment that does not start with a key frame (cut mid-GOP, or continuing the str
 another worker or task, across frames never received too) decodes after the ones before it
 back to its key frame (fetched too when the range starts there). PNG frames are read with
 one ranged GET per batch covering just the frames asked for, at the offsets the manifest
-gives.
+gives. A participant's audio comes back as samples on the recording's timeline (16 kHz),
+silence where nothing was stored, each segment decoded at the place its `tfdt` gives.
 """
 
 from __future__ import annotations
@@ -20,28 +21,37 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import av
+import numpy as np
 import orjson
 
 from archiver.errors import DamagedObjectError
-from archiver.layout import MediaFormat, RecordingId, VideoType, recording_of, stream_of
+from archiver.layout import (
+    AUDIO_FORMATS,
+    MediaFormat,
+    RecordingId,
+    Source,
+    recording_of,
+    stream_of,
+)
 from archiver.store import ReadableStore, store_from_url
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    import numpy as np
     import numpy.typing as npt
 
 TIMESCALE = 90_000
+SAMPLE_RATE = 16_000
+"""Audio is stored, and read back, at the rate Recall sends it."""
 
 
 @dataclass(frozen=True, slots=True)
 class StreamInfo:
-    """One archived stream: a participant's webcam or screenshare in one format."""
+    """One archived stream: a participant's webcam, screenshare or audio in one format."""
 
     recording: RecordingId
     participant_id: str
-    type: VideoType
+    type: Source
     format: MediaFormat
     manifest_key: str
     """Relative to the store's prefix, like every key this module takes."""
@@ -52,7 +62,11 @@ class StreamInfo:
 
     @property
     def playlist_key(self) -> str | None:
-        return f"{self.folder}/playlist.m3u8" if self.format == "h264" else None
+        return f"{self.folder}/playlist.m3u8" if self.format != "png" else None
+
+    @property
+    def is_audio(self) -> bool:
+        return self.format in AUDIO_FORMATS
 
     @property
     def name(self) -> str:
@@ -91,7 +105,7 @@ def parse_stream_key(key: str) -> StreamInfo | None:
     if stream is None:
         return None
     return StreamInfo(
-        stream.recording, stream.participant_id, stream.video_type, stream.media_format, key
+        stream.recording, stream.participant_id, stream.source, stream.media_format, key
     )
 
 
@@ -136,6 +150,22 @@ def _packets(init: bytes, segment: bytes) -> Iterator[av.Packet]:  # type: ignor
         for packet in container.demux(container.streams.video[0]):
             if packet.size:
                 yield packet
+
+
+def decode_audio(init: bytes, segment: bytes) -> tuple[int, npt.NDArray[np.int16]]:
+    """An audio segment's first sample on the recording's timeline and its samples (16 kHz,
+    mono, 16-bit), decoded behind its init segment; raise `av.FFmpegError`."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    parts: list[npt.NDArray[Any]] = []
+    first: int | None = None
+    with av.open(io.BytesIO(init + segment), "r") as container:
+        for frame in container.decode(container.streams.audio[0]):
+            if first is None and frame.pts is not None and frame.time_base is not None:
+                first = round(frame.pts * frame.time_base * SAMPLE_RATE)
+            parts.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+    parts.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+    samples = np.concatenate(parts).astype(np.int16) if parts else np.zeros(0, np.int16)
+    return first or 0, samples
 
 
 class Archive:
@@ -196,7 +226,7 @@ class Archive:
         self,
         recording: RecordingId,
         participant_id: str | None = None,
-        video_type: VideoType | None = None,
+        video_type: Source | None = None,
     ) -> list[StreamInfo]:
         """The recording's streams, found by their manifests in the store."""
         keys = await self.store.list_keys(f"{recording.prefix}/participants/")
@@ -315,6 +345,53 @@ class Archive:
                     raise DamagedObjectError(batch["key"], f"{frame['name']} does not decode")
                 absolute = datetime.fromisoformat(frame["absolute"])
                 yield Frame(frame["relative"], absolute, images[0], png)
+
+    async def audio_blocks(
+        self, stream: StreamInfo, start_s: float = 0.0, end_s: float | None = None
+    ) -> AsyncIterator[tuple[int, npt.NDArray[np.int16]]]:
+        """The stored audio that falls in [start_s, end_s), segment by segment: each block's
+        first sample on the timeline and its samples, in order, fetching only the segments
+        the range needs."""
+        manifest = await self.manifest(stream)
+        first = round(start_s * SAMPLE_RATE)
+        last = None if end_s is None else round(end_s * SAMPLE_RATE)
+        inits: dict[str, bytes] = {}
+        for segment in manifest.get("segments", []):
+            if segment["end_sample"] <= first or (
+                last is not None and segment["start_sample"] >= last
+            ):
+                continue
+            init_key = segment["init_key"]
+            if init_key not in inits:
+                raw = await self.store.get(self.relative(init_key))
+                if raw is None:
+                    raise DamagedObjectError(init_key, "missing")
+                inits[init_key] = raw
+            try:
+                at, samples = decode_audio(inits[init_key], await self.fetch_listed(segment))
+            except av.FFmpegError as exc:
+                raise DamagedObjectError(segment["key"], f"does not decode: {exc}") from None
+            begin = max(first, at)
+            end = at + len(samples) if last is None else min(last, at + len(samples))
+            if end > begin:
+                yield begin, samples[begin - at : end - at]
+
+    async def audio(
+        self, stream: StreamInfo, start_s: float = 0.0, end_s: float | None = None
+    ) -> npt.NDArray[np.int16]:
+        """A participant's audio for [start_s, end_s) as one array at 16 kHz, sample 0 at
+        `start_s`, silence where nothing was stored; to the end of what is stored when
+        `end_s` is None."""
+        first = round(start_s * SAMPLE_RATE)
+        blocks = [block async for block in self.audio_blocks(stream, start_s, end_s)]
+        if end_s is not None:
+            length = max(0, round(end_s * SAMPLE_RATE) - first)
+        else:
+            length = max((at + len(samples) - first for at, samples in blocks), default=0)
+        line = np.zeros(length, dtype=np.int16)
+        for at, samples in blocks:
+            line[at - first : at - first + len(samples)] = samples
+        return line
 
     async def events(self, recording: RecordingId) -> AsyncIterator[bytes]:
         """The recording's events as received, one JSON line each, in order."""

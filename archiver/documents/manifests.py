@@ -18,6 +18,7 @@ import orjson
 import structlog
 
 from archiver.layout import MediaFormat, RecordingId, StreamId
+from archiver.segmenting.audio import SAMPLE_RATE, AudioSegment
 from archiver.segmenting.fmp4 import MIN_GAP_TICKS, TIMESCALE, MediaSegment
 from archiver.segmenting.png import MICROS, PngBatch
 from archiver.values import RecordingContext
@@ -66,7 +67,7 @@ def frames_after_missing_references(manifest: dict[str, Any]) -> int:
 
 
 StreamStatus = Literal["live", "complete", "interrupted"]
-_IDENTITY = ("bot", "recording", "realtime_endpoint", "video_separate")
+_IDENTITY = ("bot", "recording", "realtime_endpoint", "video_separate", "audio_separate")
 """A manifest's fields that its first writer fixes."""
 
 
@@ -211,6 +212,71 @@ class PngBatchEntry:
     def from_document(cls, document: dict[str, Any]) -> PngBatchEntry:
         frames = tuple(PngFrameEntry(**frame) for frame in document["frames"])
         return cls(**{**document, "frames": frames})
+
+
+@dataclass(frozen=True, slots=True)
+class AudioSegmentEntry:
+    """One stored audio segment as the manifest lists it: samples `start_sample` up to
+    `end_sample` of the recording's timeline at `SAMPLE_RATE`."""
+
+    key: str
+    init_key: str
+    seq: int
+    start: float
+    end: float
+    start_wallclock: str
+    start_sample: int
+    end_sample: int
+    chunks: int
+    codec: str
+    bytes: int
+    sha256: str
+    silence_samples: int = 0
+    """Samples of silence stored for short gaps and clock adjustments."""
+    trimmed_samples: int = 0
+    """Samples received and not stored (overlaps, clock adjustments)."""
+    worst_placement_s: float = 0.0
+    adjustments: tuple[dict[str, Any], ...] = ()
+    """Where the sample clock was moved to follow the timestamps, and by how many samples."""
+    recovered: bool = False
+    """True when rebuilt from the journal of a process that crashed."""
+
+    @classmethod
+    def stored(
+        cls,
+        segment: AudioSegment,
+        key: str,
+        init_key: str,
+        recovered: bool = False,
+    ) -> AudioSegmentEntry:
+        return cls(
+            key=key,
+            init_key=init_key,
+            seq=segment.seq,
+            start=round(segment.start_sample / SAMPLE_RATE, 6),
+            end=round(segment.end_sample / SAMPLE_RATE, 6),
+            start_wallclock=segment.start_wallclock.isoformat(),
+            start_sample=segment.start_sample,
+            end_sample=segment.end_sample,
+            chunks=segment.chunks,
+            codec=segment.codec,
+            bytes=segment.size,
+            sha256=segment.sha256,
+            silence_samples=segment.silence_samples,
+            trimmed_samples=segment.trimmed_samples,
+            worst_placement_s=segment.worst_placement_s,
+            adjustments=segment.adjustments,
+            recovered=recovered,
+        )
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> AudioSegmentEntry:
+        known = {k: v for k, v in document.items() if k in _AUDIO_FIELDS}
+        known["adjustments"] = tuple(known.get("adjustments", ()))
+        return cls(**known)
+
+
+_AUDIO_FIELDS = frozenset(AudioSegmentEntry.__dataclass_fields__)
 
 
 class _Keyed(Protocol):
@@ -504,7 +570,7 @@ class ArchiveManifest(ABC, Generic[EntryT]):
             "participant": self.participant,
             "participant_changes": self.participant_changes,
             "participant_changes_dropped": self.participant_changes_dropped,
-            "type": self.stream.video_type,
+            "type": self.stream.source,
             "format": self.stream.media_format,
             "counters": merged,
             "recovered_ranges": self.recovered_ranges,
@@ -589,9 +655,44 @@ class PngManifest(ArchiveManifest[PngBatchEntry]):
         return {"frames": sum(entry.frame_count for entry in self.entries)}
 
 
+class AudioManifest(ArchiveManifest[AudioSegmentEntry]):
+    """The manifest of one participant's audio: fMP4 segments on the recording's timeline,
+    each behind its init segment, with the gaps between them and every clock adjustment."""
+
+    entries_name = "segments"
+
+    @property
+    def last_sample(self) -> int:
+        """The last sample stored: a resumed stream places nothing at or before it."""
+        return max((entry.end_sample for entry in self.entries), default=0) - 1
+
+    def entry_from(self, document: dict[str, Any]) -> AudioSegmentEntry:
+        return AudioSegmentEntry.from_document(document)
+
+    @staticmethod
+    def frames_of(entry: AudioSegmentEntry) -> int:
+        return entry.chunks
+
+    def format_fields(self) -> dict[str, Any]:
+        return {
+            "codec": self.entries[-1].codec if self.entries else self.stream.media_format,
+            "sample_rate": SAMPLE_RATE,
+            "channels": 1,
+            "timescale": SAMPLE_RATE,
+            "samples": sum(entry.end_sample - entry.start_sample for entry in self.entries),
+            "worst_placement_s": max(
+                (entry.worst_placement_s for entry in self.entries), default=0.0
+            ),
+            "adjustments": [a for entry in self.entries for a in entry.adjustments],
+            "audio_separate": self.context.audio_separate,
+        }
+
+
 MANIFEST_TYPES: dict[MediaFormat, type[ArchiveManifest[Any]]] = {
     "h264": StreamManifest,
     "png": PngManifest,
+    "flac": AudioManifest,
+    "opus": AudioManifest,
 }
 
 

@@ -36,13 +36,14 @@ def stream_header(
         "bot_id": stream.recording.bot_id,
         "recording_id": stream.recording.recording_id,
         "participant_id": stream.participant_id,
-        "video_type": stream.video_type,
+        "video_type": stream.source,
         "media_format": stream.media_format,
         "context": {
             "bot": context.bot,
             "recording": context.recording,
             "realtime_endpoint": context.realtime_endpoint,
             "video_separate": context.video_separate,
+            "audio_separate": context.audio_separate,
         },
         "participant": participant,
     }
@@ -83,6 +84,7 @@ def document_header(key: str, document: dict[str, Any] | None) -> dict[str, Any]
                 "recording": document["recording"],
                 "realtime_endpoint": document.get("realtime_endpoint"),
                 "video_separate": document.get("video_separate"),
+                "audio_separate": document.get("audio_separate"),
             },
             "participant": document["participant"],
         }

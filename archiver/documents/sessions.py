@@ -172,12 +172,12 @@ class SessionIndex:
         self._keep_participant(stream.participant_id, participant)
         entry: dict[str, Any] = {
             "participant_id": stream.participant_id,
-            "type": stream.video_type,
+            "type": stream.source,
             "format": stream.media_format,
             "manifest_key": stream.manifest_key,
             "status": status,
         }
-        if stream.media_format == "h264":
+        if stream.media_format != "png":
             entry["playlist_key"] = stream.playlist_key
         if time_range is not None:
             entry["start"], entry["end"] = time_range

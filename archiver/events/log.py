@@ -52,7 +52,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-AUDIO_EVENTS = frozenset({"audio_mixed_raw.data", "audio_separate_raw.data"})
+AUDIO_EVENTS = frozenset({"audio_mixed_raw.data"})
+"""Audio that is counted, not archived: the mix of everyone (each participant's own audio
+is archived as a stream of its own)."""
 
 WRITER = secrets.token_hex(4)
 """This process, in the names of the events batches it writes."""

@@ -18,13 +18,23 @@ import orjson
 import pydantic
 
 from archiver.errors import InputError
-from archiver.layout import MediaFormat, RecordingId, StreamId, VideoType, safe_id
+from archiver.layout import (
+    AUDIO_FORMATS,
+    AudioFormat,
+    MediaFormat,
+    RecordingId,
+    Source,
+    StreamId,
+    safe_id,
+)
 from archiver.values import EventMessage, MediaMessage, RecordingContext
 
 MEDIA_EVENTS: dict[str, MediaFormat] = {
     "video_separate_h264.data": "h264",
     "video_separate_png.data": "png",
 }
+AUDIO_EVENT = "audio_separate_raw.data"
+"""One participant's PCM: archived as the audio format the service is set to store."""
 MAX_DEPTH = 64
 """Deepest nesting of objects and arrays accepted in a message. Recall's messages nest about
 six levels, customer metadata a few more; the JSON writers of manifests and journals stop at
@@ -35,7 +45,7 @@ _LAX_BOOL = pydantic.TypeAdapter(bool)
 """Pydantic's readings of a time and of a flag, so that every accepted spelling is read as
 it always was; the rest of the envelope is checked by plain code (a model per message cost
 more than the rest of parsing)."""
-_VIDEO_TYPES: dict[str, VideoType] = {"webcam": "webcam", "screenshare": "screenshare"}
+_VIDEO_TYPES: dict[str, Source] = {"webcam": "webcam", "screenshare": "screenshare"}
 
 
 class _Refused(Exception):
@@ -127,8 +137,11 @@ def _absolute(timestamp: dict[str, Any]) -> datetime:
         raise _Refused(where, "outside the representable range in UTC") from None
 
 
-def parse_message(raw: str | bytes) -> MediaMessage | EventMessage:
-    """Validate one websocket text message; raise `InputError` saying what is wrong."""
+def parse_message(
+    raw: str | bytes, audio_format: AudioFormat = "flac"
+) -> MediaMessage | EventMessage:
+    """Validate one websocket text message; raise `InputError` saying what is wrong. Audio
+    is routed to the stream of `audio_format`, the one it is stored as."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -138,13 +151,21 @@ def parse_message(raw: str | bytes) -> MediaMessage | EventMessage:
     if _deeper_than(body, MAX_DEPTH):
         raise InputError("too_deep", f"nested deeper than {MAX_DEPTH} levels")
     event: str = body["event"]
-    media_format = MEDIA_EVENTS.get(event)
+    media_format = audio_format if event == AUDIO_EVENT else MEDIA_EVENTS.get(event)
     if media_format is None:
         return _parse_event(event, body, raw if isinstance(raw, bytes) else raw.encode())
     try:
         return _parse_media(body, media_format)
     except _Refused as exc:
         raise InputError("bad_envelope", str(exc)) from None
+
+
+def _video_type(media: dict[str, Any]) -> Source:
+    kind = media.get("type")
+    source = _VIDEO_TYPES.get(kind) if type(kind) is str else None
+    if source is None:
+        raise _Refused("data.data.type", "expected 'webcam' or 'screenshare'")
+    return source
 
 
 def _parse_media(body: dict[str, Any], media_format: MediaFormat) -> MediaMessage:
@@ -157,10 +178,8 @@ def _parse_media(body: dict[str, Any], media_format: MediaFormat) -> MediaMessag
     timestamp = _object(media, "timestamp", "data.data.")
     relative_s = _relative(timestamp)
     absolute = _absolute(timestamp)
-    kind = media.get("type")
-    video_type = _VIDEO_TYPES.get(kind) if type(kind) is str else None
-    if video_type is None:
-        raise _Refused("data.data.type", "expected 'webcam' or 'screenshare'")
+    audio = media_format in AUDIO_FORMATS
+    source: Source = "audio" if audio else _video_type(media)
     participant = _participant(media)
     bot = _ref(envelope, "bot")
     recording = _ref(envelope, "recording")
@@ -168,7 +187,8 @@ def _parse_media(body: dict[str, Any], media_format: MediaFormat) -> MediaMessag
         bot=bot,
         recording=recording,
         realtime_endpoint=_optional_ref(envelope, "realtime_endpoint"),
-        video_separate=_optional_ref(envelope, "video_separate"),
+        video_separate=None if audio else _optional_ref(envelope, "video_separate"),
+        audio_separate=_optional_ref(envelope, "audio_separate") if audio else None,
     )
     stream = StreamId(
         recording=RecordingId(
@@ -176,7 +196,7 @@ def _parse_media(body: dict[str, Any], media_format: MediaFormat) -> MediaMessag
             recording_id=safe_id("recording.id", recording["id"]),
         ),
         participant_id=safe_id("participant.id", participant["id"]),
-        video_type=video_type,
+        source=source,
         media_format=media_format,
     )
     return MediaMessage(

@@ -217,7 +217,7 @@ class Connection:
 
     async def handle(self, text: str) -> None:
         try:
-            message = parse_message(text)
+            message = parse_message(text, self.state.settings.audio_codec)
         except InputError as error:
             self.refuse(error)
             return

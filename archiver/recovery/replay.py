@@ -25,6 +25,7 @@ import structlog
 from archiver import metrics
 from archiver.documents.manifests import (
     MANIFEST_TYPES,
+    AudioSegmentEntry,
     EventBatchEntry,
     EventsManifest,
     PngBatchEntry,
@@ -39,8 +40,22 @@ from archiver.documents.merging import (
 )
 from archiver.documents.sessions import SessionIndex
 from archiver.errors import InputError, SegmenterFailure, StoreError
-from archiver.layout import RecordingId, SpoolFolders, StreamId, key_micros
-from archiver.recovery.spooling import JSONL_TYPE, Recovery, spool_batch, spool_segment
+from archiver.layout import (
+    AUDIO_FORMATS,
+    AudioFormat,
+    RecordingId,
+    SpoolFolders,
+    StreamId,
+    key_micros,
+)
+from archiver.recovery.spooling import (
+    JSONL_TYPE,
+    Recovery,
+    spool_audio_segment,
+    spool_batch,
+    spool_segment,
+)
+from archiver.segmenting.audio import AudioSegmenter
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.fmp4 import H264Segmenter
 from archiver.segmenting.h264 import StreamConfig
@@ -151,8 +166,16 @@ async def _recover_journal(
         return
     stream, _, _ = stream_from_header(header)
     listing = listings.setdefault(stream.manifest_key, _Listing(header))
-    stored: list[tuple[SegmentEntry | PngBatchEntry, list[SpooledObject]]] = []
-    if stream.media_format == "png":
+    stored: list[tuple[SegmentEntry | PngBatchEntry | AudioSegmentEntry, list[SpooledObject]]]
+    stored = []
+    if stream.media_format in AUDIO_FORMATS:
+        pieces, frames = await asyncio.to_thread(_replay, folder, _audio_for_replay)
+        for piece in pieces:
+            if not listing.knows(spool.location(stream.segment_key(piece.start_sample))):
+                stored.append(
+                    await spool_audio_segment(spool, stream, piece, header, recovered=True)
+                )
+    elif stream.media_format == "png":
         batches, frames = await asyncio.to_thread(_replay, folder, _batcher_for_replay)
         for batch in batches:
             if not listing.knows(spool.location(stream.batch_key(batch.start_micros))):
@@ -223,6 +246,13 @@ def _segmenter_for_replay(target_s: float, config: dict[str, Any] | None) -> H26
     if config is not None:
         segmenter.resume(StreamConfig.from_record(config))
     return segmenter
+
+
+def _audio_for_replay(config: dict[str, Any] | None) -> AudioSegmenter:
+    """One journal file holds one segment's chunks as they were placed: joined again as
+    they are, nothing cut, refused for its size or re-timed."""
+    codec: AudioFormat = "opus" if (config or {}).get("codec") == "opus" else "flac"
+    return AudioSegmenter(codec, 1e9, fill_s=1e9, max_chunk_s=1e9, drift_s=1e9)
 
 
 def _batcher_for_replay(config: dict[str, Any] | None) -> PngBatcher:
@@ -323,7 +353,7 @@ async def _list_stream(
 async def _write_playlist(spool: Spool, stream: StreamId, manifest: dict[str, Any]) -> None:
     """The playlist names what the manifest recovery wrote lists: the dead process wrote
     its last one, if at all, before the segments recovery added."""
-    if stream.media_format != "h264":
+    if stream.media_format == "png":
         return
     await write_playlist(spool, stream.playlist_key, manifest)
 

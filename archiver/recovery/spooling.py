@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 
 from archiver.documents.manifests import (
+    AudioSegmentEntry,
     PngBatchEntry,
     SegmentEntry,
 )
 from archiver.layout import StreamId
+from archiver.segmenting.audio import AudioSegment
 from archiver.segmenting.fmp4 import MediaSegment
 from archiver.segmenting.png import PngBatch
 from archiver.store.base import sha256_digest
@@ -50,12 +53,67 @@ async def spool_segment(
         sha256=segment.sha256,
         recovered=recovered,
     )
-    extra = {"manifest_key": stream.manifest_key, "entry": asdict(entry), **header}
+    return entry, await _spool_fmp4(spool, stream, key, segment, asdict(entry), header, with_init)
+
+
+async def spool_audio_segment(
+    spool: Spool,
+    stream: StreamId,
+    segment: AudioSegment,
+    header: dict[str, Any],
+    recovered: bool = False,
+    with_init: bool = True,
+) -> tuple[AudioSegmentEntry, list[SpooledObject]]:
+    """Put an audio segment and its init segment in the spool, like a video segment."""
+    key = stream.segment_key(segment.start_sample)
+    entry = AudioSegmentEntry.stored(
+        segment,
+        key=spool.location(key),
+        init_key=spool.location(stream.init_key(segment.init_sha256)),
+        recovered=recovered,
+    )
+    return entry, await _spool_fmp4(spool, stream, key, segment, asdict(entry), header, with_init)
+
+
+class _Fmp4(Protocol):
+    @property
+    def init(self) -> bytes: ...
+
+    @property
+    def init_sha256(self) -> str: ...
+
+    @property
+    def body_path(self) -> Path | None: ...
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+
+async def _spool_fmp4(
+    spool: Spool,
+    stream: StreamId,
+    key: str,
+    segment: _Fmp4,
+    entry: dict[str, Any],
+    header: dict[str, Any],
+    with_init: bool,
+) -> list[SpooledObject]:
+    extra = {"manifest_key": stream.manifest_key, "entry": entry, **header}
     spooled = []
     if with_init:
         spooled.append(
             await spool.write(
-                init_key, segment.init, MP4_TYPE, write_once=True, sha256=segment.init_sha256
+                stream.init_key(segment.init_sha256),
+                segment.init,
+                MP4_TYPE,
+                write_once=True,
+                sha256=segment.init_sha256,
             )
         )
     if segment.body_path is not None:
@@ -67,7 +125,7 @@ async def spool_segment(
             key, segment.body, SEGMENT_TYPE, extra, write_once=True, sha256=segment.sha256
         )
     spooled.append(body)
-    return entry, spooled
+    return spooled
 
 
 async def spool_batch(

@@ -15,6 +15,7 @@ from archiver.recordings.sessions import SessionWriter
 from archiver.recovery.spooling import Recovery
 from archiver.settings import Settings
 from archiver.store.spool import Spool
+from archiver.streams.formats.audio import AudioStream
 from archiver.streams.formats.h264 import H264Stream
 from archiver.streams.formats.png import PngStream
 from archiver.streams.queue import QueuedBytes
@@ -29,6 +30,8 @@ _CANCEL_ROUND_S = 0.05
 _STREAM_TYPES: dict[MediaFormat, type[Stream[Any, Any]]] = {
     "h264": H264Stream,
     "png": PngStream,
+    "flac": AudioStream,
+    "opus": AudioStream,
 }
 
 

@@ -40,6 +40,7 @@ from archiver.recovery.spooling import Recovery
 from archiver.segmenting.base import FinishedT, Segmenter
 from archiver.segmenting.timestamps import TimestampGuard
 from archiver.settings import Settings
+from archiver.store.documents import write_playlist
 from archiver.store.journal import StreamJournal
 from archiver.store.spool import Spool, SpooledObject
 from archiver.streams.batch import BatchResult, describe_error, flush, segment
@@ -93,6 +94,8 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
 
     published_counter: ClassVar[str]
     """The manifest counter of stored objects ("segments", "batches")."""
+    has_playlist: ClassVar[bool] = False
+    """Whether an HLS playlist follows the manifest (fMP4 formats)."""
 
     def __init__(
         self,
@@ -115,7 +118,7 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             bot=stream_id.recording.bot_id,
             recording=stream_id.recording.recording_id,
             participant=stream_id.participant_id,
-            stream=f"{stream_id.video_type}/{stream_id.media_format}",
+            stream=f"{stream_id.source}/{stream_id.media_format}",
         )
         self.queue: deque[tuple[MediaMessage, QueuedBytes]] = deque()
         """Each frame with the budget (its connection's) that it counts against."""
@@ -579,7 +582,22 @@ class Stream(ABC, Generic[FinishedT, EntryT]):
             self.counters["manifest_failures"] += 1
             self.log.exception("manifest_write_failed")
             return False
+        if self.has_playlist:
+            await self._write_playlist()
         return True
+
+    async def _write_playlist(self) -> None:
+        """The HLS playlist follows every manifest write, on the manifest's budget; it names
+        only what that manifest lists."""
+        assert self.manifest is not None
+        document = {"status": self.manifest.status, "segments": list(self.manifest.entry_documents)}
+        try:
+            size = await write_playlist(self.spool, self.id.playlist_key, document)
+        except StoreError as exc:
+            self.counters["manifest_failures"] += 1
+            self.log.error("playlist_write_failed", error=str(exc))
+            return
+        self.budget.count_companion(size)
 
     def _take_in(self, theirs: dict[str, Any]) -> None:
         """Another machine wrote this stream's manifest too: list its objects as well."""

@@ -142,6 +142,28 @@ def media_message(
     return envelope(event, inner, bot_id, recording_id)
 
 
+def audio_message(
+    pcm: bytes,
+    relative_s: float,
+    wallclock_start: datetime,
+    participant_id: int,
+    bot_id: str,
+    recording_id: str,
+) -> dict[str, Any]:
+    """One participant's chunk of 16 kHz mono PCM, as `audio_separate_raw.data` sends it."""
+    absolute = wallclock_start + timedelta(seconds=relative_s)
+    inner = {
+        "buffer": base64.b64encode(pcm).decode("ascii"),
+        "timestamp": {"relative": relative_s, "absolute": absolute.isoformat()},
+        "participant": participant(participant_id),
+    }
+    message = envelope("audio_separate_raw.data", inner, bot_id, recording_id)
+    data = message["data"]
+    del data["video_separate"]
+    data["audio_separate"] = {"id": "as-1", "metadata": {}}
+    return message
+
+
 def participant_event(
     event: str,
     participant_id: int,

@@ -9,12 +9,10 @@ from typing import Any
 import structlog
 
 from archiver.documents.manifests import SegmentEntry, StreamManifest
-from archiver.errors import StoreError
 from archiver.publishing import InOrderPublisher
 from archiver.recovery.spooling import spool_segment
 from archiver.segmenting.fmp4 import H264Segmenter, MediaSegment
 from archiver.segmenting.h264 import StreamConfig
-from archiver.store.documents import write_playlist
 from archiver.store.spool import SpooledObject
 from archiver.streams.batch import BatchResult, describe_error
 from archiver.streams.continuity import Continuation, ContinuationFinder
@@ -28,6 +26,7 @@ class H264Stream(Stream[MediaSegment, SegmentEntry]):
     """H.264 access units into fMP4 segments, each behind its init segment."""
 
     published_counter = "segments"
+    has_playlist = True
     spooled_inits: set[str]
     """Init segments this stream has spooled: each is stored once, not with every segment."""
     awaiting: asyncio.Task[None] | None = None
@@ -179,22 +178,3 @@ class H264Stream(Stream[MediaSegment, SegmentEntry]):
         )
         self.spooled_inits.add(init_key)
         return stored
-
-    async def _write_manifest(self) -> bool:
-        written = await super()._write_manifest()
-        if written:
-            await self._write_playlist()
-        return written
-
-    async def _write_playlist(self) -> None:
-        """The HLS playlist follows every manifest write, on the manifest's budget; it names
-        only what that manifest lists."""
-        assert self.manifest is not None
-        document = {"status": self.manifest.status, "segments": list(self.manifest.entry_documents)}
-        try:
-            size = await write_playlist(self.spool, self.id.playlist_key, document)
-        except StoreError as exc:
-            self.counters["manifest_failures"] += 1
-            self.log.error("playlist_write_failed", error=str(exc))
-            return
-        self.budget.count_companion(size)

@@ -113,11 +113,17 @@ def _parser() -> argparse.ArgumentParser:
         help="decode every H.264 stream too (run by run): every listed frame must decode",
     )
 
-    export = commands.add_parser("export", help="export a recording to MP4, PNG and JSON Lines")
+    export = commands.add_parser(
+        "export", help="export a recording to MP4, WAV, PNG and JSON Lines"
+    )
     _archive_arguments(export, required=True)
     export.add_argument("--output", required=True, type=Path, help="folder to write into")
     export.add_argument("--participant", help="only this participant's streams")
-    export.add_argument("--type", choices=["webcam", "screenshare"], help="only this type")
+    export.add_argument(
+        "--type",
+        choices=["webcam", "screenshare", "audio"],
+        help="only this type (webcam MP4s carry their participant's audio either way)",
+    )
     export.add_argument(
         "--reencode",
         type=_size,

@@ -1,4 +1,4 @@
-"""Export a recording to ordinary files: MP4s, PNG folders and one JSON Lines file.
+"""Export a recording to ordinary files: MP4s, WAVs, PNG folders and one JSON Lines file.
 
 H.264 streams are remuxed without re-encoding into standard (not fragmented) MP4 with the
 index first (`faststart`), keeping the stream's own timestamps: a frame at 3.25 s on the
@@ -11,13 +11,22 @@ or damaged one is left out and reported, the rest is still exported. A configura
 first listed segment does not start with a key frame (the segments it continues are not in
 the archive) is reported too: its frames up to the next key frame are remuxed as archived
 but decode with artefacts, if at all (re-encoding leaves them out).
+
+Each participant's audio becomes `{participant}-audio.wav` (16 kHz, mono, 16-bit) whose
+sample 0 is the recording's relative time 0, silence wherever nothing was stored, every
+participant's file as long as the longest: any two line up sample for sample. The audio is
+also copied (not re-encoded) into that participant's webcam MP4s, for each file's time
+range, on the same timeline as the video.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import os
 import sys
+import wave
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from itertools import groupby
@@ -27,9 +36,9 @@ from typing import Any
 import av
 from tqdm import tqdm
 
-from archiver.consumers.reader import TIMESCALE, Archive, StreamInfo
+from archiver.consumers.reader import SAMPLE_RATE, TIMESCALE, Archive, StreamInfo
 from archiver.errors import DamagedObjectError
-from archiver.layout import RecordingId, VideoType
+from archiver.layout import RecordingId, Source
 
 Size = tuple[int, int]
 
@@ -68,23 +77,81 @@ def leading_frames_problem(
     )
 
 
-def remux(source: Path, destination: Path) -> int:
-    """Copy the video packets of a fragmented MP4 into a standard MP4, index first; return
-    how many packets were copied."""
+def _packets_in(
+    container: Any, stream: Any, tag: int, start_s: float, end_s: float
+) -> Iterator[tuple[float, int, Any]]:
+    """A stream's packets whose times fall in [start_s, end_s), each with its time (seconds)
+    and `tag`, for interleaving; the demuxer's closing empty packet left out."""
+    for packet in container.demux(stream):
+        if packet.dts is None or packet.pts is None:
+            continue
+        at = float(packet.pts * packet.time_base)
+        if start_s <= at < end_s:
+            yield at, tag, packet
+
+
+_VIDEO, _AUDIO = 0, 1
+
+
+def remux(
+    source: Path,
+    destination: Path,
+    audio: Path | None = None,
+    audio_range: tuple[float, float] = (0.0, 0.0),
+) -> int:
+    """Copy the video packets of a fragmented MP4 into a standard MP4, index first, with the
+    audio packets of `audio` (a fragmented MP4 too) whose times fall in `audio_range`,
+    interleaved in time order; return how many video packets were copied."""
     copied = 0
     with (
         av.open(str(source), "r") as inp,
         av.open(str(destination), "w", format="mp4", options={"movflags": "+faststart"}) as out,
     ):
         template = inp.streams.video[0]
-        stream = out.add_stream_from_template(template)
-        for packet in inp.demux(template):
-            if packet.dts is None:
-                continue  # the demuxer's closing empty packet
-            packet.stream = stream
-            out.mux(packet)
-            copied += 1
+        outputs: dict[int, Any] = {_VIDEO: out.add_stream_from_template(template)}
+        sources = [_packets_in(inp, template, _VIDEO, float("-inf"), float("inf"))]
+        sound = av.open(str(audio), "r") if audio is not None else None
+        try:
+            if sound is not None:
+                heard = sound.streams.audio[0]
+                outputs[_AUDIO] = out.add_stream_from_template(heard)
+                sources.append(_packets_in(sound, heard, _AUDIO, *audio_range))
+            for _, tag, packet in heapq.merge(*sources, key=lambda item: item[0]):
+                packet.stream = outputs[tag]
+                out.mux(packet)
+                copied += tag == _VIDEO
+        finally:
+            if sound is not None:
+                sound.close()
     return copied
+
+
+def write_wav(source: Path, destination: Path, length: int) -> int:
+    """Decode a participant's joined audio segments into a WAV of `length` samples at
+    16 kHz whose sample 0 is the recording's time 0: each decoded frame at the place its
+    timestamp gives, silence between. Return the samples of audio written."""
+    written = heard = 0
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    with av.open(str(source), "r") as inp, wave.open(str(destination), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        for frame in inp.decode(inp.streams.audio[0]):
+            if frame.pts is None or frame.time_base is None:
+                continue
+            at = round(frame.pts * frame.time_base * SAMPLE_RATE)
+            pcm = b"".join(bytes(f.planes[0])[: f.samples * 2] for f in resampler.resample(frame))
+            skip = max(0, written - at) * 2
+            if at > written:
+                out.writeframes(bytes((min(at, length) - written) * 2))
+                written = min(at, length)
+            pcm = pcm[skip : max(0, length - written) * 2]
+            out.writeframes(pcm)
+            written += len(pcm) // 2
+            heard += len(pcm) // 2
+        if written < length:
+            out.writeframes(bytes((length - written) * 2))
+    return heard
 
 
 class Exporter:
@@ -129,11 +196,21 @@ class Exporter:
         self,
         recording: RecordingId,
         participant_id: str | None = None,
-        video_type: VideoType | None = None,
+        video_type: Source | None = None,
     ) -> ExportResult:
         self.output.mkdir(parents=True, exist_ok=True)
         streams = await self.archive.streams(recording, participant_id, video_type)
         manifests = [await self.archive.manifest(stream) for stream in streams]
+        audio = {
+            stream.participant_id: (stream, manifest)
+            for stream, manifest in zip(streams, manifests, strict=True)
+            if stream.is_audio
+        }
+        if video_type == "webcam":
+            # The webcam MP4s carry their participant's audio: it is fetched too.
+            for stream in await self.archive.streams(recording, participant_id, "audio"):
+                audio[stream.participant_id] = (stream, await self.archive.manifest(stream))
+                manifests.append(audio[stream.participant_id][1])
         events = await self.archive.document(recording.events_manifest_key)
         self.bar.total = sum(
             entry["bytes"]
@@ -142,20 +219,61 @@ class Exporter:
         )
         self.bar.refresh()
         try:
-            for stream, manifest in zip(streams, manifests, strict=True):
-                if stream.format == "png":
+            joined = {p: await self._joined_audio(*found) for p, found in audio.items()}
+            length = max((_stored_end(manifest) for _, manifest in audio.values()), default=0)
+            for stream, manifest in zip(streams, manifests, strict=False):
+                if stream.is_audio:
+                    await self._wav(stream, joined[stream.participant_id], length)
+                elif stream.format == "png":
                     await self._png(stream, manifest)
                 elif self.reencode is not None:
                     await self._reencoded(stream, manifest, self.reencode)
                 else:
-                    await self._remuxed(stream, manifest)
+                    sound = joined.get(stream.participant_id) if stream.type == "webcam" else None
+                    await self._remuxed(stream, manifest, sound)
             if participant_id is None and video_type is None:
                 await self._events_and_session(recording, events)
         finally:
             self.bar.close()
+            for path in joined.values():
+                if path is not None:
+                    path.unlink(missing_ok=True)
         return self.result
 
-    async def _remuxed(self, stream: StreamInfo, manifest: dict[str, Any]) -> None:
+    async def _joined_audio(self, stream: StreamInfo, manifest: dict[str, Any]) -> Path | None:
+        """A participant's audio segments behind their init segment in one file, fetched
+        once for both the WAV and the webcam MP4s; None when none can be read."""
+        runs = configuration_runs(manifest.get("segments", []))
+        if not runs:
+            return None
+        init_key = runs[0][0]
+        init = await self.archive.store.get(self.archive.relative(init_key))
+        if init is None:
+            self.result.problems.append(f"{init_key}: missing")
+            return None
+        joined = self.output / f".{stream.name}.fmp4.part"
+        with joined.open("wb") as out:
+            out.write(init)
+            for _, segments in runs:
+                for segment in segments:
+                    data = await self.fetch(segment)
+                    if data is not None:
+                        out.write(data)
+        return joined
+
+    async def _wav(self, stream: StreamInfo, joined: Path | None, length: int) -> None:
+        destination = self.output / f"{stream.name}.wav"
+        if joined is None:
+            self.result.problems.append(
+                f"{destination.name}: no audio segment readable, not written"
+            )
+            return
+        await asyncio.to_thread(write_wav, joined, destination, length)
+        self.result.files.append(destination)
+
+    async def _remuxed(
+        self, stream: StreamInfo, manifest: dict[str, Any], audio: Path | None = None
+    ) -> None:
         runs = configuration_runs(manifest.get("segments", []))
         for number, (init_key, segments) in enumerate(runs, start=1):
             name = stream.name if len(runs) == 1 else f"{stream.name}-{number}"
@@ -176,7 +294,8 @@ class Exporter:
                         data = await self.fetch(segment)
                         if data is not None:
                             out.write(data)
-                await asyncio.to_thread(remux, joined, destination)
+                span = (segments[0]["start"], segments[-1]["end"])
+                await asyncio.to_thread(remux, joined, destination, audio, span)
             finally:
                 joined.unlink(missing_ok=True)
             self.result.files.append(destination)
@@ -249,6 +368,11 @@ class Exporter:
         self.result.files.append(destination)
 
 
+def _stored_end(manifest: dict[str, Any]) -> int:
+    """One past the last sample an audio manifest lists."""
+    return max((segment["end_sample"] for segment in manifest.get("segments", [])), default=0)
+
+
 def _write(path: Path, body: bytes) -> None:
     path.write_bytes(body)
 
@@ -258,7 +382,7 @@ async def export_recording(
     recording: RecordingId,
     output: Path,
     participant_id: str | None = None,
-    video_type: VideoType | None = None,
+    video_type: Source | None = None,
     reencode: Size | None = None,
     progress: bool | None = None,
 ) -> ExportResult:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from archiver.settings import Settings
 from archiver.store import LocalFolderStore
 from archiver.tools.simulator import Simulation, encode_stream, media_message, run_simulation
 from tests.conftest import TOKEN, ServiceFactory, serve_locally
+from tests.speech import RATE, meeting_audio, send_audio, speaker
 
 
 @dataclass
@@ -36,6 +38,9 @@ class Archived:
     store_url: str
     simulations: list[Simulation] = field(default_factory=list)
     endpoint_url: str | None = None
+    url: str = ""
+    """The service's websocket, for what a test sends besides the simulations."""
+    app: web.Application | None = None
 
     @property
     def bot_id(self) -> str:
@@ -99,7 +104,7 @@ async def local_archive(tmp_path: Path) -> AsyncIterator[Simulate]:
     runner = web.AppRunner(app)
     base = await serve_locally(runner)
     url = f"{base.replace('http://', 'ws://', 1)}/ws?token={TOKEN}"
-    archived = Archived(f"file://{root}")
+    archived = Archived(f"file://{root}", url=url, app=app)
 
     async def simulate(**options: Any) -> Archived:
         await _simulate(url, app, archived, **options)
@@ -113,13 +118,56 @@ async def local_archive(tmp_path: Path) -> AsyncIterator[Simulate]:
 async def s3_archive(service: ServiceFactory, s3_endpoint: str) -> Simulate:
     """Archive simulations into the S3 server under `archive/`."""
     running = await service(segment_target_s=0.5)
-    archived = Archived(f"s3://{running.bucket}/archive", endpoint_url=s3_endpoint)
+    archived = Archived(
+        f"s3://{running.bucket}/archive", endpoint_url=s3_endpoint, url=running.url, app=running.app
+    )
 
     async def simulate(**options: Any) -> Archived:
         await _simulate(running.url, running.app, archived, **options)
         return archived
 
     return simulate
+
+
+SPEAKERS = (100, 101, 102)
+SPOKEN_FROM_S = 1.0
+SILENT_S = (3.0, 4.5)
+"""Participant 101 sends nothing in this range (a mute that sends no chunks)."""
+
+
+@dataclass
+class Talking:
+    """Three participants' webcams and voices, the audio on a connection of its own: what
+    each one said (16 kHz PCM from `SPOKEN_FROM_S`, with 101's silence as zeros)."""
+
+    archived: Archived
+    pcm: dict[int, bytes]
+
+
+async def talk(simulate: Simulate, seconds: float = 6.0) -> Talking:
+    """Archive a meeting of `SPEAKERS` with video, then their audio on a connection of its
+    own; the chunks carry no jitter, so each one's place is exactly its timestamp."""
+    bot_id, recording_id = str(uuid.uuid4()), str(uuid.uuid4())
+    pcm = {p: speaker(p, seconds) for p in SPEAKERS}
+    cut = [round((t - SPOKEN_FROM_S) * RATE) * 2 for t in SILENT_S]
+    pcm[101] = pcm[101][: cut[0]] + bytes(cut[1] - cut[0]) + pcm[101][cut[1] :]
+    sent = [
+        item
+        for item in meeting_audio(pcm, SPOKEN_FROM_S, jitter_s=0.0)
+        if item[0] != 101 or not SILENT_S[0] <= item[1].relative_s < SILENT_S[1]
+    ]
+    archived = await simulate(
+        participants=len(SPEAKERS),
+        seconds=seconds,
+        fps=10,
+        start_relative_s=SPOKEN_FROM_S,
+        bot_id=bot_id,
+        recording_id=recording_id,
+    )
+    assert archived.app is not None
+    await send_audio(archived.url, bot_id, recording_id, sent, datetime.now(UTC))
+    await _settle(archived.app)
+    return Talking(archived, pcm)
 
 
 @dataclass

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import struct
+import wave
 from pathlib import Path
 
 import av
+import numpy as np
 import orjson
 import pytest
 
@@ -17,7 +19,15 @@ from archiver.cli import main
 from archiver.consumers.decode_check import check_events, check_stream
 from archiver.layout import RecordingId
 from archiver.store import S3Store
-from tests.consumers.conftest import Archived, Continue, Simulate, picture_md5, sent_pictures
+from tests.consumers.conftest import (
+    SPOKEN_FROM_S,
+    Archived,
+    Continue,
+    Simulate,
+    picture_md5,
+    sent_pictures,
+    talk,
+)
 
 
 def decode(path: Path) -> list[tuple[float, int, int]]:
@@ -164,3 +174,51 @@ async def test_export_reports_a_stream_whose_listing_begins_mid_gop(
     # Nothing else in it decodes: no file.
     assert "100-webcam.mp4: no frame decodes, not written" in err
     assert names(tmp_path / "reencoded") == ["session.json"]
+
+
+async def test_export_writes_each_participants_audio_as_a_wav_aligned_to_the_sample(
+    local_archive: Simulate, tmp_path: Path
+) -> None:
+    talking = await talk(local_archive)
+    assert await run_export(talking.archived, tmp_path / "out") == 0
+
+    out = tmp_path / "out"
+    lengths = set()
+    for participant_id, pcm in talking.pcm.items():
+        with wave.open(str(out / f"{participant_id}-audio.wav"), "rb") as wav:
+            assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (16_000, 1, 2)
+            samples = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
+        lengths.add(len(samples))
+        first = round(SPOKEN_FROM_S * 16_000)
+        assert not samples[:first].any()
+        assert np.array_equal(samples[first : first + len(pcm) // 2], np.frombuffer(pcm, "<i2"))
+    assert len(lengths) == 1
+
+
+async def test_the_webcam_mp4_carries_its_participants_audio_within_10_ms_of_the_video(
+    local_archive: Simulate, tmp_path: Path
+) -> None:
+    talking = await talk(local_archive)
+    assert await run_export(talking.archived, tmp_path / "out", "--type", "webcam") == 0
+
+    sim = talking.archived.simulations[0]
+    for stream in sim.streams:
+        with av.open(str(tmp_path / "out" / f"{stream.participant_id}-webcam.mp4")) as mp4:
+            video = [round(float(f.pts * f.time_base), 6) for f in mp4.decode(video=0)]
+            mp4.seek(0)
+            heard = [
+                (float(f.pts * f.time_base), f.to_ndarray().reshape(-1))
+                for f in mp4.decode(audio=0)
+            ]
+        # The video: every frame at the time it was sent.
+        video_offset = max(abs(d - s.relative_s) for d, s in zip(video, stream.sent, strict=True))
+        # The audio: where the participant's first words play, against their timestamp.
+        spoken = np.frombuffer(talking.pcm[stream.participant_id], "<i2")
+        samples = np.concatenate([s for _, s in heard])
+        probe = spoken[16_000:16_400]
+        assert np.abs(probe).max() > 1000  # speech, not a pause that matches any pause
+        found = next(
+            i for i in range(len(samples) - 400) if np.array_equal(samples[i : i + 400], probe)
+        )
+        audio_offset = heard[0][0] + found / 16_000 - (SPOKEN_FROM_S + 1.0)
+        assert abs(audio_offset - video_offset) <= 0.010, (audio_offset, video_offset)

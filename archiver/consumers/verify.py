@@ -1,4 +1,5 @@
-"""Check a recording in the store against its manifests; with `decode`, decode its H.264.
+"""Check a recording in the store against its manifests; with `decode`, decode its H.264
+and audio.
 
 For every stream manifest and the events manifest: every listed object (and init segment)
 is present with the size and SHA-256 its manifest gives; the objects are listed in order;
@@ -17,6 +18,8 @@ segment), fed in order to one decoder. Every listed frame must decode; a segment
 frames do not is damaged, except after a declared `not_received` gap whose frames after it
 refer to pictures inside it (`references_missing`): until the next key frame those decode
 with artefacts, and FFmpeg may conceal some away, a shortfall the gap reports (`undecoded`).
+Every audio segment stands alone: with `decode`, each one must decode to the samples its
+entry lists, starting at the sample its entry names.
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ from typing import Any
 
 import av
 
-from archiver.consumers.reader import Archive, StreamInfo, parse_stream_key
+from archiver.consumers.reader import Archive, StreamInfo, decode_audio, parse_stream_key
 from archiver.documents.playlists import CONTINUITY_TOLERANCE_S
 from archiver.errors import DamagedObjectError
 from archiver.layout import RecordingId, init_name, object_name, recording_of
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CONCURRENT_FETCHES = 8
+OPUS_FRAME_SAMPLES = 320
+"""A lossy codec's samples may differ from the listed count by up to a frame (its padding)."""
 NOT_RECEIVED = "not_received"
 """The reason of a declared gap of frames the archiver never got (the bot was away)."""
 
@@ -501,6 +506,38 @@ async def _verify_h264(
                 gap.undecoded = 0
 
 
+async def _verify_audio(
+    report: DocumentReport, fetcher: _Fetcher, entries: list[dict[str, Any]], decode: bool
+) -> None:
+    inits = sorted({entry["init_key"] for entry in entries})
+    found = dict(zip(inits, await asyncio.gather(*map(fetcher.check_init, inits)), strict=True))
+    decoded = 0
+    async for entry, data in fetcher.in_order(entries):
+        init = found.get(entry["init_key"])
+        if not decode or data is None or init is None:
+            continue
+        try:
+            first, samples = await asyncio.to_thread(decode_audio, init, data)
+        except av.FFmpegError as exc:
+            report.problems.append(Problem("undecodable", f"{entry['key']}: {exc}", entry["key"]))
+            continue
+        listed = entry["end_sample"] - entry["start_sample"]
+        slack = 0 if entry.get("codec") == "flac" else OPUS_FRAME_SAMPLES
+        if abs(len(samples) - listed) > slack or abs(first - entry["start_sample"]) > slack:
+            report.problems.append(
+                Problem(
+                    "undecodable",
+                    f"{entry['key']}: decodes to {len(samples)} samples at {first}, listed "
+                    f"as {listed} at {entry['start_sample']}",
+                    entry["key"],
+                )
+            )
+            continue
+        decoded += entry["chunks"]
+    if decode:
+        report.decoded_frames = decoded
+
+
 async def verify_stream(
     archive: Archive, stream: StreamInfo, decode: bool = False
 ) -> DocumentReport:
@@ -537,6 +574,11 @@ async def verify_stream(
         _timeline(report, entries)
         await _verify_h264(report, fetcher, entries, decode)
         listed = sum(entry["frames"] for entry in entries)
+    elif stream.is_audio:
+        entries = manifest.get("segments", [])
+        _timeline(report, entries)
+        await _verify_audio(report, fetcher, entries, decode)
+        listed = sum(entry["chunks"] for entry in entries)
     else:
         entries = manifest.get("batches", [])
         bodies = await asyncio.gather(*(fetcher.check(entry) for entry in entries))

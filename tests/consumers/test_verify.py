@@ -15,7 +15,7 @@ import pytest
 
 from archiver.cli import main
 from tests.conftest import client
-from tests.consumers.conftest import Continue, Simulate, sent_pictures
+from tests.consumers.conftest import Continue, Simulate, sent_pictures, talk
 
 
 async def run_verify(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -240,3 +240,39 @@ async def test_decoding_finds_damage_that_checksums_cannot(
     assert document["decoded_frames"] == 0
     undecodable = [p for p in document["problems"] if p["kind"] == "undecodable"]
     assert {p["key"] for p in undecodable} == {s["key"] for s in listed}
+
+
+async def test_verify_decodes_each_participants_audio_and_finds_a_damaged_segment(
+    local_archive: Simulate, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    talking = await talk(local_archive, seconds=4.0)
+    archived = talking.archived
+    args = [archived.store_url, *archived.ids, "--decode", "--json"]
+
+    status, out = await run_verify(capsys, *args)
+    assert status == 0, out
+    [recording] = orjson.loads(out)["recordings"]
+    audio = [d for d in recording["documents"] if d["type"] == "audio"]
+    assert [(d["participant_id"], d["format"], d["ok"]) for d in audio] == [
+        ("100", "flac", True),
+        ("101", "flac", True),
+        ("102", "flac", True),
+    ]
+    assert all(d["decoded_frames"] == d["frames"] > 0 for d in audio)
+
+    # Flip one byte inside participant 102's audio, past its headers.
+    root = Path(archived.store_url.removeprefix("file://"))
+    manifest_key = f"{archived.stream_prefix(102, 'audio', 'flac')}/manifest.json"
+    segment = orjson.loads((root / manifest_key).read_bytes())["segments"][0]
+    path = root / segment["key"]
+    body = bytearray(path.read_bytes())
+    body[len(body) // 2] ^= 0xFF
+    path.write_bytes(bytes(body))
+
+    status, out = await run_verify(capsys, *args)
+    assert status == 1
+    [recording] = orjson.loads(out)["recordings"]
+    [damaged] = [d for d in recording["documents"] if not d["ok"]]
+    assert damaged["participant_id"] == "102"
+    assert damaged["type"] == "audio"
+    assert [p["kind"] for p in damaged["problems"]] == ["damaged"]

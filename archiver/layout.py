@@ -126,6 +126,13 @@ class RecordingId:
         """A batch rebuilt after a crash, before its place in the sequence is known."""
         return f"{self.prefix}/events/{first_micros:013d}-recovered-{journal_name}.jsonl"
 
+    def participant_folder(self, participant_id: str) -> str:
+        return f"{self.prefix}/participants/{participant_id}"
+
+    def participant_playlist_key(self, participant_id: str) -> str:
+        """A participant's multivariant playlist: their webcam with their audio."""
+        return f"{self.participant_folder(participant_id)}/{PLAYLIST_NAME}"
+
     @property
     def journal_name(self) -> str:
         """A flat, collision-free folder name for this recording's events journal."""
@@ -144,7 +151,7 @@ class StreamId:
     @property
     def prefix(self) -> str:
         return (
-            f"{self.recording.prefix}/participants/{self.participant_id}"
+            f"{self.recording.participant_folder(self.participant_id)}"
             f"/{self.source}/{self.media_format}"
         )
 

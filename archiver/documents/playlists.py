@@ -1,4 +1,5 @@
-"""HLS playlists of H.264 streams: a pure function of a stream's manifest document.
+"""HLS playlists of H.264 and audio streams: a pure function of a stream's manifest
+document; and each participant's multivariant playlist, of what the session index lists.
 
 `playlist.m3u8` sits beside `manifest.json` and names the same objects with URIs relative to
 itself, so it plays from any copy of the stream's folder (a bucket, a local folder, a CDN).
@@ -11,7 +12,13 @@ decoding (hls.js closes the jump up; FFmpeg keeps the timestamps). Every segment
 `#EXT-X-PROGRAM-DATE-TIME` (the source's wall clock at its first frame), so players and
 tools can line streams up with each other and with the events. A live stream's playlist is
 an `EVENT` playlist that only grows; once the stream is complete it ends with
-`#EXT-X-ENDLIST`.
+`#EXT-X-ENDLIST`. Audio segments all start a decode of their own: a discontinuity marks
+only where the timeline jumps (nothing was received for longer than is filled in).
+
+`participants/{participant}/playlist.m3u8` plays a participant as one presentation: their
+webcam's playlist as the variant, their audio as its `AUDIO` rendition (or the audio alone,
+for a participant who sent no video). Both are on the recording's timeline, so players line
+them up by their timestamps.
 """
 
 from __future__ import annotations
@@ -79,4 +86,40 @@ def render_playlist(manifest: dict[str, Any]) -> str:
         previous = segment
     if manifest.get("status") == "complete":
         lines.append("#EXT-X-ENDLIST")
+    return "\n".join(lines) + "\n"
+
+
+AUDIO_GROUP = "voice"
+_NOMINAL_BANDWIDTH = {"video": 2_000_000, "audio": 300_000}
+"""`BANDWIDTH` is required; these stand for a 720p webcam and 16 kHz FLAC, as the archive
+holds no bit rates."""
+
+
+def render_participant_playlist(
+    participant_folder: str, streams: list[dict[str, Any]]
+) -> str | None:
+    """The multivariant playlist of one participant from their session index entries
+    (`type`, `format`, `playlist_key`): None when they have neither a webcam nor audio."""
+    video = next((s for s in streams if s["type"] == "webcam" and s["format"] == "h264"), None)
+    audio = next((s for s in streams if s["type"] == "audio" and s.get("playlist_key")), None)
+    lines = ["#EXTM3U", f"#EXT-X-VERSION:{HLS_VERSION}", "#EXT-X-INDEPENDENT-SEGMENTS"]
+    if video is None and audio is None:
+        return None
+    if video is None:
+        assert audio is not None
+        lines.append(f"#EXT-X-STREAM-INF:BANDWIDTH={_NOMINAL_BANDWIDTH['audio']}")
+        lines.append(_relative_to(participant_folder, audio["playlist_key"]))
+        return "\n".join(lines) + "\n"
+    bandwidth = _NOMINAL_BANDWIDTH["video"]
+    variant = f"#EXT-X-STREAM-INF:BANDWIDTH={bandwidth}"
+    if audio is not None:
+        uri = _relative_to(participant_folder, audio["playlist_key"])
+        lines.append(
+            f'#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID="{AUDIO_GROUP}",NAME="voice",'
+            f'DEFAULT=YES,AUTOSELECT=YES,URI="{uri}"'
+        )
+        variant = f"#EXT-X-STREAM-INF:BANDWIDTH={bandwidth + _NOMINAL_BANDWIDTH['audio']}"
+        variant += f',AUDIO="{AUDIO_GROUP}"'
+    lines.append(variant)
+    lines.append(_relative_to(participant_folder, video["playlist_key"]))
     return "\n".join(lines) + "\n"

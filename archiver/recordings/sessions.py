@@ -11,7 +11,7 @@ document on its first write (as a reconnect to another process does).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,8 @@ from archiver.documents.manifests import (
     parse_document,
 )
 from archiver.documents.manifests import dumps as dump_json
+from archiver.documents.playlists import CONTENT_TYPE as PLAYLIST_TYPE
+from archiver.documents.playlists import render_participant_playlist
 from archiver.documents.sessions import SessionIndex, SessionLimits, lists_live
 from archiver.errors import InputError, StoreError
 from archiver.layout import RecordingId, SpoolFolders, StreamId, local_name, safe_id
@@ -55,6 +57,8 @@ class _Session:
     """Ended, waiting out the grace before it completes."""
     changes: int = 0
     """Changes asked for so far: a completion gives way to any that arrives meanwhile."""
+    playlists: dict[str, str] = field(default_factory=dict)
+    """The participants' multivariant playlists as last written, by key."""
 
 
 class _ReopenedElsewhere(Exception):
@@ -211,7 +215,30 @@ class SessionWriter:
             log.error("session_write_failed", recording=recording.prefix, error=str(exc))
             return False
         session.etag = stored.etag
+        await self._write_participant_playlists(recording, session)
         return True
+
+    async def _write_participant_playlists(self, recording: RecordingId, session: _Session) -> None:
+        """Each participant's multivariant playlist, once their webcam or audio is listed and
+        again when that changes (a few writes per participant, not one per segment)."""
+        by_participant: dict[str, list[dict[str, Any]]] = {}
+        for stream in session.index.streams.values():
+            by_participant.setdefault(str(stream["participant_id"]), []).append(stream)
+        for participant_id, streams in by_participant.items():
+            try:
+                participant = safe_id("participant_id", participant_id)
+            except InputError:
+                continue
+            key = recording.participant_playlist_key(participant)
+            text = render_participant_playlist(recording.participant_folder(participant), streams)
+            if text is None or session.playlists.get(key) == text:
+                continue
+            try:
+                await self.store.put(key, text.encode(), PLAYLIST_TYPE)
+            except StoreError as exc:
+                log.error("participant_playlist_write_failed", key=key, error=str(exc))
+                continue
+            session.playlists[key] = text
 
     def _forget_if_done(self, recording: RecordingId) -> None:
         session = self.sessions.get(recording)

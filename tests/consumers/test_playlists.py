@@ -10,11 +10,13 @@ from pathlib import Path
 
 import av
 import m3u8
+import numpy as np
 import orjson
 import pytest
 
 from archiver.documents.playlists import discontinuous, render_playlist
-from tests.consumers.conftest import Continue, Simulate, sent_pictures
+from archiver.layout import RecordingId
+from tests.consumers.conftest import SPOKEN_FROM_S, Continue, Simulate, sent_pictures, talk
 
 WALL = "2026-11-26T10:00:00.000000+00:00"
 
@@ -171,3 +173,36 @@ async def test_ffmpeg_plays_every_frame_of_a_stream_continued_mid_gop(
     assert 7 <= len(after) <= 10
     assert after == [round(t, 6) for t, _ in archived.units[-len(after) :]]
     assert after[-1] == pytest.approx(5.9)
+
+
+async def test_ffmpeg_plays_a_participants_webcam_with_their_audio_from_one_playlist(
+    local_archive: Simulate,
+) -> None:
+    talking = await talk(local_archive)
+    archived = talking.archived
+    folder = Path(archived.store_url.removeprefix("file://"))
+    recording = RecordingId(archived.bot_id, archived.recording_id)
+
+    for stream in archived.simulations[0].streams:
+        path = folder / recording.participant_playlist_key(str(stream.participant_id))
+        variants = m3u8.load(str(path))
+        [rendition] = variants.media
+        assert (rendition.type, rendition.uri) == ("AUDIO", "audio/flac/playlist.m3u8")
+        assert [p.uri for p in variants.playlists] == ["webcam/h264/playlist.m3u8"]
+        audio_playlist = m3u8.load(str(path.parent / "audio/flac/playlist.m3u8"))
+        assert audio_playlist.is_endlist
+        assert [s.discontinuity for s in audio_playlist.segments] == [False]
+
+        with av.open(str(path)) as container:
+            kinds = sorted(s.type for s in container.streams)
+            first_video = next(container.decode(video=0))
+        with av.open(str(path)) as container:
+            audio_frames = list(container.decode(audio=0))
+        assert kinds == ["audio", "video"]
+        assert float(first_video.pts * first_video.time_base) == pytest.approx(
+            SPOKEN_FROM_S, abs=1e-3
+        )
+        start = audio_frames[0].pts * audio_frames[0].time_base
+        assert float(start) == pytest.approx(SPOKEN_FROM_S, abs=0.002)
+        heard = np.concatenate([f.to_ndarray().reshape(-1) for f in audio_frames])
+        assert np.array_equal(heard, np.frombuffer(talking.pcm[stream.participant_id], "<i2"))

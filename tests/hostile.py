@@ -11,10 +11,12 @@ import orjson
 
 from archiver.tools.simulator import (
     SimulatedStream,
+    audio_message,
     encode_png_stream,
     encode_stream,
     media_message,
 )
+from tests.speech import chunks, speaker
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 _DEEP = re.compile(r'"@@deep(\d+)@@"')
@@ -34,6 +36,16 @@ def png_images(count: int = 4, width: int = 64, height: int = 48) -> tuple[bytes
     """Distinct PNGs of one size."""
     plan = SimulatedStream(100, "webcam", [(0.0, (width, height))], "png")
     return tuple(data for _, data, _ in encode_png_stream(plan, count / 2, 2.0))
+
+
+@functools.cache
+def speech_chunks(seconds: float = 2.0) -> tuple[tuple[float, bytes], ...]:
+    """Real speech as a bot sends it: (relative time, PCM chunk)."""
+    return tuple((c.relative_s, c.pcm) for c in chunks(speaker(1, seconds), seed=1))
+
+
+def real_audio(pcm: bytes, relative_s: float = 0.5, participant_id: int = 100) -> dict[str, Any]:
+    return audio_message(pcm, relative_s, START, participant_id, "bot-1", "rec-1")
 
 
 def real_media(

@@ -9,7 +9,10 @@ from archiver.consumers.decode_check import counter_problems
 
 
 def listed_frames(manifest: dict[str, Any]) -> int:
-    """Frames in the objects a manifest lists: H.264 segments or PNG batches."""
+    """Frames in the objects a manifest lists: H.264 segments, PNG batches or the chunks of
+    audio segments."""
+    if manifest.get("type") == "audio":
+        return sum(segment["chunks"] for segment in manifest["segments"])
     if "segments" in manifest:
         return sum(segment["frames"] for segment in manifest["segments"])
     return sum(batch["frame_count"] for batch in manifest["batches"])

@@ -16,9 +16,9 @@ import pytest
 
 from archiver.consumers.decode_check import check_stream
 from archiver.ingest.server import STATE
-from archiver.tools.simulator import media_message, participant_event
+from archiver.tools.simulator import audio_message, media_message, participant_event
 from tests.conftest import RunningService, ServiceFactory
-from tests.hostile import START, deep, dumps, h264_units, png_images
+from tests.hostile import START, deep, dumps, h264_units, png_images, real_audio, speech_chunks
 from tests.ingest.test_hostile_stream import (
     assert_alive,
     assert_clean,
@@ -30,8 +30,9 @@ from tests.invariants import assert_counters_add_up
 MESSAGES = int(os.environ.get("FUZZ_MESSAGES", "3000"))
 SEED = int(os.environ.get("FUZZ_SEED", "20260101"))
 PER_CONNECTION = 500
-ALONE, BESIDE = 200, 201
-"""Good streams of recording rec-1: one on its own connection, one beside the fuzz."""
+ALONE, BESIDE, SPEAKING = 200, 201, 202
+"""Good streams of recording rec-1: one on its own connection, one beside the fuzz, and a
+participant's audio beside the fuzz too."""
 FUZZ_BOT = "bot-fuzz"
 ODD_IDS: list[Any] = ["x", "0", "9" * 128, "9" * 129, "-1", "../x", "", "a_b-c", 2**63 - 1, -1]
 ABSURD = [1e300, -1e300, 1e12, -5.0, 2**63 - 1, -(2**63), 1.7976931348623157e308, 0, 5e-324]
@@ -82,6 +83,9 @@ def fuzz_message(rng: random.Random) -> str | bytes:
     png = rng.random() < 0.2
     if png:
         data, relative = rng.choice(png_images()), rng.randrange(20) / 2
+    audio = not png and rng.random() < 0.2
+    if audio:
+        relative, data = rng.choice(speech_chunks())
     ids = {"bot_id": FUZZ_BOT, "recording_id": f"rec-fuzz-{rng.randrange(2)}"}
     participant = 300 + rng.randrange(4)
     kind = rng.choice(KINDS)
@@ -99,15 +103,18 @@ def fuzz_message(rng: random.Random) -> str | bytes:
         data = flip(data, rng, rng.randrange(1, 16))
     elif kind == "cut_key":
         data = units[0][1][: rng.randrange(1, len(units[0][1]))]
-    message = media_message(
-        data,
-        relative,
-        START,
-        rng.choice(["webcam", "screenshare"]),
-        participant,
-        event="video_separate_png.data" if png else "video_separate_h264.data",
-        **ids,
-    )
+    if audio:
+        message = audio_message(data, relative, START, participant, **ids)
+    else:
+        message = media_message(
+            data,
+            relative,
+            START,
+            rng.choice(["webcam", "screenshare"]),
+            participant,
+            event="video_separate_png.data" if png else "video_separate_h264.data",
+            **ids,
+        )
     if kind == "deep":
         put(message, rng.choice(FIELDS), deep(rng.choice([10, 63, 64, 65, 200, 255, 1000])))
     elif kind == "huge":
@@ -117,7 +124,8 @@ def fuzz_message(rng: random.Random) -> str | bytes:
     elif kind == "swap_type":
         put(message, rng.choice(FIELDS), rng.choice(TYPES))
     elif kind == "wrong_event":
-        put(message, ("event",), rng.choice(["video_separate_png.data", "transcript.data", ""]))
+        events = ["video_separate_png.data", "audio_separate_raw.data", "transcript.data", ""]
+        put(message, ("event",), rng.choice(events))
     elif kind == "buffer":
         buffers = [
             b"",
@@ -125,6 +133,8 @@ def fuzz_message(rng: random.Random) -> str | bytes:
             b"\x00\x00\x01\x09" * 2000,
             b"\x00\x00\x01\x67" * 300 + b"\x00\x00\x01\x65",
             os.urandom(rng.randrange(1, 512)),
+            b"\x01" * rng.choice([1, 3, 641]),  # odd: not whole 16-bit samples
+            bytes(16_000 * 2 * 3),  # three seconds of audio in one chunk
         ]
         put(message, ("data", "data", "buffer"), base64.b64encode(rng.choice(buffers)).decode())
     text = dumps(message)
@@ -172,6 +182,8 @@ async def fuzz(running: RunningService, rng: random.Random) -> dict[str, int]:
             ws = await session.ws_connect(running.url)
             sent["connections"] += 1
             if beside is None:
+                for relative, pcm in speech_chunks():
+                    await ws.send_str(orjson.dumps(real_audio(pcm, relative, SPEAKING)).decode())
                 started = asyncio.Event()
                 beside = asyncio.create_task(send_good(running, BESIDE, ws, started))
                 await started.wait()  # after its key frame, the bad ones are counted as such
@@ -225,6 +237,8 @@ async def test_fuzzed_messages_beside_good_streams(
     await assert_every_stream_ends(running, within_s=15)
     await assert_alive(running.http)
 
+    heard = (await running.json(manifest_key(SPEAKING, "flac", "audio")))["counters"]
+    assert heard["received"] == heard["archived"] == len(speech_chunks())
     ticks = [round(t * 90_000) for t in alone]
     for participant_id in (ALONE, BESIDE):
         check = await check_stream(running.store, manifest_key(participant_id), "archive/")
@@ -238,7 +252,7 @@ async def test_fuzzed_messages_beside_good_streams(
     manifests = [
         key.removeprefix("archive/")
         for key in running.object_keys()
-        if key.endswith(("/h264/manifest.json", "/png/manifest.json"))
+        if key.endswith(("/h264/manifest.json", "/png/manifest.json", "/flac/manifest.json"))
     ]
     assert len(manifests) > 2
     for key in manifests:

@@ -21,8 +21,8 @@ A, B = 100, 101
 TICKS = 90_000
 
 
-def manifest_key(participant_id: int, media_format: str = "h264") -> str:
-    return f"bot-1/rec-1/participants/{participant_id}/webcam/{media_format}/manifest.json"
+def manifest_key(participant_id: int, media_format: str = "h264", source: str = "webcam") -> str:
+    return f"bot-1/rec-1/participants/{participant_id}/{source}/{media_format}/manifest.json"
 
 
 def message(data: bytes, relative_s: float, participant_id: int = A, **changes: Any) -> str:

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime
 
+import aiohttp
 import m3u8
 import numpy as np
+import orjson
 
 from archiver.consumers.reader import Archive, StreamInfo
 from archiver.layout import RecordingId, StreamId
 from archiver.store import S3Store
-from archiver.tools.simulator import Simulation, run_simulation
+from archiver.tools.simulator import Simulation, audio_message, run_simulation
 from tests.conftest import RunningService, ServiceFactory
-from tests.speech import meeting_audio, send_audio, speaker
+from tests.invariants import assert_counters_add_up
+from tests.speech import chunks, meeting_audio, send_audio, speaker
 
 START = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
 SPEAKERS = (100, 101, 102)
@@ -81,3 +84,59 @@ async def test_three_speakers_on_a_connection_of_their_own_are_archived_sample_f
         session = await running.json(f"{sim.bot_id}/{sim.recording_id}/session.json")
         kinds = sorted((s["participant_id"], s["type"]) for s in session["streams"])
         assert kinds == sorted([(str(p), t) for p in SPEAKERS for t in ("webcam", "audio")])
+
+
+async def test_bad_audio_chunks_are_refused_by_reason_and_cost_only_themselves(
+    service: ServiceFactory,
+) -> None:
+    running = await service()
+    recording = RecordingId("bot-1", "rec-hostile")
+    pcm = speaker(3, 4.0)
+    good = list(chunks(pcm, 1.0, jitter_s=0.005, seed=3))
+    hostile = {
+        10: b"\x01\x02\x03",  # an odd byte count
+        20: bytes(16_000 * 2 * 3),  # three seconds in one chunk
+        30: "bad base64",
+        40: "absurd time",
+        50: "already stored",
+    }
+
+    def text(pcm: bytes, relative_s: float) -> str:
+        message = audio_message(
+            pcm, relative_s, START, 100, recording.bot_id, recording.recording_id
+        )
+        return orjson.dumps(message).decode()
+
+    async with aiohttp.ClientSession() as session, session.ws_connect(running.url) as ws:
+        for index, chunk in enumerate(good):
+            await ws.send_str(text(chunk.pcm, chunk.relative_s))
+            bad = hostile.get(index)
+            if isinstance(bad, bytes):
+                await ws.send_str(text(bad, chunk.relative_s + 0.01))
+            elif bad == "bad base64":
+                body = orjson.loads(text(chunk.pcm, chunk.relative_s))
+                body["data"]["data"]["buffer"] = "not base64!"
+                await ws.send_str(orjson.dumps(body).decode())
+            elif bad == "absurd time":
+                await ws.send_str(text(chunk.pcm, 1e11))
+            elif bad == "already stored":
+                await ws.send_str(text(good[index - 5].pcm, good[index - 5].relative_s))
+    await running.settle()
+
+    stream_id = StreamId(recording, "100", "audio", "flac")
+    info = StreamInfo(recording, "100", "audio", "flac", stream_id.manifest_key)
+    async with archive_of(running) as archive:
+        manifest = await archive.manifest(info)
+        line = await archive.audio(info)
+    counters = assert_counters_add_up(manifest)
+    assert counters["received"] == len(good) + len(hostile)
+    assert counters["archived"] == len(good)
+    assert {k: v for k, v in counters.items() if k.startswith("invalid_")} == {
+        "invalid_odd_audio_bytes": 1,
+        "invalid_audio_chunk_too_large": 1,
+        "invalid_bad_base64": 1,
+        "invalid_timestamp": 1,
+        "invalid_audio_overlap": 1,
+    }
+    first = manifest["segments"][0]["start_sample"]
+    assert np.array_equal(line[first:], np.frombuffer(pcm, "<i2"))

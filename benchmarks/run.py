@@ -2,6 +2,7 @@
 
     python -m benchmarks.run [--seconds 30 --realtime-bots 1 --fast-bots 2 --json out.json]
                              [--workers 1,2] [--half-rate] [--meeting-hours 2]
+                             [--audio] [--meeting-audio]
 
 Each receiver runs as its own process tree on a loopback port and gets the same load from
 `archiver.tools.loadgen` (run in this process): bots of `--participants` webcams at `--fps`,
@@ -23,6 +24,10 @@ replaying one clip encoded before the clock starts.
   bots as make about half the rate it reached, for the segment-durable latency.
 - meeting (`--meeting-hours`): one bot of `--meeting-streams` webcams sends that much video
   as fast as the archiver reads, and every S3 request is counted by kind.
+- audio (`--audio`): the archiver's real-time and fast runs again with each participant's
+  audio instead of their webcam (`--audio-chunk-ms` chunks of voice-like PCM): CPU per
+  chunk beside CPU per video message, every chunk listed. With `--meeting-audio`, the
+  meeting again with audio: S3 requests per participant-hour beside the video's.
 
 The archiver (`archiver serve`) stores into moto's S3 server, run in a process of its own
 (`benchmarks.s3`) that logs each request it answered. Upload latency: for each segment, the
@@ -64,7 +69,7 @@ from archiver.consumers.decode_check import check_stream
 from archiver.layout import RecordingId, StreamId
 from archiver.settings import Settings
 from archiver.store import S3Store
-from archiver.tools.loadgen import Clip, Load, LoadReport, encode_clip, run_load
+from archiver.tools.loadgen import Clip, Load, LoadReport, encode_audio_clip, encode_clip, run_load
 from benchmarks import procs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -514,9 +519,42 @@ async def run_receiver(
                 result["half_rate"] = await half_rate(
                     receiver, options, clip, s3, fast["frames_per_s"]
                 )
+        if name == "archiver" and full and options.audio:
+            audio = encode_audio_clip(options.seconds, options.audio_chunk_ms / 1000)
+            realtime_load = Load(bots=options.realtime_bots, **shape)
+            result["audio_realtime"], report = await measure(receiver, realtime_load, audio)
+            result["audio_realtime"] |= await audio_details(s3["endpoint"], report)
+            fast_load = Load(bots=bots, realtime=False, **shape)
+            result["audio_fast"], report = await measure(receiver, fast_load, audio)
+            result["audio_fast"] |= await audio_details(s3["endpoint"], report)
         return result
     finally:
         receiver.process.stop()
+
+
+async def audio_details(endpoint: str, report: LoadReport) -> dict[str, Any]:
+    """Every participant's audio manifest read back: complete, every chunk sent listed."""
+    store = S3Store(BUCKET, PREFIX, endpoint_url=endpoint, attempts=2)
+    listed = stored_bytes = samples = 0
+    complete = True
+    try:
+        for bot in report.bots:
+            recording = RecordingId(bot.bot_id, bot.recording_id)
+            for participant_id in bot.participant_ids:
+                stream = StreamId(recording, str(participant_id), "audio", "flac")
+                manifest = orjson.loads(await store.get(stream.manifest_key) or b"{}")
+                complete &= manifest.get("status") == "complete"
+                segments = manifest.get("segments", [])
+                listed += sum(segment["chunks"] for segment in segments)
+                stored_bytes += sum(segment["bytes"] for segment in segments)
+                samples += manifest.get("samples", 0)
+    finally:
+        await store.close()
+    return {
+        "every_chunk_listed": complete and listed == report.frames,
+        "chunks_listed": listed,
+        "stored_bytes_over_pcm": round(stored_bytes / max(1, 2 * samples), 3),
+    }
 
 
 async def half_rate(
@@ -550,6 +588,40 @@ async def half_rate(
         "final_segment_durable_p99_ms": archive["final_segment_latency_p99_ms"],
         "target_p99_ms": target_ms,
         "target_met": None if p99 is None else p99 <= target_ms,
+    }
+
+
+async def run_audio_meeting(
+    options: argparse.Namespace, workdir: Path, s3: dict[str, Any], workers: int
+) -> dict[str, Any]:
+    """One bot of `--meeting-streams` participants' audio for `--meeting-hours`, as fast as
+    the archiver reads; every S3 request counted by kind, per participant-hour."""
+    clip = encode_audio_clip(60.0, options.audio_chunk_ms / 1000)
+    receiver = await start_receiver("archiver", workers, workdir, s3, label="meeting-audio")
+    seconds = options.meeting_hours * 3600
+    load = Load(
+        receiver.ws_url,
+        participants=options.meeting_streams,
+        seconds=seconds,
+        realtime=False,
+        participant_events=True,
+    )
+    try:
+        measured, report = await measure(receiver, load, clip)
+    finally:
+        receiver.process.stop()
+    bot = report.bots[0]
+    requests = s3_requests(s3["log"], {bot.bot_id})
+    counts = count_requests(requests, options.meeting_streams * seconds / 3600)
+    return {
+        "hours": options.meeting_hours,
+        "participants": options.meeting_streams,
+        "chunk_ms": options.audio_chunk_ms,
+        "chunks_sent": report.frames,
+        "elapsed_s": measured["elapsed_s"],
+        "server_cpu_us_per_chunk": measured["server_cpu_us_per_message"],
+        **(await audio_details(s3["endpoint"], report)),
+        **counts,
     }
 
 
@@ -672,9 +744,13 @@ def scaling(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, A
 
 
 def capacity(
-    results: dict[str, Any], meeting: dict[str, Any] | None, options: argparse.Namespace
+    results: dict[str, Any],
+    meeting: dict[str, Any] | None,
+    options: argparse.Namespace,
+    audio_meeting: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Bots per vCPU at 60% CPU from CPU per message, and the cost of a bot-hour."""
+    """Bots per vCPU at 60% CPU from CPU per message, and the cost of a bot-hour (with each
+    participant's audio too, where it ran)."""
     messages_per_bot_s = 16 * 30.0
     lines: dict[str, Any] = {"prices": PRICES, "bot": "16 webcams x 30 fps = 480 messages/s"}
     for name, result in results.items():
@@ -703,6 +779,15 @@ def capacity(
                 entry["s3_requests_usd_per_bot_hour_meeting"] = _s3_usd_per_bot_hour(
                     meeting["s3_requests_per_stream_hour"]
                 )
+        audio = result.get("audio_realtime")
+        if audio is not None:
+            chunks_per_bot_s = 16 * 1000 / options.audio_chunk_ms
+            audio_cpu_s = max(audio["server_cpu_us_per_message"], 1e-3) * 1e-6 * chunks_per_bot_s
+            entry["audio_compute_usd_per_bot_hour"] = round(audio_cpu_s / CPU_TARGET * vcpu_hour, 5)
+            if audio_meeting is not None:
+                entry["audio_s3_requests_usd_per_bot_hour"] = _s3_usd_per_bot_hour(
+                    audio_meeting["s3_requests_per_stream_hour"]
+                )
         lines[name] = entry
     return lines
 
@@ -718,6 +803,7 @@ def table(
     results: dict[str, Any],
     rows_by_workers: dict[str, list[dict[str, Any]]],
     meeting: dict[str, Any] | None,
+    audio_meeting: dict[str, Any] | None = None,
 ) -> str:
     """The README's tables: receivers side by side, then workers, the half-rate latency and
     the meeting's requests where they ran."""
@@ -753,6 +839,23 @@ def table(
             )
             + " |"
         )
+    archiver = results.get("archiver", {})
+    if "audio_realtime" in archiver:
+        real, fast = archiver["audio_realtime"], archiver["audio_fast"]
+        lines += [
+            "",
+            "| archiver | video message | audio chunk |",
+            "|---|---|---|",
+            f"| server CPU (us), real time | {archiver['realtime']['server_cpu_us_per_message']} "
+            f"| {real['server_cpu_us_per_message']} |",
+            f"| server CPU (us), fast | {archiver['fast']['server_cpu_us_per_message']} "
+            f"| {fast['server_cpu_us_per_message']} |",
+            f"| fast: messages/s handled | {archiver['fast']['frames_per_s']} "
+            f"| {fast['frames_per_s']} |",
+            f"| every one listed | {archiver['fast'].get('every_frame_archived')} "
+            f"| {real['every_chunk_listed'] and fast['every_chunk_listed']} |",
+            f"| stored bytes / PCM received | | {real['stored_bytes_over_pcm']} |",
+        ]
     lines += [
         "",
         "| fast run | workers | bots | frames/s | per worker | speed-up | CPU per message (us) "
@@ -791,6 +894,19 @@ def table(
         for name, count in meeting["s3_requests_per_stream_hour"].items():
             lines.append(f"| {name} | {count} |")
         lines.append(f"| total | {meeting['s3_requests_per_stream_hour_total']} |")
+    if audio_meeting is not None:
+        lines += [
+            "",
+            f"Audio meeting: {audio_meeting['hours']} h, {audio_meeting['participants']} "
+            f"participants in {audio_meeting['chunk_ms']} ms chunks, every chunk listed: "
+            f"{audio_meeting['every_chunk_listed']}.",
+            "",
+            "| S3 requests per participant-hour of audio | count |",
+            "|---|---|",
+        ]
+        for name, count in audio_meeting["s3_requests_per_stream_hour"].items():
+            lines.append(f"| {name} | {count} |")
+        lines.append(f"| total | {audio_meeting['s3_requests_per_stream_hour_total']} |")
     return "\n".join(lines)
 
 
@@ -839,11 +955,14 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
                 runs.setdefault(name, []).append(result)
                 if not number:
                     results[name] = result
-        meeting = None
+        meeting = audio_meeting = None
         if options.meeting_hours > 0:
             print(f"meeting: {options.meeting_hours} h", file=sys.stderr)
             meeting = await run_meeting(options, workdir, s3, max(options.workers))
             print(f"meeting: {orjson.dumps(meeting).decode()}", file=sys.stderr)
+            if options.meeting_audio:
+                audio_meeting = await run_audio_meeting(options, workdir, s3, max(options.workers))
+                print(f"audio meeting: {orjson.dumps(audio_meeting).decode()}", file=sys.stderr)
         rows_by_workers = scaling(runs)
         return {
             "machine": machine,
@@ -862,9 +981,10 @@ async def main_async(options: argparse.Namespace) -> dict[str, Any]:
             "receivers": results,
             "scaling": rows_by_workers,
             "meeting": meeting,
+            "audio_meeting": audio_meeting,
             "ratios": ratios(results),
-            "capacity": capacity(results, meeting, options),
-            "table": table(results, rows_by_workers, meeting),
+            "capacity": capacity(results, meeting, options, audio_meeting),
+            "table": table(results, rows_by_workers, meeting, audio_meeting),
         }
     finally:
         s3_process.stop()
@@ -954,6 +1074,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also stream a meeting this long (fast) and count S3 requests by kind",
     )
     parser.add_argument("--meeting-streams", type=int, default=4)
+    parser.add_argument(
+        "--audio",
+        action="store_true",
+        help="the archiver's runs again with each participant's audio instead of video",
+    )
+    parser.add_argument(
+        "--meeting-audio",
+        action="store_true",
+        help="the meeting again with audio: S3 requests per participant-hour",
+    )
+    parser.add_argument("--audio-chunk-ms", type=float, default=20.0)
     parser.add_argument("--meeting-fps", type=float, default=30.0)
     parser.add_argument(
         "--join-interval-s",

@@ -1,7 +1,9 @@
 """Many simulated bots from one process: a load generator for the service or any receiver.
 
 The video is encoded once, before the clock starts (one x264 clip per run, WebRTC-like, see
-`archiver.tools.simulator`), and its access units are base64-encoded once. Every bot and every
+`archiver.tools.simulator`), and its access units are base64-encoded once; so is a clip of
+participants' audio (`encode_audio_clip`: voice-like PCM in chunks, as
+`audio_separate_raw.data` sends it), for loads of audio instead of video. Every bot and every
 participant replays that clip under its own ids: a message is a few string joins, so one
 process can drive many bots. Bots start a fraction of a frame apart, as real bots do.
 
@@ -24,11 +26,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import numpy as np
 import orjson
 
 from archiver.tools.simulator import (
     SimulatedStream,
     Size,
+    audio_message,
     close_like_a_bot,
     encode_stream,
     envelope,
@@ -44,11 +48,14 @@ _ABSOLUTE = "@@ABSOLUTE@@"
 
 @dataclass(frozen=True, slots=True)
 class Clip:
-    """The access units every stream replays: (relative seconds, base64, decoded size)."""
+    """The access units (or audio chunks) every stream replays: (relative seconds, base64,
+    decoded size), `fps` of them a second."""
 
     units: list[tuple[float, str, int]]
     fps: float
     size: Size
+    audio: bool = False
+    """Chunks of a participant's PCM, sent as `audio_separate_raw.data`."""
 
     def frames_for(self, seconds: float) -> int:
         """Frames a stream of `seconds` sends: the whole clip at least, replayed as needed."""
@@ -69,6 +76,25 @@ def encode_clip(seconds: float, fps: float, size: Size) -> Clip:
         for relative, data, _ in encode_stream(plan, seconds, fps, None)
     ]
     return Clip(units, fps, size)
+
+
+def encode_audio_clip(seconds: float, chunk_s: float = 0.02) -> Clip:
+    """`seconds` of voice-like 16 kHz PCM (a harmonic tone at a speaking pitch, syllables
+    of it, breath noise between), in chunks of `chunk_s`."""
+    rate = 16_000
+    rng = np.random.default_rng(16_000)
+    times = np.arange(round(seconds * rate)) / rate
+    pitch = 2 * np.pi * (120 + 15 * np.sin(2 * np.pi * 0.7 * times)) * times
+    voiced = sum(np.sin(k * pitch) / k for k in range(1, 9))
+    syllables = np.clip(np.sin(2 * np.pi * 3.5 * times), 0, None)
+    signal = 6000 * voiced * syllables + rng.normal(0, 80, len(times))
+    pcm = np.clip(signal, -32768, 32767).astype("<i2").tobytes()
+    size = round(chunk_s * rate) * 2
+    units = [
+        (round(offset / 2 / rate, 6), base64.b64encode(pcm[offset : offset + size]).decode(), size)
+        for offset in range(0, len(pcm) - size + 1, size)
+    ]
+    return Clip(units, 1 / chunk_s, (0, 0), audio=True)
 
 
 @dataclass(slots=True)
@@ -143,17 +169,28 @@ class Load:
     join_interval_s: float = 0.0
     """How far apart the bots connect and start: a fleet's bots join meetings at different
     times (0: all at once, each a fraction of a frame after the last)."""
+    recordings: list[tuple[str, str]] | None = None
+    """Each bot's (bot id, recording id); None: new ones. The same ids as another load's
+    send that load's recordings something more on connections of their own (their audio,
+    as a second realtime endpoint does)."""
 
 
-def _templates(bot_id: str, recording_id: str, participant_id: int) -> tuple[str, ...]:
+def _templates(bot_id: str, recording_id: str, participant_id: int, audio: bool) -> tuple[str, ...]:
     """One participant's message cut into the parts around its buffer and timestamps."""
-    inner = {
-        "buffer": _BUFFER,
-        "timestamp": {"relative": _RELATIVE, "absolute": _ABSOLUTE},
-        "type": "webcam",
-        "participant": participant(participant_id),
-    }
-    text = orjson.dumps(envelope("video_separate_h264.data", inner, bot_id, recording_id)).decode()
+    if audio:
+        message = audio_message(b"", 0.0, datetime.now(UTC), participant_id, bot_id, recording_id)
+        inner = message["data"]["data"]
+        inner["buffer"] = _BUFFER
+        inner["timestamp"] = {"relative": _RELATIVE, "absolute": _ABSOLUTE}
+    else:
+        inner = {
+            "buffer": _BUFFER,
+            "timestamp": {"relative": _RELATIVE, "absolute": _ABSOLUTE},
+            "type": "webcam",
+            "participant": participant(participant_id),
+        }
+        message = envelope("video_separate_h264.data", inner, bot_id, recording_id)
+    text = orjson.dumps(message).decode()
     head, _, rest = text.partition(_BUFFER)
     middle, _, rest = rest.partition(f'"{_RELATIVE}"')
     between, _, tail = rest.partition(_ABSOLUTE)
@@ -169,7 +206,10 @@ async def _run_bot(
     start: float,
     wallclock_start: datetime,
 ) -> None:
-    templates = [_templates(report.bot_id, report.recording_id, p) for p in report.participant_ids]
+    templates = [
+        _templates(report.bot_id, report.recording_id, p, clip.audio)
+        for p in report.participant_ids
+    ]
     report.send_times = [[] for _ in report.participant_ids]
     ids = {"bot_id": report.bot_id, "recording_id": report.recording_id}
     loop = asyncio.get_running_loop()
@@ -230,9 +270,12 @@ async def run_load(load: Load, clip: Clip | None = None) -> LoadReport:
         (wallclock_start + timedelta(seconds=clip.frame(index)[0])).isoformat()
         for index in range(frames)
     ]
+    recordings = load.recordings or [
+        (str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(load.bots)
+    ]
     reports = [
-        BotReport(str(uuid.uuid4()), str(uuid.uuid4()), list(range(100, 100 + load.participants)))
-        for _ in range(load.bots)
+        BotReport(bot_id, recording_id, list(range(100, 100 + load.participants)))
+        for bot_id, recording_id in recordings[: load.bots]
     ]
     totals = LoadReport(reports, load.realtime, len(reports) * load.participants * frames)
     loop = asyncio.get_running_loop()

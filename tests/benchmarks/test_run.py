@@ -46,6 +46,7 @@ def test_workers_half_rate_and_meeting_options(tmp_path: Path) -> None:
     command += ["--participants", "2", "--seconds", "1.5", "--fps", "10", "--size", "160x120"]
     command += ["--fast-bots", "1", "--workers", "1,2", "--half-rate"]
     command += ["--meeting-hours", "0.02", "--meeting-streams", "2", "--meeting-fps", "10"]
+    command += ["--audio", "--meeting-audio"]
     command += ["--json", str(out)]
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, timeout=240, check=False)
     assert finished.returncode == 0, finished.stderr.decode()[-3000:]
@@ -71,9 +72,18 @@ def test_workers_half_rate_and_meeting_options(tmp_path: Path) -> None:
         assert requests[f"PUT {kind}"] > 0, kind
     assert 0 < meeting["manifest_and_index_share_of_requests"] < 1
     assert "s3_requests_usd_per_bot_hour_meeting" in result["capacity"]["archiver"]
+    archiver = result["receivers"]["archiver"]
+    assert archiver["audio_realtime"]["every_chunk_listed"]
+    assert archiver["audio_fast"]["every_chunk_listed"]
+    audio_meeting = result["audio_meeting"]
+    assert audio_meeting["every_chunk_listed"], audio_meeting
+    assert audio_meeting["s3_requests"]["PUT segment"] > 0
+    assert "audio_s3_requests_usd_per_bot_hour" in result["capacity"]["archiver"]
     printed = finished.stdout.decode()
     assert "| fast run | workers |" in printed
     assert "Meeting: 0.02 h" in printed
+    assert "| server CPU (us), real time |" in printed
+    assert "Audio meeting: 0.02 h" in printed
 
 
 def test_requests_are_counted_by_kind() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import signal
 import socket
 import sys
@@ -94,23 +93,29 @@ class ServiceProcess:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws?token={TOKEN}"
 
-    def _limit_open_files(self) -> None:
-        """Runs in the child before exec."""
-        if self.open_files is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
+    def _command(self) -> list[str]:
+        """`archiver serve`, behind a limit on open files when the test sets one. The limit
+        is set by a small interpreter that then execs the service: a `preexec_fn` would run
+        Python in a forked copy of this threaded test process, which can deadlock."""
+        serve = [sys.executable, "-m", "archiver", "serve"]
+        if self.open_files is None:
+            return serve
+        limit = (
+            "import os, resource, sys; "
+            "n = int(sys.argv[1]); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (n, n)); "
+            "os.execv(sys.argv[2], sys.argv[2:])"
+        )
+        return [sys.executable, "-c", limit, str(self.open_files), *serve]
 
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "archiver",
-                "serve",
+                *self._command(),
                 env=self.env,
                 cwd=self.workdir,
                 stdout=log,
                 stderr=log,
-                preexec_fn=self._limit_open_files,
             )
         await self.wait_healthy()
 

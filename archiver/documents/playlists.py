@@ -95,13 +95,37 @@ _NOMINAL_BANDWIDTH = {"video": 2_000_000, "audio": 300_000}
 holds no bit rates."""
 
 
+def participant_streams(session: dict[str, Any], participant_id: str) -> list[dict[str, Any]]:
+    """One participant's entries in a stored session index."""
+    streams = session.get("streams")
+    if not isinstance(streams, list):
+        return []
+    return [
+        stream
+        for stream in streams
+        if isinstance(stream, dict) and str(stream.get("participant_id")) == participant_id
+    ]
+
+
 def render_participant_playlist(
     participant_folder: str, streams: list[dict[str, Any]]
 ) -> str | None:
     """The multivariant playlist of one participant from their session index entries
     (`type`, `format`, `playlist_key`): None when they have neither a webcam nor audio."""
-    video = next((s for s in streams if s["type"] == "webcam" and s["format"] == "h264"), None)
-    audio = next((s for s in streams if s["type"] == "audio" and s.get("playlist_key")), None)
+    video = next(
+        (
+            s
+            for s in streams
+            if s.get("type") == "webcam"
+            and s.get("format") == "h264"
+            and isinstance(s.get("playlist_key"), str)
+        ),
+        None,
+    )
+    audio = next(
+        (s for s in streams if s.get("type") == "audio" and isinstance(s.get("playlist_key"), str)),
+        None,
+    )
     lines = ["#EXTM3U", f"#EXT-X-VERSION:{HLS_VERSION}", "#EXT-X-INDEPENDENT-SEGMENTS"]
     if video is None and audio is None:
         return None

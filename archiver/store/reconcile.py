@@ -21,6 +21,8 @@ import structlog
 
 from archiver.documents.manifests import JSON_TYPE, MERGE_ATTEMPTS, parse_document
 from archiver.documents.merging import merge_documents
+from archiver.documents.playlists import CONTENT_TYPE as PLAYLIST_TYPE
+from archiver.documents.playlists import participant_streams, render_participant_playlist
 from archiver.errors import ObjectConflictError, StoreError
 from archiver.layout import MANIFEST_NAME, PLAYLIST_NAME, SESSION_NAME, beside, object_name
 from archiver.store.base import ListingStore, ObjectStore
@@ -59,6 +61,13 @@ def is_playlist(key: str) -> bool:
     return object_name(key) == PLAYLIST_NAME
 
 
+def is_participant_playlist(key: str) -> bool:
+    """`{recording}/participants/{id}/playlist.m3u8`, beside no manifest: a stream's
+    playlist sits two folders deeper, under its source and format."""
+    parts = key.split("/")
+    return len(parts) >= 3 and parts[-3] == "participants" and is_playlist(key)
+
+
 def _document_order(keys: Iterable[str]) -> list[str]:
     """Stream and events manifests before session indexes, which carry their statuses."""
     return sorted(keys, key=lambda key: (key.endswith("session.json"), key))
@@ -87,8 +96,11 @@ async def reconcile(primary: ObjectStore, fallback: ListingStore) -> ReconcileRe
             report.left.append(key)
             log.error("reconcile_document_failed", key=key, error=str(exc))
     for key in (key for key in keys if is_playlist(key)):
+        rebuild = (
+            _rebuild_participant_playlist if is_participant_playlist(key) else _rebuild_playlist
+        )
         try:
-            await _rebuild_playlist(primary, fallback, key, report)
+            await rebuild(primary, fallback, key, report)
         except StoreError as exc:
             report.left.append(key)
             log.error("reconcile_document_failed", key=key, error=str(exc))
@@ -153,6 +165,26 @@ async def _rebuild_playlist(
         report.left.append(key)  # Its manifest is not in the primary yet: the next pass.
         return
     await write_playlist(primary, key, manifest)
+    await fallback.delete(key)
+    report.merged_documents += 1
+
+
+async def _rebuild_participant_playlist(
+    primary: ObjectStore, fallback: ListingStore, key: str, report: ReconcileReport
+) -> None:
+    """A participant's multivariant playlist follows the recording's session index: write
+    the one the merged index in the primary gives, then let the fallback's copy go."""
+    folder = key.rpartition("/")[0]
+    recording_prefix, _, participant_id = folder.rpartition("/participants/")
+    session_key = f"{recording_prefix}/{SESSION_NAME}"
+    fetched = await primary.fetch(session_key)
+    session = None if fetched is None else parse_document(fetched[0], session_key)
+    if session is None:
+        report.left.append(key)  # Its session index is not in the primary yet: the next pass.
+        return
+    text = render_participant_playlist(folder, participant_streams(session, participant_id))
+    if text is not None:
+        await primary.put(key, text.encode(), PLAYLIST_TYPE)
     await fallback.delete(key)
     report.merged_documents += 1
 

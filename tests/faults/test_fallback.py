@@ -197,6 +197,12 @@ async def test_two_services_reconcile_one_fallback_at_once(
         keys = [segment["key"] for segment in check.manifest["segments"]]
         assert len(keys) == len(set(keys))
         assert [round(f.time_s, 6) for f in check.frames] == [f.relative_s for f in stream.sent]
+        # The participant's multivariant playlist, rebuilt from the merged session index.
+        stream_key = manifest_key(sim, stream.participant_id)
+        folder = stream_key.removesuffix("/webcam/h264/manifest.json")
+        playlist = await services.store.get(f"{folder}/playlist.m3u8")
+        assert playlist is not None
+        assert playlist.decode().splitlines()[-1] == "webcam/h264/playlist.m3u8"
     moved = [
         line
         for service in both

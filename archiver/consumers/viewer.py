@@ -4,8 +4,8 @@ one wall-clock timeline, served by the service when `ARCHIVER_VIEWER=true`.
 The service answers, behind the bots' tokens (`?token=`):
 
 - `/recordings/{bot}/{recording}`: the page (static HTML and JS, hls.js beside it);
-- `.../streams.json`: each stream with its wall-clock range, for H.264 the URL of its
-  playlist and its segments' wall-clock starts and durations, for PNG every frame's time,
+- `.../streams.json`: each stream with its wall-clock range, for H.264 and audio the URL
+  of its playlist and its segments' wall-clock starts and durations, for PNG every frame's time,
   batch URL and byte range;
 - `.../playlists/{participant}/{type}.m3u8`: the stream's HLS playlist, rendered from its
   manifest, with every segment and init URI rewritten to a URL the browser can fetch: a
@@ -36,7 +36,7 @@ from archiver.consumers.reader import Archive, StreamInfo, parse_stream_key
 from archiver.documents.playlists import CONTENT_TYPE as PLAYLIST_CONTENT_TYPE
 from archiver.documents.playlists import render_playlist
 from archiver.errors import ConfigError, DamagedObjectError, InvalidIdError, StoreError
-from archiver.layout import RecordingId, safe_id
+from archiver.layout import AUDIO_FORMATS, MANIFEST_NAME, RecordingId, safe_id
 from archiver.store import ReadableStore, S3Store, store_from_url
 from archiver.values import Grant
 
@@ -139,9 +139,9 @@ def _participant_name(session: dict[str, Any] | None, manifest: dict[str, Any], 
     return f"Participant {pid}"
 
 
-def describe_h264(archive: Archive, manifest: dict[str, Any], links: Links) -> dict[str, Any]:
-    """An H.264 stream's timing for the page: each segment's wall-clock start and duration,
-    in playlist order (the page adds the durations up into playlist positions)."""
+def describe_timed(archive: Archive, manifest: dict[str, Any], links: Links) -> dict[str, Any]:
+    """An H.264 or audio stream's timing for the page: each segment's wall-clock start and
+    duration, in playlist order (the page adds the durations up into playlist positions)."""
     segments = [
         {"wall_ms": wall_ms(s["start_wallclock"]), "duration": s["end"] - s["start"],
          "width": s.get("width"), "height": s.get("height")}
@@ -202,9 +202,9 @@ async def recording_streams(archive: Archive, links: Links) -> dict[str, Any]:
             "format": stream.format,
             "status": manifest.get("status"),
         }
-        if stream.format == "h264":
+        if stream.format == "h264" or stream.is_audio:
             entry["playlist_url"] = links.playlist(stream)
-            entry.update(describe_h264(archive, manifest, links))
+            entry.update(describe_timed(archive, manifest, links))
         else:
             entry.update(describe_png(archive, manifest, links))
         if "start_ms" in entry:
@@ -288,21 +288,25 @@ async def _streams(request: web.Request) -> web.Response:
 
 async def _playlist(request: web.Request) -> web.Response:
     archive, links = _authorized(request)
-    video_type = request.match_info["type"]
+    source = request.match_info["type"]
     try:
         participant = safe_id("participant_id", request.match_info["participant_id"])
     except InvalidIdError:
         raise web.HTTPNotFound() from None
-    stream = parse_stream_key(
-        f"{links.recording.prefix}/participants/{participant}/{video_type}/h264/manifest.json"
-    )
-    if stream is None:
-        raise web.HTTPNotFound()
-    try:
-        manifest = await archive.document(stream.manifest_key)
-    except (DamagedObjectError, StoreError) as exc:
-        raise web.HTTPBadGateway(text=f"cannot read the manifest: {exc}\n") from None
-    if manifest is None:
+    folder = f"{links.recording.prefix}/participants/{participant}/{source}"
+    # A participant's audio is in the one codec its service was set to: FLAC, else Opus.
+    formats = sorted(AUDIO_FORMATS) if source == "audio" else ["h264"]
+    for media_format in formats:
+        stream = parse_stream_key(f"{folder}/{media_format}/{MANIFEST_NAME}")
+        if stream is None:
+            raise web.HTTPNotFound()
+        try:
+            manifest = await archive.document(stream.manifest_key)
+        except (DamagedObjectError, StoreError) as exc:
+            raise web.HTTPBadGateway(text=f"cannot read the manifest: {exc}\n") from None
+        if manifest is not None:
+            break
+    else:
         raise web.HTTPNotFound(text="no such stream\n")
     text = rewrite_playlist(render_playlist(manifest), stream.folder, links.object)
     return web.Response(
@@ -362,7 +366,7 @@ def add_viewer(app: web.Application, config: ViewerConfig) -> None:
     app.router.add_get(recording, _page)
     app.router.add_get(recording + "/streams.json", _streams)
     app.router.add_get(
-        recording + "/playlists/{participant_id}/{type:webcam|screenshare}.m3u8", _playlist
+        recording + "/playlists/{participant_id}/{type:webcam|screenshare|audio}.m3u8", _playlist
     )
     app.router.add_get(recording + "/objects/{key:.+}", _object)
     app.router.add_get("/viewer/{name}", _asset)

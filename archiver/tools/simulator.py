@@ -78,6 +78,9 @@ class Simulation:
     close_code: int | None = None
     """The close code the service sent, when it closed the connection first (a bot stops
     sending once it has seen the close frame, and reconnects)."""
+    wallclock_start: datetime | None = None
+    """The wall clock of relative time 0, once sent: what the bot's other connections (its
+    audio) put in their absolute timestamps."""
 
     def plan(self) -> list[SimulatedStream]:
         sizes = [(0.0, self.size)]
@@ -291,6 +294,7 @@ async def run_simulation(simulation: Simulation) -> Simulation:
     """Send the whole simulated meeting over one websocket; return it with `sent` filled."""
     streams = simulation.plan()
     wallclock_start = datetime.now(UTC) - timedelta(seconds=simulation.start_relative_s)
+    simulation.wallclock_start = wallclock_start
     loop = asyncio.get_running_loop()
 
     def encode_all() -> list[tuple[float, int, bytes, SentFrame]]:

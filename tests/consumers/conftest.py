@@ -9,6 +9,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -165,7 +166,9 @@ async def talk(simulate: Simulate, seconds: float = 6.0) -> Talking:
         recording_id=recording_id,
     )
     assert archived.app is not None
-    await send_audio(archived.url, bot_id, recording_id, sent, datetime.now(UTC))
+    wallclock_start = archived.simulations[-1].wallclock_start
+    assert wallclock_start is not None
+    await send_audio(archived.url, bot_id, recording_id, sent, wallclock_start)
     await _settle(archived.app)
     return Talking(archived, pcm)
 
@@ -176,15 +179,28 @@ class Viewing:
 
     http: str
     app: web.Application
+    root: Path | None = None
+    """The local folder the archive is in, where it is one."""
     simulations: list[Simulation] = field(default_factory=list)
+
+    @property
+    def ws_url(self) -> str:
+        return self.http.replace("http://", "ws://") + f"/ws?token={TOKEN}"
+
+    async def settle(self) -> None:
+        await _settle(self.app)
+
+    async def archived(self, **options: Any) -> Archived:
+        """`simulate` for helpers that take a `Simulate` (such as `talk`)."""
+        await self.simulate(**options)
+        return Archived("", self.simulations, url=self.ws_url, app=self.app)
 
     async def simulate(self, **options: Any) -> Simulation:
         if self.simulations:
             options.setdefault("bot_id", self.simulations[0].bot_id)
             options.setdefault("recording_id", self.simulations[0].recording_id)
-        url = self.http.replace("http://", "ws://") + f"/ws?token={TOKEN}"
         archived = Archived("")
-        await _simulate(url, self.app, archived, **options)
+        await _simulate(self.ws_url, self.app, archived, **options)
         self.simulations.append(archived.simulations[0])
         return archived.simulations[0]
 
@@ -194,9 +210,8 @@ class Viewing:
         return f"{self.http}/recordings/{sim.bot_id}/{sim.recording_id}{suffix}{query}"
 
 
-@pytest.fixture
-async def file_viewer(tmp_path: Path) -> AsyncIterator[Viewing]:
-    """The service with the viewer on, over a local folder store it opens itself."""
+@asynccontextmanager
+async def _file_viewer(tmp_path: Path, **overrides: Any) -> AsyncIterator[Viewing]:
     settings = Settings(
         _env_file=None,
         auth_tokens=TOKEN,
@@ -206,12 +221,28 @@ async def file_viewer(tmp_path: Path) -> AsyncIterator[Viewing]:
         leave_grace_s=0.2,
         log_format="json",
         viewer=True,
+        **overrides,
     )
     logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
     runner = web.AppRunner(app)
-    yield Viewing(await serve_locally(runner), app)
+    yield Viewing(await serve_locally(runner), app, tmp_path / "archive")
     await runner.cleanup()
+
+
+@pytest.fixture
+async def file_viewer(tmp_path: Path) -> AsyncIterator[Viewing]:
+    """The service with the viewer on, over a local folder store it opens itself."""
+    async with _file_viewer(tmp_path) as viewing:
+        yield viewing
+
+
+@pytest.fixture
+async def talking_viewer(tmp_path: Path) -> AsyncIterator[Viewing]:
+    """The same with 2 s audio segments, and gaps in a voice over 0.5 s left as gaps (not
+    filled with silence): participant 101's pause in `talk` is one, between two segments."""
+    async with _file_viewer(tmp_path, audio_segment_s=2.0, audio_gap_fill_s=0.5) as viewing:
+        yield viewing
 
 
 @pytest.fixture
@@ -371,7 +402,7 @@ async def continued_viewer(tmp_path: Path) -> AsyncIterator[ContinueViewing]:
 
     async def make(**options: Any) -> tuple[Viewing, Continued]:
         archived = await _send_continued(Continuation(**options), urls, f"file://{root}")
-        return Viewing(second[0], second[1], list(archived.simulations)), archived
+        return Viewing(second[0], second[1], root, list(archived.simulations)), archived
 
     yield make
     for runner in runners:

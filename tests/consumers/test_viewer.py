@@ -16,7 +16,7 @@ from archiver.errors import ConfigError
 from archiver.service.app import create_app
 from archiver.settings import Settings
 from tests.conftest import TOKEN, ServiceFactory
-from tests.consumers.conftest import Viewing
+from tests.consumers.conftest import SPEAKERS, Viewing, talk
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -178,3 +178,34 @@ async def test_an_s3_store_is_played_by_presigned_urls(
     assert body.startswith(PNG_SIGNATURE)
     assert len(body) == frame["size"]
     assert TOKEN not in capsys.readouterr().out
+
+
+async def test_a_voice_is_listed_with_a_playlist_of_fetchable_segments(
+    talking_viewer: Viewing,
+) -> None:
+    """Each participant's audio is one more stream in `streams.json`, with its segments'
+    wall-clock places on the video's timeline and an HLS playlist (two segments either
+    side of 101's gap, a discontinuity between them) whose every URI the page can fetch."""
+    await talk(talking_viewer.archived)
+    listing = await get_json(talking_viewer.recording_url("/streams.json"))
+    by_stream = {(s["participant_id"], s["type"]): s for s in listing["streams"]}
+    for pid in SPEAKERS:
+        voice, webcam = by_stream[(str(pid), "audio")], by_stream[(str(pid), "webcam")]
+        assert voice["format"] == "flac"
+        # Both started at SPOKEN_FROM_S on the same wall clock.
+        assert voice["start_ms"] == pytest.approx(webcam["start_ms"], abs=1.0)
+    voice = by_stream[("101", "audio")]
+    playlist_url = talking_viewer.http + voice["playlist_url"]
+    status, body, _ = await get(playlist_url)
+    assert status == 200, body
+    playlist = m3u8.loads(body.decode())
+    assert len(playlist.segments) == len(voice["segments"]) >= 3
+    assert any(s.discontinuity for s in playlist.segments)
+    uris = {s.init_section.uri for s in playlist.segments} | {s.uri for s in playlist.segments}
+    for uri in uris:
+        status, data, _ = await get(talking_viewer.http + uri)
+        assert status == 200, uri
+        assert data, uri
+    # A participant with no audio has no audio playlist.
+    status, _, _ = await get(playlist_url.replace("/101/audio.m3u8", "/999/audio.m3u8"))
+    assert status == 404

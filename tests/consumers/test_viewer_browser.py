@@ -11,14 +11,24 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from playwright.async_api import async_playwright
+from playwright.async_api import Page, async_playwright
 
-from tests.consumers.conftest import ContinueViewing, Viewing, sent_pictures
+from tests.consumers.conftest import (
+    SILENT_S,
+    SPEAKERS,
+    SPOKEN_FROM_S,
+    ContinueViewing,
+    Viewing,
+    sent_pictures,
+    talk,
+)
+from tests.speech import meeting_audio, send_audio, speaker
 
 CHROMIUM = "/usr/bin/chromium"
 SYNC_S = 0.1
@@ -31,9 +41,11 @@ decoded and showed (or dropped for being late)."""
 _BROKEN_MEDIA = {"fragParsingError", "bufferAppendError", "bufferAddCodecError", "fragGap"}
 
 
-async def play_to_the_end(viewing: Viewing) -> tuple[dict[str, Any], list[str]]:
-    """Open the viewer, press play, wait for the end; the page's report (with `videos`, what
-    the video elements played) and what the browser logged as errors."""
+async def play_to_the_end(
+    viewing: Viewing, before_play: Callable[[Page], Awaitable[None]] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Open the viewer, do `before_play`, press play, wait for the end; the page's report
+    (with `videos`, what the video elements played) and what the browser logged as errors."""
     assert shutil.which(CHROMIUM), (
         f"{CHROMIUM} is missing: `apt-get install -y chromium` (CI's .ci/run installs it)"
     )
@@ -56,6 +68,8 @@ async def play_to_the_end(viewing: Viewing) -> tuple[dict[str, Any], list[str]]:
             while not await page.evaluate("Boolean(window.viewer && window.viewer.ready)"):
                 assert time.monotonic() < deadline, (await page.content(), console)
                 await asyncio.sleep(0.1)
+            if before_play is not None:
+                await before_play(page)
             await page.click("#play")
             deadline = time.monotonic() + 25
             report: dict[str, Any] = await page.evaluate("window.viewer.report()")
@@ -153,3 +167,78 @@ async def test_viewer_plays_a_stream_continued_mid_gop_through_the_reconnect(
     assert video["rendered"] == decodable, (video, stream)
     assert stream["samples"] > 20, stream
     assert stream["max_drift"] < SYNC_S, stream
+
+
+LISTENER = 103
+"""Sends audio and no video: the viewer gives them a tile of their own."""
+
+
+async def _muted(page: Page) -> dict[str, bool]:
+    report = await page.evaluate("window.viewer.report()")
+    return {s["participant_id"]: s["muted"] for s in report["streams"] if s["type"] == "audio"}
+
+
+@pytest.mark.timeout(120)
+async def test_viewer_plays_every_voice_with_its_video_through_a_gap(
+    talking_viewer: Viewing,
+) -> None:
+    """Three speakers with webcams, and a listener who only speaks: each voice plays in its
+    participant's tile on the master clock, 101's across the gap in their audio (two
+    segments), the listener's in a tile of its own; Mute and Solo choose who is heard."""
+    await talk(talking_viewer.archived)
+    sim = talking_viewer.simulations[0]
+    assert sim.wallclock_start is not None
+    listener = meeting_audio({LISTENER: speaker(LISTENER, 3.0)}, SPOKEN_FROM_S + 1.0, 0.0)
+    await send_audio(
+        talking_viewer.ws_url, sim.bot_id, sim.recording_id, listener, sim.wallclock_start
+    )
+    await talking_viewer.settle()
+    assert talking_viewer.root is not None
+    folder = talking_viewer.root / sim.bot_id / sim.recording_id / "participants"
+    audio = {
+        pid: orjson.loads((folder / str(pid) / "audio/flac/manifest.json").read_bytes())
+        for pid in (*SPEAKERS, LISTENER)
+    }
+    gapped = audio[101]["segments"]
+    gap = next(i for i in range(1, len(gapped)) if gapped[i]["start"] > gapped[i - 1]["end"] + 0.5)
+    assert gapped[gap - 1]["end"] <= SILENT_S[0] + 0.1 < SILENT_S[1] <= gapped[gap]["start"]
+
+    async def listen(page: Page) -> None:
+        tiles = await page.evaluate(
+            """[...document.querySelectorAll("figure")].map((f) => ({
+              participant: f.dataset.participant, type: f.dataset.type,
+              voice: f.classList.contains("voice"), audio: f.querySelectorAll("audio").length,
+            }))"""
+        )
+        speakers = [str(p) for p in SPEAKERS]
+        assert sorted(
+            (t["participant"], t["type"], t["voice"], t["audio"]) for t in tiles
+        ) == sorted(
+            [*((p, "webcam", False, 1) for p in speakers), (str(LISTENER), "audio", True, 1)]
+        )
+        everyone = [*speakers, str(LISTENER)]
+        assert await _muted(page) == dict.fromkeys(everyone, False)
+        await page.click(f'button[data-listen="solo"][data-participant="{SPEAKERS[0]}"]')
+        assert await _muted(page) == {p: p != speakers[0] for p in everyone}
+        await page.click(f'button[data-listen="solo"][data-participant="{SPEAKERS[0]}"]')
+        await page.click(f'button[data-listen="mute"][data-participant="{SPEAKERS[2]}"]')
+        assert await _muted(page) == {p: p == speakers[2] for p in everyone}
+
+    report, console = await play_to_the_end(talking_viewer, listen)
+    assert report["finished"], report
+    assert not console, console
+    by_stream = {(s["participant_id"], s["type"]): s for s in report["streams"]}
+    assert len(by_stream) == len(SPEAKERS) * 2 + 1, sorted(by_stream)
+    for (pid, kind), stream in by_stream.items():
+        name = f"{pid} {kind}"
+        assert not stream["errors"], (name, stream["errors"])
+        assert stream["media_error"] is None, name
+        assert stream["ended"], (name, stream)
+        assert stream["max_drift"] < SYNC_S, (name, stream["max_drift"])
+        if kind != "audio":
+            continue
+        segments = audio[int(pid)]["segments"]
+        # Playlist positions: the segments' durations added up (the gap is not in them).
+        total = sum(s["end"] - s["start"] for s in segments)
+        assert stream["max_time"] == pytest.approx(total, abs=0.15), (name, stream, total)
+        assert stream["samples"] > 20, (name, stream["samples"])

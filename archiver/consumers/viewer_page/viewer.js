@@ -1,12 +1,17 @@
 // The synchronized viewer. One master clock in wall-clock milliseconds; every stream is
-// slaved to it: a video element is kept at its playlist position for the master's time
-// (nudging playbackRate when slightly off, seeking when far off), a PNG stream shows its
-// latest frame at or before that time. The master waits while a playing video buffers.
+// slaved to it: a video or audio element is kept at its playlist position for the master's
+// time (nudging playbackRate when slightly off, seeking when far off), a PNG stream shows
+// its latest frame at or before that time. The master waits while a playing one buffers.
+// A participant's audio plays in their webcam's tile, or in a tile of its own when they
+// send no video; each such tile has Mute and Solo.
 "use strict";
 
 (() => {
   const SEEK_S = 0.25; // further off than this: seek
   const NUDGE_S = 0.02; // further off than this: nudge playbackRate toward the master
+  // Audio is nudged sooner: its clock advances in steps of its output buffer, and falls
+  // behind by tens of milliseconds between them where a dead band lets it.
+  const AUDIO_NUDGE_S = 0.005;
   const TICK_MS = 40;
   const END_GRACE_MS = 3000; // past the end, how long to wait for videos to report `ended`
   const token = new URLSearchParams(location.search).get("token") || "";
@@ -16,6 +21,7 @@
 
   const master = { wall: 0, playing: false, finished: false, waiting: false, last: 0, endedAt: 0 };
   const streams = [];
+  const listening = { muted: new Set(), solo: null };
   let info = null;
   let dragging = false;
 
@@ -64,14 +70,67 @@
     return figure;
   }
 
-  function addVideo(meta) {
-    const figure = tile(meta);
-    const video = document.createElement("video");
-    video.muted = true;
+  // Which audio is heard: the soloed participant's alone, else everyone's not muted.
+  function applyListening() {
+    for (const s of streams) {
+      if (s.kind !== "audio") continue;
+      const pid = s.meta.participant_id;
+      s.el.muted = listening.solo !== null ? listening.solo !== pid : listening.muted.has(pid);
+    }
+    for (const button of document.querySelectorAll("button[data-listen]")) {
+      const pid = button.dataset.participant;
+      const on = button.dataset.listen === "mute"
+        ? listening.muted.has(pid) : listening.solo === pid;
+      button.setAttribute("aria-pressed", String(on));
+    }
+  }
+
+  function listenButton(figure, pid, action, label) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.dataset.listen = action;
+    button.dataset.participant = pid;
+    button.setAttribute("aria-pressed", "false");
+    button.addEventListener("click", () => {
+      if (action === "mute") {
+        if (listening.muted.has(pid)) listening.muted.delete(pid);
+        else listening.muted.add(pid);
+      } else {
+        listening.solo = listening.solo === pid ? null : pid;
+      }
+      applyListening();
+    });
+    figure.querySelector(".listen").appendChild(button);
+  }
+
+  // A participant's audio goes into their webcam's tile, or into a tile of its own.
+  function audioTile(meta) {
+    const pid = meta.participant_id;
+    let figure = document.querySelector(`figure[data-participant="${CSS.escape(pid)}"]`
+      + '[data-type="webcam"]');
+    if (!figure) {
+      figure = tile(meta);
+      figure.classList.add("voice");
+    }
+    const bar = document.createElement("div");
+    bar.className = "listen";
+    figure.appendChild(bar);
+    listenButton(figure, pid, "mute", "Mute");
+    listenButton(figure, pid, "solo", "Solo");
+    return figure;
+  }
+
+  function addMedia(meta) {
+    const audio = meta.type === "audio";
+    const figure = audio ? audioTile(meta) : tile(meta);
+    const video = document.createElement(audio ? "audio" : "video");
+    video.muted = !audio;
     video.playsInline = true;
     video.preload = "auto";
     const s = {
-      meta, figure, el: video, kind: "video", positions: [], total: 0, active: false,
+      meta, figure, el: video, kind: audio ? "audio" : "video", positions: [], total: 0,
+      active: false, ownTile: !audio || figure.classList.contains("voice"),
       sizes: [], errors: [], warnings: [], ended: false, maxTime: 0, maxDrift: 0, samples: 0,
       seeks: 0, settleUntil: 0, hls: null,
     };
@@ -79,7 +138,9 @@
       s.positions.push(s.total);
       s.total += segment.duration;
     }
-    video.addEventListener("resize", () => s.sizes.push([video.videoWidth, video.videoHeight]));
+    if (!audio) {
+      video.addEventListener("resize", () => s.sizes.push([video.videoWidth, video.videoHeight]));
+    }
     video.addEventListener("ended", () => { s.ended = true; });
     video.addEventListener("error", () => {
       const e = video.error;
@@ -168,21 +229,27 @@
     if (i + 1 < m.frames.length) loadFrame(s, i + 1).catch(() => {});
   }
 
-  function syncVideo(s, now) {
+  // A tile says "not sending" when its own stream is off; audio in a webcam's tile leaves
+  // that to the video.
+  function showOff(s, off) {
+    if (s.ownTile) s.figure.classList.toggle("off", off);
+  }
+
+  function syncMedia(s, now) {
     const v = s.el;
     const m = s.meta;
     s.maxTime = Math.max(s.maxTime, v.currentTime);
     if (master.wall >= m.end_ms && s.total - v.currentTime < 0.5) {
       // At its end: let it play out its last frames and report `ended`.
       s.active = false;
-      s.figure.classList.toggle("off", s.ended);
+      showOff(s, s.ended);
       if (master.playing && v.paused && !v.ended) v.play().catch(() => {});
       if (!master.playing && !v.paused) v.pause();
       return;
     }
     const position = positionAt(s, master.wall);
     s.active = position !== null;
-    s.figure.classList.toggle("off", !s.active);
+    showOff(s, !s.active);
     if (position === null) {
       if (!v.paused) v.pause();
       return;
@@ -201,9 +268,15 @@
       s.settleUntil = now + 500;
       return;
     }
-    const nudge = Math.abs(drift) > NUDGE_S ? Math.min(1.25, Math.max(0.75, 1 - drift * 2)) : 1;
+    const band = s.kind === "audio" ? AUDIO_NUDGE_S : NUDGE_S;
+    const nudge = Math.abs(drift) > band ? Math.min(1.25, Math.max(0.75, 1 - drift * 2)) : 1;
     if (v.playbackRate !== nudge) v.playbackRate = nudge;
-    if (v.paused && !v.ended) v.play().catch(() => {});
+    if (v.paused && !v.ended) {
+      // A (re)start takes a moment to reach the output (audio most of all): the nudge
+      // closes the gap, and the drift is measured once it has.
+      v.play().catch(() => {});
+      s.settleUntil = Math.max(s.settleUntil, now + 500);
+    }
     if (!v.paused && v.readyState >= 3 && now > s.settleUntil) {
       s.samples += 1;
       s.maxDrift = Math.max(s.maxDrift, Math.abs(drift));
@@ -211,7 +284,7 @@
   }
 
   function buffering() {
-    return streams.some((s) => s.kind === "video" && s.active && !s.errors.length
+    return streams.some((s) => s.kind !== "png" && s.active && !s.errors.length
       && s.el.readyState < 3);
   }
 
@@ -224,7 +297,7 @@
       if (!master.waiting) master.wall = Math.min(info.end_ms, master.wall + elapsed);
       if (master.wall >= info.end_ms) {
         master.endedAt = master.endedAt || now;
-        const done = streams.every((s) => s.kind !== "video" || s.ended || s.errors.length
+        const done = streams.every((s) => s.kind === "png" || s.ended || s.errors.length
           || s.total - s.el.currentTime >= 0.5);
         if (done || now - master.endedAt > END_GRACE_MS) {
           master.playing = false;
@@ -233,7 +306,7 @@
       }
     }
     for (const s of streams) {
-      if (s.kind === "video") syncVideo(s, now);
+      if (s.kind !== "png") syncMedia(s, now);
       else syncImage(s);
     }
     render();
@@ -264,7 +337,7 @@
     master.finished = false;
     master.endedAt = 0;
     for (const s of streams) {
-      if (s.kind !== "video") continue;
+      if (s.kind === "png") continue;
       const position = positionAt(s, master.wall);
       if (position !== null && s.el.readyState >= 1) s.el.currentTime = position;
       s.settleUntil = performance.now() + 500;
@@ -291,7 +364,8 @@
         samples: s.samples,
         seeks: s.seeks,
         frames_shown: s.frames,
-        media_error: s.kind === "video" && s.el.error ? s.el.error.code : null,
+        media_error: s.kind !== "png" && s.el.error ? s.el.error.code : null,
+        muted: s.kind === "audio" ? s.el.muted : null,
       })),
     };
   }
@@ -304,8 +378,13 @@
     }
     info = await response.json();
     document.title = `Recording ${info.recording_id}`;
+    // Pictures first, so that each participant's audio finds their webcam's tile.
     for (const meta of info.streams) {
-      streams.push(meta.format === "h264" ? addVideo(meta) : addImage(meta));
+      if (meta.type === "audio") continue;
+      streams.push(meta.format === "h264" ? addMedia(meta) : addImage(meta));
+    }
+    for (const meta of info.streams) {
+      if (meta.type === "audio") streams.push(addMedia(meta));
     }
     master.wall = info.start_ms;
     master.last = performance.now();
